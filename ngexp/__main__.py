@@ -1,0 +1,3 @@
+from ngexp.cli import main
+
+raise SystemExit(main())

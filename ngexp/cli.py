@@ -1,0 +1,228 @@
+"""Command line: ``ngexp train`` (Hydra app, single run or ``-m`` sweep) and ``ngexp report``.
+
+Before Hydra launches anything, every value of the command line (each value of a sweep, and the
+sweep parameters of an experiment file) is composed and validated against the schemas, so a
+bad value fails at once with one line naming the key, the value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from rich.console import Console
+
+COMMANDS = {
+    "train": "train one run, or a sweep with -m, composed from the config groups",
+    "report": "aggregate run directories into tables (console, Markdown, CSV) and plots",
+}
+GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune", "experiment", "hydra/launcher")
+
+
+def conf_dir() -> Path:
+    """The config tree: shipped inside the package, or at the top of a source checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"ngexp's conf/ tree is missing next to {package}")
+
+
+def error_line(message: str) -> int:
+    print(f"ngexp: error: {message}", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------------- help
+def options(group: str) -> list[str]:
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def default_choices() -> dict[str, str]:
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.load(conf_dir() / "train.yaml").get("defaults", [])
+    return {key: str(value) for item in defaults if isinstance(item, dict)
+            for key, value in item.items()}
+
+
+def train_help() -> str:
+    from dataclasses import fields
+
+    from ngexp.config import TrainConfig, TrainerConfig
+
+    defaults = default_choices()
+    lines = ["usage: ngexp train [-m] [GROUP=OPTION ...] [KEY=VALUE ...]", "",
+             "Config groups (GROUP=OPTION; default marked *):"]
+    for group in GROUPS:
+        chosen = defaults.get(group, "null" if group in ("prune",) else "")
+        names = [f"{name}*" if name == chosen else name for name in options(group)]
+        prefix = "+" if group == "experiment" else ""
+        if group == "hydra/launcher":
+            names = ["basic*", *names]
+        lines.append(f"  {prefix}{group + ':':<15} {', '.join(names) or '-'}")
+    lines += ["", "Run settings (KEY=VALUE, defaults shown):"]
+    top = [f"{f.name}={f.default}" for f in fields(TrainConfig) if f.name not in GROUPS
+           and f.name != "trainer"]
+    lines.append("  " + "  ".join(top))
+    trainer = [f"trainer.{f.name}={f.default}" for f in fields(TrainerConfig)]
+    lines += ["  " + "  ".join(trainer[i:i + 4]) for i in range(0, len(trainer), 4)]
+    lines += ["", "A group option's own keys: ngexp train optimizer=kfac --cfg job --package optimizer",
+              "", "Examples:", "  ngexp train optimizer=kfac model=lenet5",
+              "  ngexp train -m optimizer=sgd,kfac,ekfac seed=0,1,2",
+              "  ngexp train -m +experiment=autoencoder_optimizers",
+              "Hydra's own flags (--cfg, --info, --multirun ...): ngexp train --hydra-help"]
+    return "\n".join(lines)
+
+
+def top_help() -> str:
+    lines = ["usage: ngexp <command> [args]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "ngexp <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- validation
+def describe(error: BaseException, overrides: Iterable[str]) -> str:
+    """One line for a composition/validation error: key, bad value and valid choices."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        return (f"{group}={option!r} is not an option of '{group}'; choices: "
+                f"{', '.join(sorted(error.options or options(group)))}")
+    cause = error.__cause__ or error
+    message = str(error).strip().splitlines()[0]
+    if "Could not override" in message or "Key '" in str(cause):
+        key = message.split("'")[1] if "'" in message else message
+        return f"{key} is not a known key; {str(cause).splitlines()[0]}"
+    if cause is not error:
+        failing = message.removeprefix("Error merging override ").strip()
+        return f"{failing}: {str(cause).strip().splitlines()[0]}"
+    return message
+
+
+def sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """Override lists that together use every value of every sweep once."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    base: list[str] = []
+    sweeps: list[tuple[int, str, list[str]]] = []
+    for override in parsed:
+        if override.is_sweep_override():
+            key = override.input_line.split("=", 1)[0]
+            values = list(override.sweep_string_iterator())
+            sweeps.append((len(base), key, values[1:]))
+            base.append(f"{key}={values[0]}")
+        else:
+            base.append(override.input_line)
+    variants = [base]
+    for index, key, values in sweeps:
+        for value in values:
+            variant = list(base)
+            variant[index] = f"{key}={value}"
+            variants.append(variant)
+    return variants
+
+
+def validate_overrides(overrides: list[str]) -> None:
+    """Compose and validate each sweep variant; raises on the first bad value."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from ngexp.config import register_all, validate
+
+    register_all()
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        pending = sweep_variants(overrides)
+        checked_sweeper = False
+        while pending:
+            variant = pending.pop(0)
+            cfg = compose("train", overrides=variant, return_hydra_config=True)
+            if not checked_sweeper:  # sweep parameters set by an experiment file
+                checked_sweeper = True
+                params = cfg.hydra.sweeper.get("params") or {}
+                extra = [f"{k}={v}" for k, v in params.items()]
+                if extra:
+                    pending += sweep_variants(variant + extra)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            validate(cfg)
+
+
+# --------------------------------------------------------------------------- train
+def run_hydra(args: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
+
+    from ngexp.config import validate
+    from ngexp.errors import UserError
+    from ngexp.train.engine import RunInterrupted, train
+    from ngexp.train.rundir import GROUPS as RUN_GROUPS
+
+    def task(cfg: DictConfig) -> None:
+        validate(cfg)
+        runtime = HydraConfig.get()
+        choices = {group: runtime.runtime.choices.get(group) for group in RUN_GROUPS}
+        multirun = runtime.mode == RunMode.MULTIRUN
+        job_dir = Path(runtime.runtime.output_dir) if multirun else None
+        try:
+            train(cfg, choices, Console(), job_dir)
+        except UserError as error:
+            if multirun:
+                raise
+            raise SystemExit(error_line(str(error))) from None
+        except RunInterrupted:
+            raise KeyboardInterrupt from None
+
+    app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)(task)
+    saved = sys.argv
+    sys.argv = ["ngexp train", *args]
+    try:
+        app()
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def train_command(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print(train_help())
+        return 0
+    args = ["--help" if arg == "--hydra-help" else arg for arg in args]
+    if "--help" not in args and not any(arg.startswith(("--cfg", "-c", "--info")) for arg in args):
+        overrides = [arg for arg in args if not arg.startswith("-")]
+        try:
+            validate_overrides(overrides)
+        except Exception as error:  # any composition or schema error -> one line
+            return error_line(describe(error, overrides))
+    return run_hydra(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_help())
+        return 0
+    if argv[0] == "--version":
+        from ngexp import __version__
+
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train_command(rest)
+    if command == "report":
+        from ngexp.report import main as report_main
+
+        return report_main(rest)
+    return error_line(f"unknown command {command!r}; choices: {', '.join(COMMANDS)}")

@@ -1,0 +1,5 @@
+"""Errors a user can fix; the CLI prints them as one line, without a traceback."""
+
+
+class UserError(Exception):
+    """Bad input (config value, missing data set, bad path): message says what and how to fix."""

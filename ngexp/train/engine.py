@@ -1,0 +1,471 @@
+"""The training engine: one run from a composed config to a finished run directory.
+
+Order of one training step (callbacks in :mod:`ngexp.train.callbacks`, optimizer contract in
+:mod:`ngexp.optim.base`): step start -> forward/loss -> backward (a :class:`ModelOptimizer`
+runs its own) -> callbacks before the step -> global-norm clipping -> ``optimizer.step()`` ->
+lr schedule -> callbacks after the step. Training metrics are accumulated on the device and read
+once per ``trainer.log_every`` steps, so the step path does not synchronize with the host.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from rich.console import Console
+from torch import Tensor
+
+from ngexp.data.bundle import DataBundle, epoch_batches, eval_batches
+from ngexp.errors import UserError
+from ngexp.models import build_model
+from ngexp.optim import build_optimizer
+from ngexp.optim.base import ModelOptimizer
+from ngexp.train import rundir
+from ngexp.train.callbacks import Callback
+from ngexp.train.checkpoint import (
+    load_checkpoint,
+    resolve_init_from,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ngexp.train.loggers import ConsoleProgress, MetricsLogger, summary_table
+from ngexp.train.tasks import Reconstruction, Task, build_task
+
+#: Metrics where lower is better (everything else, e.g. accuracy, is higher-is-better).
+LOWER_IS_BETTER = ("loss", "mse", "bpc")
+
+
+class RunInterrupted(Exception):
+    """Raised after SIGINT/SIGTERM once the checkpoint and summary are written."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name!r} but CUDA is not available; choices: auto, cpu")
+    return torch.device(name)
+
+
+def better(key: str, new: float, old: float | None) -> bool:
+    if old is None:
+        return True
+    return new < old if key.split("/")[-1] in LOWER_IS_BETTER else new > old
+
+
+def environment() -> dict[str, Any]:
+    """Device, library versions and the git commit of the ngexp source, for ``summary.json``."""
+    import hydra
+
+    from ngexp import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "versions": {"ngexp": __version__, "python": platform.python_version(),
+                     "torch": torch.__version__, "hydra": hydra.__version__},
+        "git_commit": commit,
+        "host": platform.node(),
+    }
+
+
+class Engine:
+    """Builds data, model, optimizer and callbacks from ``cfg`` and trains in ``run_dir``."""
+
+    def __init__(self, cfg: DictConfig, choices: Mapping[str, str | None], run_dir: Path,
+                 console: Console | None = None) -> None:
+        self.cfg, self.choices, self.run_dir = cfg, dict(choices), run_dir
+        self.console = console or Console(stderr=False)
+        trainer = cfg.trainer
+        self.device = resolve_device(trainer.device)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if trainer.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+
+        bundle: DataBundle = instantiate(cfg.data, _partial_=True)()
+        self.data = bundle.to(self.device)
+        self.model = build_model(cfg.model, self.data.spec).to(self.device)
+        if trainer.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.task: Task = build_task(getattr(self.model, "task", self.data.spec.task))
+        if cfg.init_from:
+            weights = load_checkpoint(resolve_init_from(cfg.init_from), self.device)["model"]
+            self.model.load_state_dict(weights)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        if trainer.compile and isinstance(self.optimizer, ModelOptimizer):
+            raise UserError(f"trainer.compile=true does not work with optimizer="
+                            f"{self.choices.get('optimizer')} (its layer hooks need eager mode); "
+                            f"use trainer.compile=false")
+        self.forward = torch.compile(self.model) if trainer.compile else self.model
+
+        self.steps_per_epoch = len(self.data.train) // trainer.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"trainer.batch_size={trainer.batch_size} is larger than the "
+                            f"{len(self.data.train)} training examples; choose at most that")
+        self.total_steps = trainer.max_steps or trainer.epochs * self.steps_per_epoch
+        multiplier = instantiate(cfg.lr_schedule, _partial_=True)(
+            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, multiplier)
+        self.callbacks: list[Callback] = []
+        if cfg.get("prune"):
+            self.callbacks.append(instantiate(cfg.prune, _partial_=True)())
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.step = 0
+        self.epoch = 0
+        self.permutation: Tensor | None = None
+        self.elapsed_before = 0.0
+        self.best: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.last_train: dict[str, float] = {}
+        self.stop_signal: int | None = None
+        self._reset_window()
+
+    # ----------------------------------------------------------------- public helpers
+    @property
+    def elapsed(self) -> float:
+        """Training wall time of this run in seconds, summed over resumes."""
+        return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.cfg.trainer.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def targets_for(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        return inputs.flatten(1) if isinstance(self.task, Reconstruction) else targets
+
+    def train_batches(self, num_examples: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The first ``num_examples`` training examples in order, unaugmented (for curvature)."""
+        split = self.data.train
+        for begin in range(0, min(num_examples, len(split)), batch_size):
+            end = min(begin + batch_size, num_examples, len(split))
+            inputs = split.inputs[begin:end]
+            yield inputs, self.targets_for(inputs, split.targets[begin:end])
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Loss and metrics averaged over a whole split (``test``, ``val`` or ``train``)."""
+        data = getattr(self.data, split)
+        was_training = self.model.training
+        self.model.eval()
+        sums: dict[str, Tensor] = {}
+        count = 0
+        for inputs, targets in eval_batches(data, self.cfg.trainer.eval_batch_size):
+            inputs = self._to_memory_format(inputs)
+            targets = self.targets_for(inputs, targets)
+            with self.autocast():
+                outputs = self.forward(inputs)
+            for key, value in self.task.metric_sums(outputs, targets).items():
+                sums[key] = sums[key] + value if key in sums else value
+            count += self.task.num_terms(targets)
+        self.model.train(was_training)
+        values = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+        return self.task.finalize(values, count)
+
+    def log(self, metrics: Mapping[str, float]) -> None:
+        """Record ``metrics`` at the current step (metrics.jsonl and TensorBoard)."""
+        self.logger.log(self.step, self.step / self.steps_per_epoch, self.elapsed, metrics)
+
+    # ----------------------------------------------------------------- training step
+    def _to_memory_format(self, inputs: Tensor) -> Tensor:
+        if self.cfg.trainer.channels_last and inputs.ndim == 4:
+            return inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
+
+    def _reset_window(self) -> None:
+        self.window_sums: dict[str, Tensor] = {}
+        self.window_terms = 0
+        self.window_steps = 0
+        self.window_start = time.perf_counter()
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.step_counter = torch.full((), self.step, dtype=torch.int64, device=self.device)
+
+    def train_step(self, inputs: Tensor, targets: Tensor) -> None:
+        for callback in self.callbacks:
+            callback.on_step_start(self)
+        inputs = self._to_memory_format(inputs)
+        targets = self.targets_for(inputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            outputs = self.forward(inputs)
+            loss = self.task.loss(outputs, targets)
+        if isinstance(self.optimizer, ModelOptimizer):
+            self.optimizer.backward(loss, outputs=outputs, inputs=inputs, task=self.task)
+        else:
+            loss.backward()
+        for callback in self.callbacks:
+            callback.before_optimizer_step(self)
+        clip = self.cfg.trainer.grad_clip
+        logging_step = (self.step + 1) % self.cfg.trainer.log_every == 0
+        if clip is not None or logging_step:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip else math.inf)
+            if logging_step:
+                self.window_sums["grad_norm"] = norm.detach()
+        self.optimizer.step()
+        self.scheduler.step()
+        for callback in self.callbacks:
+            callback.after_optimizer_step(self)
+
+        with torch.no_grad():
+            for key, value in self.task.metric_sums(outputs.detach(), targets).items():
+                self.window_sums[key] = self.window_sums.get(key, 0) + value
+            self.step_counter += 1
+            bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+            self.first_bad_step = torch.where(bad, self.step_counter, self.first_bad_step)
+        self.window_terms += self.task.num_terms(targets)
+        self.window_steps += 1
+        self.step += 1
+
+    def _check_finite(self) -> None:
+        bad = int(self.first_bad_step)
+        if bad >= 0:
+            raise FloatingPointError(f"nan at step {bad}")
+
+    def _flush_window(self) -> None:
+        """Read the accumulated training metrics (one host sync) and log them."""
+        self._check_finite()
+        if self.window_steps == 0:
+            return
+        sums = dict(self.window_sums)
+        grad_norm = sums.pop("grad_norm", None)
+        values = dict(zip(sums, torch.stack([v.float() for v in sums.values()]).tolist()))
+        seconds = time.perf_counter() - self.window_start
+        metrics = {f"train/{k}": v for k, v in self.task.finalize(values, self.window_terms).items()}
+        metrics["optim/lr"] = self.optimizer.param_groups[0]["lr"]
+        if grad_norm is not None:
+            metrics["optim/grad_norm"] = float(grad_norm)
+        if isinstance(self.optimizer, ModelOptimizer):
+            metrics.update({f"optim/{k}": v for k, v in self.optimizer.log_metrics().items()})
+        metrics["train/examples_per_s"] = self.window_steps * self.cfg.trainer.batch_size / seconds
+        metrics["train/step_time_ms"] = 1000 * seconds / self.window_steps
+        metrics["train/peak_mem_mb"] = self._peak_memory_mb()
+        self.last_train = metrics
+        self.log(metrics)
+        self.progress.update(self.step, self.epoch, metrics)
+        self._reset_window()
+
+    def _peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _eval_and_log(self) -> None:
+        metrics: dict[str, float] = {}
+        for split in ("val", "test"):
+            if getattr(self.data, split) is not None:
+                metrics.update({f"{split}/{k}": v for k, v in self.evaluate(split).items()})
+        for callback in self.callbacks:
+            metrics.update(callback.metrics(self))
+        self.last_eval = metrics
+        self.log(metrics)
+        self.progress.update(self.step, self.epoch, metrics)
+        key = self._selection_key()
+        improved = key in metrics and better(key, metrics[key], self.best.get(key))
+        for name, value in metrics.items():
+            if name.startswith(("test/", "val/")) and better(name, value, self.best.get(name)):
+                self.best[name] = value
+        if improved:
+            self._save("best.pt")
+
+    def _selection_key(self) -> str:
+        split = "val" if self.data.val is not None else "test"
+        metric = "acc" if "acc" in self.task.metric_names else "loss"
+        return f"{split}/{metric}"
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "rng": rng_state(self.generator),
+            "step": self.step,
+            "epoch": self.epoch,
+            "permutation": self.permutation,
+            "elapsed": self.elapsed,
+            "best": self.best,
+            "last_eval": self.last_eval,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for callback in self.callbacks:
+            callback.load_state_dict(state["callbacks"].get(callback.name, {}))
+        set_rng_state(state["rng"], self.generator)
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.permutation = state["permutation"]
+        self.elapsed_before = state["elapsed"]
+        self.best, self.last_eval = state["best"], state["last_eval"]
+
+    def _save(self, name: str) -> None:
+        save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict())
+
+    # ----------------------------------------------------------------- the run
+    def _summary(self, status: str, reason: str | None = None) -> dict[str, Any]:
+        return {
+            "status": status,
+            "reason": reason,
+            "choices": self.choices,
+            "seed": self.cfg.seed,
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "wall_time": self.elapsed,
+            "final": {**self.last_train, **self.last_eval},
+            "best": self.best,
+            "device": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                       else f"cpu ({platform.processor() or platform.machine()}, "
+                            f"{torch.get_num_threads()} threads)"),
+            **environment(),
+            "run_dir": str(self.run_dir.resolve()),
+        }
+
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        self.stop_signal = signum
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (resuming from ``checkpoints/last.pt`` if present)."""
+        last = self.run_dir / "checkpoints" / "last.pt"
+        resumed = last.is_file()
+        if resumed:
+            self.load_state_dict(load_checkpoint(last, self.device))
+            rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            self.console.print(f"resuming from step {self.step}")
+        self.session_start = time.perf_counter()
+        self.logger = MetricsLogger(self.run_dir, purge_step=self.step if resumed else None)
+        self.progress = ConsoleProgress(self.console, self.cfg.trainer.progress,
+                                        self.total_steps, self.step)
+        rundir.write_summary(self.run_dir, self._summary("running"))
+        handlers = {sig: signal.signal(sig, self._handle_signal)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._loop()
+            status, reason = "completed", None
+        except FloatingPointError as error:
+            status, reason = "failed", str(error)
+        except RunInterrupted:
+            status, reason = "interrupted", f"signal {signal.Signals(self.stop_signal).name}"
+        except Exception as error:
+            status, reason = "failed", f"{type(error).__name__}: {error}"
+            rundir.write_summary(self.run_dir, self._summary(status, reason))
+            raise
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            self.progress.close()
+        summary = self._summary(status, reason)
+        if status == "completed":
+            hparams = {f"choice/{k}": str(v) for k, v in self.choices.items()}
+            hparams.update(lr=float(self.cfg.optimizer.lr), seed=self.cfg.seed,
+                           batch_size=self.cfg.trainer.batch_size)
+            self.logger.log_hparams(hparams, {k: v for k, v in self.last_eval.items()
+                                              if k.startswith(("test/", "val/"))})
+        self.logger.close()
+        rundir.write_summary(self.run_dir, summary)
+        self.console.print(summary_table(f"{status}: {self.run_dir}",
+                                         {"status": f"{status}({reason})" if reason else status,
+                                          "step": self.step, "wall time (s)": self.elapsed,
+                                          **self.last_eval}))
+        if status == "interrupted":
+            raise RunInterrupted(reason)
+        return summary
+
+    def _loop(self) -> None:
+        trainer = self.cfg.trainer
+        if self.step == 0:
+            for callback in self.callbacks:
+                callback.on_train_start(self)
+        while self.step < self.total_steps:
+            self.epoch = self.step // self.steps_per_epoch
+            start = self.step % self.steps_per_epoch
+            if start == 0 or self.permutation is None:
+                self.permutation = torch.randperm(len(self.data.train), device=self.device,
+                                                  generator=self.generator)
+            for inputs, targets in epoch_batches(self.data.train, trainer.batch_size,
+                                                 self.permutation, start, self.data.augment,
+                                                 self.generator):
+                self.train_step(inputs, targets)
+                if self.step % trainer.log_every == 0:
+                    self._flush_window()
+                if trainer.eval_every and self.step % trainer.eval_every == 0:
+                    self._eval_and_log()
+                if self.stop_signal is not None:
+                    self._check_finite()
+                    self._save("last.pt")
+                    raise RunInterrupted()
+                if self.step >= self.total_steps:
+                    break
+            if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
+                self._end_epoch()
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+
+    def _end_epoch(self) -> None:
+        trainer = self.cfg.trainer
+        self._flush_window()
+        for callback in self.callbacks:
+            callback.on_epoch_end(self)
+        finished = self.step >= self.total_steps
+        if not trainer.eval_every or finished and self.step % trainer.eval_every:
+            self._eval_and_log()
+        epochs_done = math.ceil(self.step / self.steps_per_epoch)
+        if finished or epochs_done % trainer.checkpoint_every == 0:
+            self._save("last.pt")
+
+
+def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console | None = None,
+          job_dir: Path | None = None) -> dict[str, Any] | None:
+    """Run (or skip, or resume) the run of ``cfg``; returns its summary (``None`` if skipped)."""
+    console = console or Console()
+    run_dir = rundir.run_directory(cfg, choices)
+    if job_dir is not None:
+        rundir.atomic_write_text(job_dir / "run_dir.txt", str(run_dir.resolve()) + "\n")
+    summary = rundir.read_summary(run_dir)
+    if run_dir.exists() and cfg.force:
+        console.print(f"force=true: previous run moved to {rundir.set_aside(run_dir)}")
+    elif rundir.is_finished(summary):
+        assert summary is not None
+        reason = f"({summary['reason']})" if summary.get("reason") else ""
+        console.print(f"skipping {run_dir}: already {summary['status']}{reason} "
+                      f"(force=true re-runs it)")
+        return None
+    elif run_dir.exists() and not cfg.resume:
+        console.print(f"resume=false: previous run moved to {rundir.set_aside(run_dir)}")
+    console.print(f"run dir: {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        for stale in ("metrics.jsonl", "tb"):  # a run that died before its first checkpoint
+            path = run_dir / stale
+            if path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+    rundir.save_config(run_dir, cfg)
+    engine = Engine(cfg, choices, run_dir, console)
+    return engine.run()
+

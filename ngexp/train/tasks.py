@@ -1,0 +1,132 @@
+"""Losses, metrics and output-space curvature of the supported tasks.
+
+A task turns model outputs into the training loss and the evaluation metrics, and knows the
+model's predictive distribution, which second-order methods need:
+
+- ``sample_targets`` draws targets from that distribution (Monte-Carlo Fisher, Martens & Grosse
+  2015, Sec. 5);
+- ``hessian_vector_product`` multiplies by the Hessian of the per-example loss with respect to the
+  outputs, H_L, so that the generalized Gauss-Newton matrix is G = J^T H_L J (Schraudolph 2002).
+  For both losses here (softmax cross-entropy, Bernoulli with logits) the output is the natural
+  parameter, so H_L is also the Fisher of the predictive distribution and GGN = Fisher.
+
+All losses are means over the ``num_terms`` independent terms of a batch (examples, or tokens
+for a language model), so a per-term gradient is ``num_terms`` times the batch gradient of that
+term.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Task:
+    """Interface; see the module docstring."""
+
+    #: Metric names reported by :meth:`finalize`, besides ``loss``.
+    metric_names: tuple[str, ...] = ()
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def num_terms(self, targets: Tensor) -> int:
+        """Number of terms averaged in :meth:`loss`."""
+        return targets.shape[0]
+
+    def metric_sums(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Sums over the batch (0-dim tensors) of ``loss`` and each metric, for exact averages."""
+        raise NotImplementedError
+
+    def finalize(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        """Averages from accumulated :meth:`metric_sums` over ``count`` terms."""
+        return {key: value / count for key, value in sums.items()}
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def hessian_vector_product(self, outputs: Tensor, vector: Tensor) -> Tensor:
+        """H_L v for each term, same shape as ``outputs``; H_L of the per-term loss."""
+        raise NotImplementedError
+
+
+class Classification(Task):
+    """Softmax cross-entropy. Outputs ``(B, C)`` logits (or ``(B, T, C)``, one term per step)."""
+
+    metric_names = ("acc",)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs.flatten(0, -2), targets.flatten())
+
+    def num_terms(self, targets: Tensor) -> int:
+        return targets.numel()
+
+    def metric_sums(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        logits, labels = outputs.flatten(0, -2).float(), targets.flatten()
+        return {
+            "loss": F.cross_entropy(logits, labels, reduction="sum"),
+            "acc": (logits.argmax(-1) == labels).sum().float(),
+        }
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        probs = torch.softmax(outputs.detach().float().flatten(0, -2), dim=-1)
+        samples = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return samples.view(outputs.shape[:-1])
+
+    def hessian_vector_product(self, outputs: Tensor, vector: Tensor) -> Tensor:
+        """(diag(p) - p p^T) v with p = softmax(outputs)."""
+        probs = torch.softmax(outputs, dim=-1)
+        return probs * vector - probs * (probs * vector).sum(-1, keepdim=True)
+
+
+class LanguageModel(Classification):
+    """Next-token cross-entropy over ``(B, T, V)`` outputs; also reports bits per character."""
+
+    metric_names = ("acc", "bpc")
+
+    def finalize(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        means = super().finalize(sums, count)
+        means["bpc"] = means["loss"] / math.log(2)
+        return means
+
+
+class Reconstruction(Task):
+    """Bernoulli output with logits ``(B, D)``; loss = binary cross-entropy summed over the
+    ``D`` outputs of one example, averaged over examples (the deep-autoencoder objective of
+    Hinton & Salakhutdinov 2006 and Martens 2010). Targets are the flattened inputs in [0, 1].
+    ``mse`` is the summed squared error of the mean output, per example."""
+
+    metric_names = ("mse",)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        targets = targets.flatten(1)
+        return F.binary_cross_entropy_with_logits(outputs, targets, reduction="sum") / len(targets)
+
+    def metric_sums(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        logits, targets = outputs.float(), targets.flatten(1).float()
+        return {
+            "loss": F.binary_cross_entropy_with_logits(logits, targets, reduction="sum"),
+            "mse": (torch.sigmoid(logits) - targets).square().sum(),
+        }
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.bernoulli(torch.sigmoid(outputs.detach().float()), generator=generator)
+
+    def hessian_vector_product(self, outputs: Tensor, vector: Tensor) -> Tensor:
+        """diag(p (1 - p)) v with p = sigmoid(outputs)."""
+        probs = torch.sigmoid(outputs)
+        return probs * (1 - probs) * vector
+
+
+TASKS: dict[str, type[Task]] = {
+    "classification": Classification,
+    "reconstruction": Reconstruction,
+    "language_model": LanguageModel,
+}
+
+
+def build_task(kind: str) -> Task:
+    return TASKS[kind]()
