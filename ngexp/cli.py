@@ -43,32 +43,35 @@ def options(group: str) -> list[str]:
 def default_choices() -> dict[str, str]:
     from omegaconf import OmegaConf
 
-    defaults = OmegaConf.load(conf_dir() / "train.yaml").get("defaults", [])
+    defaults = OmegaConf.to_container(OmegaConf.load(conf_dir() / "train.yaml")).get("defaults", [])
     return {key: str(value) for item in defaults if isinstance(item, dict)
             for key, value in item.items()}
 
 
 def train_help() -> str:
-    from dataclasses import fields
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    from ngexp.config import TrainConfig, TrainerConfig
+    from ngexp.config import register_all
 
+    register_all()
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        cfg = compose("train")
     defaults = default_choices()
     lines = ["usage: ngexp train [-m] [GROUP=OPTION ...] [KEY=VALUE ...]", "",
-             "Config groups (GROUP=OPTION; default marked *):"]
+             "Config groups (GROUP=OPTION; default marked *; prune is off unless chosen):"]
     for group in GROUPS:
-        chosen = defaults.get(group, "null" if group in ("prune",) else "")
-        names = [f"{name}*" if name == chosen else name for name in options(group)]
-        prefix = "+" if group == "experiment" else ""
+        names = [f"{name}*" if name == defaults.get(group) else name for name in options(group)]
         if group == "hydra/launcher":
             names = ["basic*", *names]
-        lines.append(f"  {prefix}{group + ':':<15} {', '.join(names) or '-'}")
+        prefix = "+" if group == "experiment" else ""
+        lines.append(f"  {prefix + group + ':':<16} {', '.join(names) or '-'}")
     lines += ["", "Run settings (KEY=VALUE, defaults shown):"]
-    top = [f"{f.name}={f.default}" for f in fields(TrainConfig) if f.name not in GROUPS
-           and f.name != "trainer"]
-    lines.append("  " + "  ".join(top))
-    trainer = [f"trainer.{f.name}={f.default}" for f in fields(TrainerConfig)]
-    lines += ["  " + "  ".join(trainer[i:i + 4]) for i in range(0, len(trainer), 4)]
+    top = [f"{key}={cfg[key]}" for key in cfg if not OmegaConf.is_dict(cfg[key])
+           and key not in GROUPS]
+    trainer = [f"trainer.{key}={value}" for key, value in cfg.trainer.items()]
+    lines += ["  " + "  ".join(items[i:i + 4]) for items in (top, trainer)
+              for i in range(0, len(items), 4)]
     lines += ["", "A group option's own keys: ngexp train optimizer=kfac --cfg job --package optimizer",
               "", "Examples:", "  ngexp train optimizer=kfac model=lenet5",
               "  ngexp train -m optimizer=sgd,kfac,ekfac seed=0,1,2",
@@ -95,13 +98,27 @@ def describe(error: BaseException, overrides: Iterable[str]) -> str:
                 f"{', '.join(sorted(error.options or options(group)))}")
     cause = error.__cause__ or error
     message = str(error).strip().splitlines()[0]
-    if "Could not override" in message or "Key '" in str(cause):
-        key = message.split("'")[1] if "'" in message else message
-        return f"{key} is not a known key; {str(cause).splitlines()[0]}"
+    if "Could not override" in message:
+        key = message.split("'")[1]
+        parent, _, leaf = key.rpartition(".")
+        valid = known_keys(parent, [o for o in overrides if not o.startswith(key + "=")])
+        return f"{key}: {leaf!r} is not a key of {parent or 'the run config'}; valid keys: {valid}"
     if cause is not error:
         failing = message.removeprefix("Error merging override ").strip()
         return f"{failing}: {str(cause).strip().splitlines()[0]}"
     return message
+
+
+def known_keys(node: str, overrides: list[str]) -> str:
+    """Comma-separated keys of config node ``node`` (dotted; '' = top level)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        cfg = compose("train", overrides=sweep_variants(overrides)[0])
+    selected = OmegaConf.select(cfg, node) if node else cfg
+    keys = [k for k in selected.keys() if not str(k).startswith("_")] if selected else []
+    return ", ".join(map(str, keys)) or "none"
 
 
 def sweep_variants(overrides: list[str]) -> list[list[str]]:
@@ -172,13 +189,15 @@ def run_hydra(args: list[str]) -> int:
         multirun = runtime.mode == RunMode.MULTIRUN
         job_dir = Path(runtime.runtime.output_dir) if multirun else None
         try:
-            train(cfg, choices, Console(), job_dir)
+            summary = train(cfg, choices, Console(), job_dir)
         except UserError as error:
             if multirun:
                 raise
             raise SystemExit(error_line(str(error))) from None
         except RunInterrupted:
             raise KeyboardInterrupt from None
+        if summary is not None and summary["status"] == "failed" and not multirun:
+            raise SystemExit(1)  # a diverged job does not stop a sweep
 
     app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)(task)
     saved = sys.argv
