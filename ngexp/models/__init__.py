@@ -1,0 +1,19 @@
+"""Model families. Importing this package registers every ``schema/model/*`` config schema."""
+
+from __future__ import annotations
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from ngexp.data.spec import DataSpec
+from ngexp.models import autoencoder as autoencoder
+from ngexp.models import lenet as lenet
+from ngexp.models import mlp as mlp
+from ngexp.models import resnet as resnet
+from ngexp.models import vgg as vgg
+
+
+def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
+    """The model of config node ``cfg`` (``cfg.model`` of a run) for data described by ``spec``."""
+    return instantiate(cfg, _partial_=True)(spec=spec)

@@ -1,0 +1,79 @@
+"""The deep autoencoder benchmark of the second-order optimization papers.
+
+Hinton & Salakhutdinov (2006) MNIST autoencoder, trained without pre-training by Hessian-free
+optimization (Martens 2010) and K-FAC (Martens & Grosse 2015, Sec. 13): encoder
+784-1000-500-250-30 with logistic hidden units and a linear 30-unit code layer, and the mirrored
+decoder 30-250-500-1000-784 whose outputs are the logits of Bernoulli means; the loss is the
+binary cross-entropy summed over pixels (:class:`ngexp.train.tasks.Reconstruction`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from ngexp.config import check, check_choice, schema
+from ngexp.data.spec import DataSpec
+from ngexp.models.layers import ACTIVATIONS, dense_stack, init_weights, sparse_init_
+
+INITS = ("sparse", "xavier")
+
+
+class Autoencoder(nn.Module):
+    """Deep autoencoder on flattened inputs.
+
+    Input ``(N, C, H, W)`` or ``(N, D)`` with values in [0, 1], output logits ``(N, D)``,
+    ``D = C*H*W``. ``encoder_widths`` ends with the code size; the decoder mirrors the hidden
+    widths. The input is *not* standardized: the targets are the raw inputs, and the original
+    benchmark feeds raw pixel intensities.
+
+    ``init="sparse"`` is the sparse initialization of Martens (2010) used by the HF and K-FAC
+    papers (15 nonzero N(0, 1) incoming weights per unit, zero biases); ``"xavier"`` the
+    Glorot-Bengio rule with the activation's gain.
+    """
+
+    task = "reconstruction"
+
+    def __init__(
+        self,
+        spec: DataSpec,
+        encoder_widths: Sequence[int] = (1000, 500, 250, 30),
+        activation: str = "sigmoid",
+        init: str = "sparse",
+    ) -> None:
+        super().__init__()
+        check_choice("model.init", init, INITS)
+        *hidden, code = encoder_widths
+        self.encoder = dense_stack(spec.input_dim, hidden, code, activation)
+        self.decoder = dense_stack(code, hidden[::-1], spec.input_dim, activation)
+        if init == "sparse":
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    sparse_init_(module.weight)
+                    nn.init.zeros_(module.bias)
+        else:
+            init_weights(self, activation)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Code ``(N, code size)`` of inputs ``x``."""
+        return self.encoder(x.flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encode(x))
+
+
+@schema("model", "autoencoder")
+@dataclass
+class AutoencoderConfig:
+    _target_: str = "ngexp.models.autoencoder.Autoencoder"
+    encoder_widths: list[int] = field(default_factory=lambda: [1000, 500, 250, 30])
+    activation: str = "sigmoid"
+    init: str = "sparse"
+
+    def __post_init__(self) -> None:
+        check(len(self.encoder_widths) >= 1 and all(w >= 1 for w in self.encoder_widths),
+              "model.encoder_widths", self.encoder_widths, "a non-empty list of integers >= 1")
+        check_choice("model.activation", self.activation, tuple(ACTIVATIONS))
+        check_choice("model.init", self.init, INITS)
