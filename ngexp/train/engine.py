@@ -229,7 +229,7 @@ class Engine:
             callback.after_optimizer_step(self)
 
         with torch.no_grad():
-            for key, value in self.task.metric_sums(outputs.detach(), targets).items():
+            for key, value in self.task.metric_sums(outputs.detach(), targets, loss).items():
                 self.window_sums[key] = self.window_sums.get(key, 0) + value
             self.step_counter += 1
             bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
@@ -414,6 +414,7 @@ class Engine:
                     self._flush_window()
                 if trainer.eval_every and self.step % trainer.eval_every == 0:
                     self._eval_and_log()
+                    self.window_start = time.perf_counter()
                 if self.stop_signal is not None:
                     self._check_finite()
                     self._save("last.pt")
@@ -436,6 +437,7 @@ class Engine:
         epochs_done = math.ceil(self.step / self.steps_per_epoch)
         if finished or epochs_done % trainer.checkpoint_every == 0:
             self._save("last.pt")
+        self.window_start = time.perf_counter()  # evaluation is not training time
 
 
 def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console | None = None,

@@ -37,9 +37,16 @@ class Task:
         """Number of terms averaged in :meth:`loss`."""
         return targets.shape[0]
 
-    def metric_sums(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """Sums over the batch (0-dim tensors) of ``loss`` and each metric, for exact averages."""
+    def metric_sums(self, outputs: Tensor, targets: Tensor,
+                    loss: Tensor | None = None) -> dict[str, Tensor]:
+        """Sums over the batch (0-dim tensors) of ``loss`` and each metric, for exact averages.
+        A ``loss`` already computed by :meth:`loss` on this batch is reused, not recomputed."""
         raise NotImplementedError
+
+    def loss_sum(self, outputs: Tensor, targets: Tensor, loss: Tensor | None) -> Tensor:
+        if loss is not None:
+            return loss.detach().float() * self.num_terms(targets)
+        return self.loss(outputs.float(), targets) * self.num_terms(targets)
 
     def finalize(self, sums: dict[str, float], count: int) -> dict[str, float]:
         """Averages from accumulated :meth:`metric_sums` over ``count`` terms."""
@@ -64,12 +71,10 @@ class Classification(Task):
     def num_terms(self, targets: Tensor) -> int:
         return targets.numel()
 
-    def metric_sums(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        logits, labels = outputs.flatten(0, -2).float(), targets.flatten()
-        return {
-            "loss": F.cross_entropy(logits, labels, reduction="sum"),
-            "acc": (logits.argmax(-1) == labels).sum().float(),
-        }
+    def metric_sums(self, outputs: Tensor, targets: Tensor,
+                    loss: Tensor | None = None) -> dict[str, Tensor]:
+        correct = outputs.argmax(-1) == targets
+        return {"loss": self.loss_sum(outputs, targets, loss), "acc": correct.sum().float()}
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         probs = torch.softmax(outputs.detach().float().flatten(0, -2), dim=-1)
@@ -105,12 +110,10 @@ class Reconstruction(Task):
         targets = targets.flatten(1)
         return F.binary_cross_entropy_with_logits(outputs, targets, reduction="sum") / len(targets)
 
-    def metric_sums(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        logits, targets = outputs.float(), targets.flatten(1).float()
-        return {
-            "loss": F.binary_cross_entropy_with_logits(logits, targets, reduction="sum"),
-            "mse": (torch.sigmoid(logits) - targets).square().sum(),
-        }
+    def metric_sums(self, outputs: Tensor, targets: Tensor,
+                    loss: Tensor | None = None) -> dict[str, Tensor]:
+        error = torch.sigmoid(outputs.float()) - targets.flatten(1)
+        return {"loss": self.loss_sum(outputs, targets, loss), "mse": error.square().sum()}
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return torch.bernoulli(torch.sigmoid(outputs.detach().float()), generator=generator)

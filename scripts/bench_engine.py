@@ -1,0 +1,147 @@
+"""Training throughput of ngexp's engine against a minimal hand-written PyTorch loop.
+
+Both train the same model (built by ngexp from the same config, same initial weights) with the
+same optimizer and batch size on the same device-resident tensors; the minimal loop is just
+``index -> forward -> cross-entropy -> backward -> step``. Rounds alternate engine and minimal
+loop, after a warm-up window, and the median examples/s of each is reported with their ratio
+(engine / minimal: >= 1 means the engine is no slower). The engine runs with its defaults
+(cosine schedule, metric accumulation, NaN watch, logging every ``--steps`` steps).
+
+    python scripts/bench_engine.py                       # CPU: MLP and LeNet-5 on Fashion-MNIST
+    python scripts/bench_engine.py --gpu                 # + VGG-16 / preact ResNet-18, CIFAR shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import open_dict
+from rich.console import Console
+
+from ngexp.config import register_all
+from ngexp.models import build_model
+from ngexp.optim import build_optimizer
+from ngexp.train.engine import Engine
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def run_engine(overrides: list[str], steps: int, rounds: int, run_dir: Path) -> list[float]:
+    """Examples/s of ngexp's real training loop (``Engine.run``), one value per ``steps``-step
+    window as the engine measures it (batching, step, metric accumulation; evaluation and the
+    once-per-window logging excluded); the first window is warm-up and dropped."""
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("train", overrides=[*overrides, f"trainer.max_steps={steps * (rounds + 1)}",
+                                          f"trainer.log_every={steps}", "trainer.progress=none"],
+                      return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    engine = Engine(cfg, choices, run_dir, Console(quiet=True))
+    engine.run()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/examples_per_s"] for r in records if "train/examples_per_s" in r][1:]
+
+
+def minimal_rates(overrides: list[str], steps: int, rounds: int) -> list[float]:
+    """The same model, optimizer, batch and device tensors in a minimal loop."""
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("train", overrides=overrides)
+    device = torch.device(cfg.trainer.device)
+    torch.manual_seed(cfg.seed)
+    data = instantiate(cfg.data, _partial_=True)().to(device)
+    model = build_model(cfg.model, data.spec).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    inputs, targets, batch = data.train.inputs, data.train.targets, cfg.trainer.batch_size
+    rates = []
+    for _ in range(rounds + 1):
+        permutation = torch.randperm(len(inputs), device=device)
+        start = time.perf_counter()
+        for i in range(steps):
+            index = permutation[i * batch:(i + 1) * batch]
+            x = inputs[index]
+            if cfg.trainer.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=cfg.trainer.precision == "bf16"):
+                loss = F.cross_entropy(model(x), targets[index])
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(steps * batch / (time.perf_counter() - start))
+    return rates[1:]
+
+
+def bench(label: str, overrides: list[str], steps: int, rounds: int) -> dict[str, float | str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = run_engine(overrides, steps, rounds, Path(tmp))
+    minimal = minimal_rates(overrides, steps, rounds)
+    ngexp_rate, plain_rate = statistics.median(engine), statistics.median(minimal)
+    return {"case": label, "engine": ngexp_rate, "minimal": plain_rate,
+            "ratio": ngexp_rate / plain_rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--gpu", action="store_true", help="add the CUDA cases")
+    parser.add_argument("--out", default="results/bench_engine_cpu.md")
+    args = parser.parse_args()
+    register_all()
+    cases = [
+        ("MLP 784-512-256-10, Fashion-MNIST, batch 128", ["model=mlp", "trainer.device=cpu"]),
+        ("LeNet-5, Fashion-MNIST, batch 128", ["model=lenet5", "trainer.device=cpu"]),
+    ]
+    if args.gpu and torch.cuda.is_available():
+        synthetic = ["data=synthetic", "data.shape=[3,32,32]", "trainer.device=cuda"]
+        cases += [
+            ("VGG-16, CIFAR shapes, batch 128, fp32", ["model=vgg16", *synthetic]),
+            ("VGG-16, CIFAR shapes, batch 128, bf16+channels_last",
+             ["model=vgg16", *synthetic, "trainer.precision=bf16", "trainer.channels_last=true"]),
+            ("preact ResNet-18, CIFAR shapes, batch 128, fp32", ["model=preact_resnet18", *synthetic]),
+            ("preact ResNet-18, CIFAR shapes, batch 128, bf16+channels_last",
+             ["model=preact_resnet18", *synthetic, "trainer.precision=bf16",
+              "trainer.channels_last=true"]),
+        ]
+    rows = [bench(label, overrides + ["optimizer=sgd"], args.steps, args.rounds)
+            for label, overrides in cases]
+    device = (torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available()
+              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    lines = [
+        "# Engine throughput vs a minimal PyTorch loop",
+        "",
+        f"Command: `python scripts/bench_engine.py --steps {args.steps} --rounds {args.rounds}"
+        f"{' --gpu' if args.gpu else ''}`  ",
+        f"Device: {device}; torch {torch.__version__}; python {platform.python_version()}; "
+        f"{date.today()}  ",
+        f"Median of {args.rounds} windows of {args.steps} SGD steps after a warm-up window.",
+        "",
+        "| case | ngexp engine (examples/s) | minimal loop (examples/s) | engine / minimal |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r['case']} | {r['engine']:.0f} | {r['minimal']:.0f} | {r['ratio']:.3f} |"
+              for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
