@@ -177,7 +177,9 @@ def run_hydra(args: list[str]) -> int:
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    from ngexp.config import validate
+    from omegaconf import open_dict
+
+    from ngexp.config import register_all, validate
     from ngexp.errors import UserError
     from ngexp.train.engine import RunInterrupted, train
     from ngexp.train.rundir import GROUPS as RUN_GROUPS
@@ -188,6 +190,11 @@ def run_hydra(args: list[str]) -> int:
         choices = {group: runtime.runtime.choices.get(group) for group in RUN_GROUPS}
         multirun = runtime.mode == RunMode.MULTIRUN
         job_dir = Path(runtime.runtime.output_dir) if multirun else None
+        if multirun and cfg.trainer.device == "auto":  # one GPU per job process
+            from ngexp.train.devices import assign_device
+
+            with open_dict(cfg):
+                cfg.trainer.device = assign_device(runtime.job.num)
         try:
             summary = train(cfg, choices, Console(), job_dir)
         except UserError as error:
@@ -199,6 +206,7 @@ def run_hydra(args: list[str]) -> int:
         if summary is not None and summary["status"] == "failed" and not multirun:
             raise SystemExit(1)  # a diverged job does not stop a sweep
 
+    register_all()
     app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)(task)
     saved = sys.argv
     sys.argv = ["ngexp train", *args]

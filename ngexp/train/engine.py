@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ngexp.data.bundle import DataBundle, epoch_batches, eval_batches
 from ngexp.errors import UserError
+from ngexp.metrics import better
 from ngexp.models import build_model
 from ngexp.optim import build_optimizer
 from ngexp.optim.base import ModelOptimizer
@@ -46,8 +47,9 @@ from ngexp.train.checkpoint import (
 from ngexp.train.loggers import ConsoleProgress, MetricsLogger, summary_table
 from ngexp.train.tasks import Reconstruction, Task, build_task
 
-#: Metrics where lower is better (everything else, e.g. accuracy, is higher-is-better).
-LOWER_IS_BETTER = ("loss", "mse", "bpc")
+#: Signals that stop a run with a checkpoint (USR2: SLURM's warning before preemption/time-out).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2")
+                     if hasattr(signal, name))
 
 
 class RunInterrupted(Exception):
@@ -60,12 +62,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name!r} but CUDA is not available; choices: auto, cpu")
     return torch.device(name)
-
-
-def better(key: str, new: float, old: float | None) -> bool:
-    if old is None:
-        return True
-    return new < old if key.split("/")[-1] in LOWER_IS_BETTER else new > old
 
 
 def environment() -> dict[str, Any]:
@@ -361,8 +357,7 @@ class Engine:
         self.progress = ConsoleProgress(self.console, self.cfg.trainer.progress,
                                         self.total_steps, self.step)
         rundir.write_summary(self.run_dir, self._summary("running"))
-        handlers = {sig: signal.signal(sig, self._handle_signal)
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {sig: signal.signal(sig, self._handle_signal) for sig in STOP_SIGNALS}
         try:
             self._loop()
             status, reason = "completed", None
@@ -392,6 +387,9 @@ class Engine:
                                           "step": self.step, "wall time (s)": self.elapsed,
                                           **self.last_eval}))
         if status == "interrupted":
+            previous = handlers.get(self.stop_signal)  # e.g. submitit's requeue on USR2
+            if callable(previous) and previous is not signal.default_int_handler:
+                previous(self.stop_signal, None)
             raise RunInterrupted(reason)
         return summary
 
@@ -460,6 +458,10 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
         console.print(f"resume=false: previous run moved to {rundir.set_aside(run_dir)}")
     console.print(f"run dir: {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = rundir.lock(run_dir)
+    if lock is None:
+        console.print(f"skipping {run_dir}: another process is running this config")
+        return None
     if not (run_dir / "checkpoints" / "last.pt").is_file():
         for stale in ("metrics.jsonl", "tb"):  # a run that died before its first checkpoint
             path = run_dir / stale
@@ -468,6 +470,6 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
             elif path.is_dir():
                 shutil.rmtree(path)
     rundir.save_config(run_dir, cfg)
-    engine = Engine(cfg, choices, run_dir, console)
-    return engine.run()
+    with lock:
+        return Engine(cfg, choices, run_dir, console).run()
 

@@ -7,6 +7,7 @@ configuration sit side by side.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -92,3 +93,15 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def lock(run_dir: Path) -> IO[str] | None:
+    """An exclusive lock on ``run_dir`` held while the returned file is open (released by the
+    OS if the process dies); ``None`` when another process holds it."""
+    stream = (run_dir / ".lock").open("w")
+    try:
+        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        stream.close()
+        return None
+    return stream

@@ -1,0 +1,140 @@
+"""PNG figures (matplotlib, Agg backend, imported only when plotting).
+
+- ``<metric>_vs_{epoch,step,time}.png``: one line per group of completed runs, the mean over its
+  seeds with a ± 1 sample-std band (seeds matched by step, e.g. for wall-clock time, else
+  interpolated onto a common grid: :func:`ngexp.report.aggregate.band`); runs in other states
+  dashed, one line each. The y axis is logarithmic when the positive values plotted span more
+  than :data:`LOG_DECADES` decades.
+- ``<metric>_vs_sparsity.png`` (pruning runs only): metric against final sparsity, one line per
+  pruning criterion, error bars ± 1 sample std over seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ngexp.report.aggregate import Row, band, label, pruning_curves, series
+
+LOG_DECADES = 1.5
+MAX_LEGEND = 30
+X_LABELS = {"epoch": "epoch", "step": "optimizer step", "time": "wall-clock training time"}
+
+
+def plot_all(rows: Sequence[Row], keys: Sequence[str], metric: str, best: bool,
+             out_dir: Path) -> list[Path]:
+    """Write every figure that has data; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = _colors(plt, rows)
+    paths = [_curves(plt, rows, keys, metric, axis, colors, out_dir) for axis in X_LABELS]
+    paths.append(_sparsity(plt, rows, keys, metric, best, out_dir))
+    return [path for path in paths if path is not None]
+
+
+def slug(metric: str) -> str:
+    return metric.replace("/", "-")
+
+
+def y_label(metric: str, values: np.ndarray) -> str:
+    """The metric with its unit: accuracies as a fraction (or %), losses in nats per term."""
+    leaf = metric.split("/")[-1]
+    if leaf == "acc":
+        return f"{metric} ({'fraction correct' if values.max(initial=0) <= 1 else '%'})"
+    return f"{metric} (nats)" if leaf == "loss" else metric
+
+
+def _colors(plt: Any, rows: Sequence[Row]) -> dict[tuple[Any, ...], Any]:
+    """One color per group key (a failed seed gets its group's color)."""
+    keys = list(dict.fromkeys(row.key for row in rows))
+    cmap = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20")
+    return {key: cmap(i % cmap.N) for i, key in enumerate(keys)}
+
+
+def _time_unit(rows: Sequence[Row]) -> tuple[float, str]:
+    longest = max((run.wall_time or 0.0 for row in rows for run in row.runs), default=0.0)
+    if longest <= 300:
+        return 1.0, "s"
+    return (60.0, "min") if longest <= 3 * 3600 else (3600.0, "h")
+
+
+def _curves(plt: Any, rows: Sequence[Row], keys: Sequence[str], metric: str, axis: str,
+            colors: dict[tuple[Any, ...], Any], out_dir: Path) -> Path | None:
+    scale, unit = _time_unit(rows) if axis == "time" else (1.0, "")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    plotted: list[np.ndarray] = []
+    for row in rows:
+        logged = [(run, c) for run in row.runs if len((c := series(run, metric, axis))[0])]
+        if not logged:
+            continue
+        curves = [curve for _, curve in logged]
+        steps = [series(run, metric, "step")[0] for run, _ in logged]
+        color, name = colors[row.key], label(keys, row.key) if keys else "all runs"
+        summary = band(curves, steps=steps) if row.completed else None
+        if summary is not None:
+            grid, mean, std = summary
+            ax.plot(grid / scale, mean, color=color, lw=1.8, label=f"{name} (n={len(curves)})")
+            if std is not None:
+                ax.fill_between(grid / scale, mean - std, mean + std, color=color, alpha=0.2,
+                                lw=0)
+            plotted.append(mean)
+            continue
+        for i, (run, (x, y)) in enumerate(logged):  # one line per run
+            text = name if row.completed else f"{name}, seed {run.seed}: {run.state}"
+            ax.plot(x / scale, y, color=color, lw=1.0, ls="-" if row.completed else "--",
+                    marker="o" if len(x) == 1 else None, label=None if i else text)
+            plotted.append(y)
+    if not plotted:
+        plt.close(fig)
+        return None
+    values = np.concatenate(plotted)
+    if (values > 0).all() and np.log10(values.max() / values.min()) > LOG_DECADES:
+        ax.set_yscale("log")
+    ax.set_xlabel(X_LABELS[axis] + (f" ({unit})" if unit else ""))
+    ax.set_ylabel(y_label(metric, values))
+    ax.set_title(f"{metric} vs {X_LABELS[axis]}: mean ± 1 std over seeds")
+    _legend(ax)
+    return _save(fig, out_dir / f"{slug(metric)}_vs_{axis}.png")
+
+
+def _sparsity(plt: Any, rows: Sequence[Row], keys: Sequence[str], metric: str, best: bool,
+              out_dir: Path) -> Path | None:
+    curves = pruning_curves(rows, keys, metric, best)
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    for name, points in curves.items():
+        ax.errorbar([p.sparsity for p in points], [p.mean for p in points],
+                    yerr=[p.std or 0.0 for p in points], marker="o", capsize=3, label=name)
+    ax.set_xlabel("sparsity (pruned fraction of the weights in pruning scope)")
+    ax.set_ylabel(y_label(metric, np.array([p.mean for ps in curves.values() for p in ps])))
+    ax.set_title(f"{metric} ({'best' if best else 'final'}) vs sparsity per pruning criterion")
+    _legend(ax)
+    return _save(fig, out_dir / f"{slug(metric)}_vs_sparsity.png")
+
+
+def _legend(ax: Any) -> None:
+    """Inside up to 12 entries, outside up to :data:`MAX_LEGEND`, beyond that a note only."""
+    entries = len(ax.get_legend_handles_labels()[1])
+    if entries > MAX_LEGEND:
+        ax.text(0.01, 0.01, f"{entries} lines: legend left out, see report.md",
+                transform=ax.transAxes, fontsize="small")
+    elif entries > 12:
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif entries:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
