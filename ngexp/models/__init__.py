@@ -8,6 +8,7 @@ from torch import nn
 
 from ngexp.data.spec import DataSpec
 from ngexp.models import autoencoder as autoencoder
+from ngexp.models import bnlstm as bnlstm
 from ngexp.models import lenet as lenet
 from ngexp.models import mlp as mlp
 from ngexp.models import resnet as resnet

@@ -456,6 +456,7 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
         return None
     elif run_dir.exists() and not cfg.resume:
         console.print(f"resume=false: previous run moved to {rundir.set_aside(run_dir)}")
+    engine = Engine(cfg, choices, run_dir, console)  # bad input fails before anything is written
     console.print(f"run dir: {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = rundir.lock(run_dir)
@@ -471,5 +472,5 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
                 shutil.rmtree(path)
     rundir.save_config(run_dir, cfg)
     with lock:
-        return Engine(cfg, choices, run_dir, console).run()
+        return engine.run()
 

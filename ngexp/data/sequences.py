@@ -1,0 +1,119 @@
+"""Image classification as sequence classification: sequential (and permuted) MNIST and kin.
+
+An image ``(C, H, W)`` becomes a sequence ``(T, D)`` read in raster order (Le et al. 2015):
+
+- ``order="pixel"``: one pixel per step, ``T = H * W`` steps of ``D = C`` values
+  (pixel-by-pixel MNIST: 784 steps of 1 value);
+- ``order="row"``: one row per step, ``T = H`` steps of ``D = W * C`` values (28 x 28).
+
+``downsample=S`` first averages each image down to ``S x S`` (area interpolation; exact 2 x 2
+or 4 x 4 block means for 28 -> 14 or 7), e.g. 7 x 7 pixel-by-pixel is 49 steps, a quick CPU
+variant. ``permute_seed`` shuffles the ``H * W`` pixel positions with one fixed random
+permutation drawn from that seed, the same for every image and split (permuted MNIST); with
+``order="row"`` the permuted pixels are then cut into rows.
+
+Inputs stay in [0, 1]; ``spec.mean``/``spec.std`` are one mean and standard deviation over all
+training values (applied by the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ngexp.config import check, check_choice, schema
+from ngexp.data.bundle import DataBundle, Split
+from ngexp.data.images import NUM_CLASSES, ImageDataConfig, load_image_splits, prepare_splits
+from ngexp.data.spec import DataSpec
+
+#: Values of ``data.order``.
+ORDERS = ("pixel", "row")
+
+
+def pixel_permutation(num_pixels: int, seed: int) -> Tensor:
+    """A fixed random permutation of ``num_pixels`` positions drawn from ``seed``."""
+    return torch.randperm(num_pixels, generator=torch.Generator().manual_seed(seed))
+
+
+def check_no_augmentation(random_crop: int, hflip: bool) -> None:
+    """Sequence data has no augmentation; the image schema's fields must stay off."""
+    check(random_crop == 0, "data.random_crop", random_crop, "0 for sequence data")
+    check(not hflip, "data.hflip", hflip, "false for sequence data")
+
+
+def images_to_sequences(images: Tensor, order: str, permutation: Tensor | None = None) -> Tensor:
+    """Images ``(N, C, H, W)`` -> sequences ``(N, T, D)`` in raster order (see module docstring);
+    ``permutation`` (of the ``H * W`` positions) reorders the pixels first."""
+    check_choice("data.order", order, ORDERS)
+    n, channels, height, width = images.shape
+    pixels = images.flatten(2)  # (N, C, H*W), row-major positions
+    if permutation is not None:
+        pixels = pixels[:, :, permutation]
+    pixels = pixels.transpose(1, 2)  # (N, H*W, C)
+    if order == "row":
+        pixels = pixels.reshape(n, height, width * channels)
+    return pixels.contiguous()
+
+
+def downsample_images(images: Tensor, size: int) -> Tensor:
+    """Average ``(N, C, H, W)`` images down to ``(N, C, size, size)`` (area interpolation)."""
+    return F.adaptive_avg_pool2d(images, size)
+
+
+@schema("data", "sequence")
+@dataclass
+class SequenceDataConfig(ImageDataConfig):
+    """An image data set read as sequences (see :mod:`ngexp.data.sequences`). ``downsample``:
+    side length after averaging (null = full size); ``permute_seed``: null = raster order."""
+
+    _target_: str = "ngexp.data.sequences.sequence_data"
+    order: str = "pixel"
+    downsample: int | None = None
+    permute_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("data.order", self.order, ORDERS)
+        check(self.downsample is None or self.downsample >= 1, "data.downsample",
+              self.downsample, "null or an integer >= 1")
+        check(self.permute_seed is None or self.permute_seed >= 0, "data.permute_seed",
+              self.permute_seed, "null or an integer >= 0")
+        check_no_augmentation(self.random_crop, self.hflip)
+
+
+def sequence_data(name: str, order: str = "pixel", downsample: int | None = None,
+                  permute_seed: int | None = None, root: str | None = None,
+                  download: bool = False, subset: int | None = None, val_size: int = 0,
+                  val_seed: int = 0, normalize: bool = True, random_crop: int = 0,
+                  hflip: bool = False) -> DataBundle:
+    """Build the :class:`DataBundle` of a sequential image data set (on the CPU).
+    ``random_crop``/``hflip`` come with the image schema and must be off."""
+    check_choice("data.order", order, ORDERS)
+    check_no_augmentation(random_crop, hflip)
+    train, test = load_image_splits(name, root, download)
+    train, val, test = prepare_splits(train, test, subset, val_size, val_seed)
+    height, width = train.inputs.shape[-2:]
+    if downsample is not None:
+        height = width = downsample
+    permutation = None if permute_seed is None else pixel_permutation(height * width,
+                                                                      permute_seed)
+
+    def convert(split: Split) -> Split:
+        images = split.inputs if downsample is None else downsample_images(split.inputs,
+                                                                           downsample)
+        return Split(images_to_sequences(images, order, permutation), split.targets)
+
+    train, test = convert(train), convert(test)
+    val = convert(val) if val is not None else None
+    mean, std = (0.0,), (1.0,)
+    if normalize:
+        values = train.inputs.double()
+        mean, std = (values.mean().item(),), (values.std().item(),)
+    label = (f"{name}/{order}" + (f"/{height}x{width}" if downsample is not None else "")
+             + (f"/perm{permute_seed}" if permute_seed is not None else ""))
+    spec = DataSpec(label, tuple(train.inputs.shape[1:]), NUM_CLASSES[name], "classification",
+                    mean, std)
+    return DataBundle(spec, train, test, val)
