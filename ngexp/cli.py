@@ -145,6 +145,23 @@ def sweep_variants(overrides: list[str]) -> list[list[str]]:
     return variants
 
 
+def defer_group_keys(overrides: list[str]) -> list[str]:
+    """In a sweep over a group (``prune=a,b``), turn its keys (``prune.steps=14``) into
+    one-value sweeps (``prune.steps=choice(14)``): Hydra composes a multirun's base config
+    without the sweeps, where the group may be unset, so the keys apply in each job instead."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+    result = []
+    for override, text in zip(parsed, overrides):
+        key, _, value = text.partition("=")
+        if not override.is_sweep_override() and key.split(".")[0] in swept and "." in key:
+            text = f"{key}=choice({value})"
+        result.append(text)
+    return result
+
+
 def validate_overrides(overrides: list[str]) -> None:
     """Compose and validate each sweep variant; raises on the first bad value."""
     from hydra import compose, initialize_config_dir
@@ -232,6 +249,9 @@ def train_command(args: list[str]) -> int:
             validate_overrides(overrides)
         except Exception as error:  # any composition or schema error -> one line
             return error_line(describe(error, overrides))
+    if "-m" in args or "--multirun" in args:
+        overrides = defer_group_keys([arg for arg in args if not arg.startswith("-")])
+        args = [arg for arg in args if arg.startswith("-")] + overrides
     return run_hydra(args)
 
 

@@ -119,3 +119,13 @@ def test_init_from_and_validation_split(tmp_path: Path) -> None:
     assert {"val/acc", "val/loss", "test/acc"} <= set(final)
     assert abs(final["test/acc"] - read_summary(source)["final"]["test/acc"]) < 0.02
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_sweep_over_a_group_applies_its_keys_in_every_job(tmp_path: Path) -> None:
+    ngexp("train", "-m", "prune=magnitude,random", "prune.target_sparsity=0.5",
+          "prune.finetune_epochs=1", "trainer.epochs=1", "data.subset=1280",
+          "trainer.batch_size=128", f"output_root={tmp_path}")
+    runs = run_dirs(tmp_path)
+    assert {read_summary(r)["choices"]["prune"] for r in runs} == {"magnitude", "random"}
+    for run in runs:
+        assert abs(read_summary(run)["final"]["prune/sparsity"] - 0.5) < 1e-3

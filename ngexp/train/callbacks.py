@@ -9,7 +9,8 @@ training step is::
     gradient clipping, optimizer.step(), lr schedule step
     after_optimizer_step  (e.g. re-apply masks to the weights)
 
-Callbacks with state implement ``state_dict``/``load_state_dict``; the engine saves it in every
+``on_train_start`` runs at the start of every training session, after a resumed run's state
+(including the callback's own ``load_state_dict``) is restored. Callbacks with state implement ``state_dict``/``load_state_dict``; the engine saves it in every
 checkpoint under the callback's ``name``. ``metrics`` returns scalars (keys with a TensorBoard
 prefix such as ``prune/``) that the engine logs at each evaluation and puts in ``summary.json``.
 """

@@ -395,9 +395,8 @@ class Engine:
 
     def _loop(self) -> None:
         trainer = self.cfg.trainer
-        if self.step == 0:
-            for callback in self.callbacks:
-                callback.on_train_start(self)
+        for callback in self.callbacks:
+            callback.on_train_start(self)
         while self.step < self.total_steps:
             self.epoch = self.step // self.steps_per_epoch
             start = self.step % self.steps_per_epoch
