@@ -7,7 +7,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from ngexp.optim import first_order  # noqa: F401  (registers schemas)
+from ngexp.optim import ekfac, first_order, kfac, natural_gradient  # noqa: F401  (schemas)
 from ngexp.optim.base import ModelOptimizer
 
 
