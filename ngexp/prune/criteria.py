@@ -1,0 +1,113 @@
+"""Saliency of removing units under a local quadratic model of the loss (Laurent et al. 2020).
+
+Removing a unit u (its weights w_u set to zero, a change dw = -w_u) changes the training loss by
+
+    dL_u ~= -g_u^T w_u + 1/2 w_u^T H w_u ~= sum_{i in u} (-g_i w_i + 1/2 d_i w_i^2)
+
+with the gradient g and a diagonal curvature d; the score adds the locality penalty of
+Laurent et al. (2020), which favours changes small enough for the model to hold:
+
+    score_u = |dL_u| + lambda/2 ||w_u||^2.
+
+The criteria choose (g, d): ``magnitude`` (g = 0, d = 1, i.e. |w|), ``taylor1`` (g, d = 0;
+Molchanov et al. 2017), ``obd`` (g = 0, d = exact diagonal GGN = Fisher; LeCun et al. 1990),
+``qm`` (g and exact diagonal GGN), ``kfac``/``ekfac`` (g = 0, d = diagonal of the K-FAC / EKFAC
+approximation of the Fisher), and ``random`` scores as a control.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ngexp.optim.curvature import kronecker_diagonal
+from ngexp.prune.diag_ggn import diagonal_ggn
+from ngexp.prune.masks import param_key
+from ngexp.train.tasks import Task
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """Which terms of the loss model a criterion uses: the gradient, and which curvature."""
+
+    gradient: bool
+    curvature: str | None  # identity | ggn | kfac | ekfac | None (d = 0)
+
+
+CRITERIA: dict[str, Criterion | None] = {
+    "magnitude": Criterion(gradient=False, curvature="identity"),
+    "taylor1": Criterion(gradient=True, curvature=None),
+    "obd": Criterion(gradient=False, curvature="ggn"),
+    "qm": Criterion(gradient=True, curvature="ggn"),
+    "kfac": Criterion(gradient=False, curvature="kfac"),
+    "ekfac": Criterion(gradient=False, curvature="ekfac"),
+    "random": None,
+}
+
+
+def needs_data(criterion: str) -> bool:
+    spec = CRITERIA[criterion]
+    return spec is not None and (spec.gradient or spec.curvature not in ("identity", None))
+
+
+def loss_gradient(model: nn.Module, task: Task, batches: Batches,
+                  params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Gradient of the mean loss over all terms of ``batches`` with respect to ``params``
+    (name -> parameter); leaves ``.grad`` untouched."""
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    terms = 0
+    for inputs, targets in batches:
+        with torch.enable_grad():
+            loss = task.loss(model(inputs), targets)
+        count = task.num_terms(targets)
+        grads = torch.autograd.grad(loss * count, list(params.values()))
+        for name, grad in zip(total, grads, strict=True):
+            total[name] += grad
+        terms += count
+    return {name: grad / terms for name, grad in total.items()}
+
+
+def unit_scores(weight: Tensor, grad: Tensor | None, curvature: Tensor | None, penalty: float,
+                num_units: int) -> Tensor:
+    """``(num_units,)`` scores |sum_u (-g w + 1/2 d w^2)| + lambda/2 sum_u w^2 of the units
+    (consecutive groups of ``weight.numel() / num_units`` weights: single weights, or the
+    output channels of a Linear/Conv2d weight)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.detach().to(dtype).reshape(num_units, -1)
+    change = torch.zeros_like(w)
+    if grad is not None:
+        change -= grad.to(dtype).reshape_as(w) * w
+    if curvature is not None:
+        change += 0.5 * curvature.to(dtype).reshape_as(w) * w.square()
+    return change.sum(1).abs() + 0.5 * penalty * w.square().sum(1)
+
+
+def saliencies(criterion: str, model: nn.Module, task: Task, batches: Batches,
+               layers: dict[str, nn.Module], num_units: dict[str, int], *,
+               penalty: float = 0.0, fisher_type: str = "mc",
+               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Score of every unit of each layer (name -> ``(num_units[name],)``), lower = pruned
+    first. ``batches`` must be re-iterable (a list) when both g and d are needed;
+    ``generator`` draws the random scores and the targets of the ``mc`` Fisher."""
+    spec = CRITERIA[criterion]
+    if spec is None:
+        return {name: torch.rand(num_units[name], generator=generator,
+                                 device=layer.weight.device) for name, layer in layers.items()}
+    weights = {param_key(name): layer.weight for name, layer in layers.items()}
+    grads = loss_gradient(model, task, batches, weights) if spec.gradient else {}
+    curvature: dict[str, Tensor] = {}
+    if spec.curvature == "identity":
+        curvature = {key: torch.ones_like(w) for key, w in weights.items()}
+    elif spec.curvature == "ggn":
+        curvature = diagonal_ggn(model, task, batches, layers)
+    elif spec.curvature in ("kfac", "ekfac"):
+        curvature = kronecker_diagonal(model, task, batches, fisher_type=fisher_type,
+                                       kind=spec.curvature, generator=generator)
+    return {name: unit_scores(layer.weight, grads.get(param_key(name)),
+                              curvature.get(param_key(name)), penalty, num_units[name])
+            for name, layer in layers.items()}

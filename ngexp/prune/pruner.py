@@ -1,0 +1,243 @@
+"""The pruning callback: when to prune, what to remove, and keeping it removed.
+
+At each pruning event (see :mod:`ngexp.prune.schedules`) the pruner goes from the current
+sparsity to the event's target in ``steps`` locality steps; each step scores the remaining
+units of the masked network (:mod:`ngexp.prune.criteria`, in eval mode, on the first
+``num_examples`` training examples) and removes the lowest-scored ones
+(:mod:`ngexp.prune.selection`). Then it resets the optimizer state and logs the test metrics
+right after pruning (``prune/test_<metric>_after_prune``).
+
+Between events, gradients are masked before the optimizer step (so before any
+preconditioning) and weights are re-masked after it, so neither momentum, weight decay nor a
+preconditioner that mixes coordinates (K-FAC) can revive a pruned weight. The masks are part of
+the callback's ``state_dict`` and so of every checkpoint.
+
+Sparsities are fractions of the units in scope: the weights of the prunable Linear/Conv2d
+layers (:func:`ngexp.prune.masks.prunable_layers`), or with ``structure="filter"`` their output
+channels (Conv2d filters, Linear neurons, with their biases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ngexp.config import check, check_choice, schema
+from ngexp.errors import UserError
+from ngexp.optim.base import reset_optimizer_state
+from ngexp.optim.curvature import FISHER_TYPES
+from ngexp.prune.criteria import CRITERIA, needs_data, saliencies
+from ngexp.prune.masks import Masks, prunable_layers, unwrap
+from ngexp.prune.report import output_positions, sparsity_report
+from ngexp.prune.schedules import locality_ladder, pruning_events
+from ngexp.prune.selection import layerwise_counts, select_global, select_layerwise, target_count
+from ngexp.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from ngexp.train.engine import Engine
+
+
+@schema("prune", "pruner")
+@dataclass
+class PruneConfig:
+    """Settings of :class:`Pruner`; ``conf/prune/*.yaml`` are presets of this schema.
+
+    What: ``criterion``, ``structure`` (unstructured | filter), ``scope`` (global |
+    layerwise), ``keep_first_dense``/``keep_last_dense``/``exclude`` (layer-name patterns).
+    How: ``target_sparsity``, ``steps`` locality steps on a ``step_schedule`` (linear |
+    exponential), ``locality_penalty`` (lambda), ``num_examples``/``batch_size`` for g and d,
+    ``fisher_type`` of the kfac/ekfac curvature (empirical | mc).
+    When: ``schedule`` = oneshot (uses ``finetune_epochs``), iterative (``rate_per_round``,
+    ``round_epochs``, ``start_epoch``) or gradual (``initial_sparsity``, ``start_step``,
+    ``end_step`` (default: where the last ``finetune_epochs`` start), ``frequency``).
+    """
+
+    _target_: str = "ngexp.prune.pruner.Pruner"
+    criterion: str = "magnitude"
+    structure: str = "unstructured"
+    scope: str = "global"
+    target_sparsity: float = 0.9
+    steps: int = 1
+    step_schedule: str = "linear"
+    locality_penalty: float = 0.0
+    num_examples: int = 1000
+    batch_size: int = 250
+    fisher_type: str = "mc"
+    schedule: str = "oneshot"
+    finetune_epochs: int = 1
+    rate_per_round: float = 0.2
+    round_epochs: int = 1
+    start_epoch: int = 0
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int | None = None
+    frequency: int = 100
+    keep_first_dense: bool = False
+    keep_last_dense: bool = False
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_choice("prune.criterion", self.criterion, tuple(CRITERIA))
+        check_choice("prune.structure", self.structure, ("unstructured", "filter"))
+        check_choice("prune.scope", self.scope, ("global", "layerwise"))
+        check(0 <= self.target_sparsity < 1, "prune.target_sparsity", self.target_sparsity,
+              "a number in [0, 1)")
+        check(self.steps >= 1, "prune.steps", self.steps, "an integer >= 1")
+        check_choice("prune.step_schedule", self.step_schedule, ("linear", "exponential"))
+        check(self.locality_penalty >= 0, "prune.locality_penalty", self.locality_penalty,
+              "a number >= 0")
+        check(self.num_examples >= 1, "prune.num_examples", self.num_examples, "an integer >= 1")
+        check(self.batch_size >= 1, "prune.batch_size", self.batch_size, "an integer >= 1")
+        check_choice("prune.fisher_type", self.fisher_type, FISHER_TYPES)
+        check_choice("prune.schedule", self.schedule, ("oneshot", "iterative", "gradual"))
+        check(self.finetune_epochs >= 0, "prune.finetune_epochs", self.finetune_epochs,
+              "an integer >= 0")
+        check(0 < self.rate_per_round < 1, "prune.rate_per_round", self.rate_per_round,
+              "a number in (0, 1)")
+        check(self.round_epochs >= 1, "prune.round_epochs", self.round_epochs, "an integer >= 1")
+        check(self.start_epoch >= 0, "prune.start_epoch", self.start_epoch, "an integer >= 0")
+        check(0 <= self.initial_sparsity <= self.target_sparsity, "prune.initial_sparsity",
+              self.initial_sparsity,
+              f"a number in [0, prune.target_sparsity={self.target_sparsity}]")
+        check(self.start_step >= 0, "prune.start_step", self.start_step, "an integer >= 0")
+        check(self.end_step is None or self.end_step > self.start_step, "prune.end_step",
+              self.end_step, f"null or an integer > prune.start_step={self.start_step}")
+        check(self.frequency >= 1, "prune.frequency", self.frequency, "an integer >= 1")
+
+
+class Pruner(Callback):
+    """Engine callback pruning ``engine.model`` as configured by :class:`PruneConfig`."""
+
+    name = "pruner"
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = PruneConfig(**settings)
+        self.masks: Masks | None = None
+        self.events: dict[int, float] = {}
+        self.positions: dict[str, int] = {}
+        self._saved_masks: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ engine hooks
+    def on_train_start(self, engine: Engine) -> None:
+        self._bind(engine)
+
+    def on_step_start(self, engine: Engine) -> None:
+        self._bind(engine)
+        target = self.events.get(engine.step)
+        if target is not None:
+            self.prune(engine, target)
+
+    def before_optimizer_step(self, engine: Engine) -> None:
+        self._bind(engine).mask_gradients()
+
+    def after_optimizer_step(self, engine: Engine) -> None:
+        self._bind(engine).mask_weights()
+
+    def on_epoch_end(self, engine: Engine) -> None:
+        """Events scheduled at the very end (``finetune_epochs=0``) happen before the final
+        evaluation and checkpoint."""
+        self._bind(engine)
+        late = [t for step, t in self.events.items() if step >= engine.total_steps]
+        if late and engine.step >= engine.total_steps:
+            self.prune(engine, max(late))
+
+    def metrics(self, engine: Engine) -> dict[str, float]:
+        masks = self._bind(engine)
+        return sparsity_report(unwrap(engine.model), masks, self.positions)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks.state_dict() if self.masks is not None else self._saved_masks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._saved_masks = state.get("masks", {})
+        if self.masks is not None:
+            self.masks.load_state_dict(self._saved_masks)
+
+    # ------------------------------------------------------------------ pruning
+    def _bind(self, engine: Engine) -> Masks:
+        """Find the layers, restore saved masks and plan the events (once, at first use: a
+        resumed run does not call ``on_train_start``)."""
+        if self.masks is not None:
+            return self.masks
+        s = self.settings
+        model = unwrap(engine.model)
+        layers = prunable_layers(model, s.keep_first_dense, s.keep_last_dense, s.exclude)
+        if not layers:
+            raise UserError("prune: the model has no Linear/Conv2d layer left to prune "
+                            "(check prune.keep_first_dense, keep_last_dense and exclude)")
+        masks = Masks(layers, s.structure)
+        masks.load_state_dict(self._saved_masks)
+        self.events = pruning_events(
+            s.schedule, target=s.target_sparsity, steps_per_epoch=engine.steps_per_epoch,
+            total_steps=engine.total_steps, finetune_epochs=s.finetune_epochs,
+            rate_per_round=s.rate_per_round, round_epochs=s.round_epochs,
+            start_epoch=s.start_epoch, initial_sparsity=s.initial_sparsity,
+            start_step=s.start_step, end_step=s.end_step, frequency=s.frequency)
+        last = max(self.events)
+        if last > engine.total_steps:
+            raise UserError(f"prune.schedule={s.schedule}: the last pruning event is at step "
+                            f"{last} but training has {engine.total_steps} steps; train longer "
+                            f"or prune faster (prune.rate_per_round, round_epochs, end_step)")
+        self.positions = output_positions(model, engine.data.train.inputs[:1])
+        self.masks = masks
+        return masks
+
+    def sparsity(self) -> float:
+        """Pruned fraction of the units in scope."""
+        assert self.masks is not None
+        alive = [self.masks.alive(name) for name in self.masks.layers]
+        return 1 - sum(int(a.sum()) for a in alive) / sum(a.numel() for a in alive)
+
+    def prune(self, engine: Engine, target: float) -> None:
+        """One pruning event: reach ``target`` sparsity in locality steps, reset the optimizer
+        state and log the test metrics of the pruned network."""
+        masks = self._bind(engine)
+        s = self.settings
+        names = list(masks.layers)
+        sizes = [masks.num_units(name) for name in names]
+        current = self.sparsity()
+        if target_count(target, sum(sizes)) <= round(current * sum(sizes)):
+            return
+        model = unwrap(engine.model)
+        was_training = model.training
+        model.eval()
+        try:
+            for step_target in locality_ladder(current, target, s.steps, s.step_schedule):
+                self._prune_step(engine, step_target, names, sizes)
+        finally:
+            model.train(was_training)
+        reset_optimizer_state(engine.optimizer)
+        after = {f"prune/test_{key}_after_prune": value
+                 for key, value in engine.evaluate("test").items()}
+        after["prune/sparsity"] = self.sparsity()
+        engine.log(after)
+        engine.console.print(
+            f"pruned to sparsity {after['prune/sparsity']:.4f} at step {engine.step} "
+            f"({s.criterion}, {s.steps} step(s)): "
+            + ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in after.items()
+                        if k != "prune/sparsity"))
+
+    def _prune_step(self, engine: Engine, sparsity: float, names: list[str],
+                    sizes: list[int]) -> None:
+        """Score the units of the masked network and prune to ``sparsity``."""
+        masks = self.masks
+        assert masks is not None
+        s = self.settings
+        batches = (list(engine.train_batches(s.num_examples, s.batch_size))
+                   if needs_data(s.criterion) else [])
+        scores = saliencies(s.criterion, unwrap(engine.model), engine.task, batches,
+                            masks.layers, {n: masks.num_units(n) for n in names},
+                            penalty=s.locality_penalty, fisher_type=s.fisher_type,
+                            generator=engine.generator)
+        alive = [masks.alive(name) for name in names]
+        ordered = [scores[name] for name in names]
+        if s.scope == "global":
+            keep = select_global(ordered, alive, target_count(sparsity, sum(sizes)))
+        else:
+            pruned = [int(size - a.sum()) for size, a in zip(sizes, alive, strict=True)]
+            keep = select_layerwise(ordered, alive, layerwise_counts(sparsity, sizes, pruned))
+        for name, k in zip(names, keep, strict=True):
+            masks.set_alive(name, k)
+        masks.mask_weights()
