@@ -113,8 +113,8 @@ def curvature_mode(model: nn.Module) -> Iterator[None]:
     another forward. Dropout is switched off, so every product sees the same function and the
     operator CG inverts is fixed and symmetric (the curvature of the mean network).
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.training and m.track_running_stats]
+    norms = [m for m in model.modules()  # nn.BatchNorm*d and e.g. the BN-LSTM's per-step BN
+             if getattr(m, "track_running_stats", False) and m.training]
     dropouts = [m for m in model.modules()
                 if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     try:
@@ -141,7 +141,16 @@ class CurvatureProduct:
     def __init__(self, model: nn.Module, params: dict[str, Tensor], inputs: Tensor,
                  output_product: OutputProduct) -> None:
         self.params = {name: p.detach() for name, p in params.items()}
-        self._forward = lambda p: functional_call(model, p, (inputs,))
+        seed = int(torch.randint(2**62, (), device="cpu"))
+        devices = [inputs.device] if inputs.device.type == "cuda" else []
+
+        def forward(p: dict[str, Tensor]) -> Tensor:
+            # Same random draws (e.g. the BN-LSTM's h0 noise) in every product: a fixed operator.
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                return functional_call(model, p, (inputs,))
+
+        self._forward = forward
         self._output_product = output_product
         self.outputs, self._vjp = torch.func.vjp(self._forward, self.params)
 

@@ -382,10 +382,9 @@ class Engine:
                                               if k.startswith(("test/", "val/"))})
         self.logger.close()
         rundir.write_summary(self.run_dir, summary)
-        self.console.print(summary_table(f"{status}: {self.run_dir}",
-                                         {"status": f"{status}({reason})" if reason else status,
-                                          "step": self.step, "wall time (s)": self.elapsed,
-                                          **self.last_eval}))
+        self.console.print(summary_table("summary", {
+            "status": f"{status}({reason})" if reason else status, "step": self.step,
+            "wall time (s)": self.elapsed, **self.last_eval, "run dir": str(self.run_dir)}))
         if status == "interrupted":
             previous = handlers.get(self.stop_signal)  # e.g. submitit's requeue on USR2
             if callable(previous) and previous is not signal.default_int_handler:
