@@ -2,8 +2,9 @@
 
 Both train the same model (built by ngexp from the same config, same initial weights) with the
 same optimizer and batch size on the same device-resident tensors; the minimal loop is just
-``index -> forward -> cross-entropy -> backward -> step``. Rounds alternate engine and minimal
-loop, after a warm-up window, and the median examples/s of each is reported with their ratio
+``index -> forward -> cross-entropy -> backward -> step``. They run in ABBA order (engine,
+minimal, minimal, engine; a warm-up window dropped each time) and the median examples/s over the
+pooled windows of each is reported with their ratio
 (engine / minimal: >= 1 means the engine is no slower). The engine runs with its defaults
 (cosine schedule, metric accumulation, NaN watch, logging every ``--steps`` steps).
 
@@ -88,9 +89,16 @@ def minimal_rates(overrides: list[str], steps: int, rounds: int) -> list[float]:
 
 
 def bench(label: str, overrides: list[str], steps: int, rounds: int) -> dict[str, float | str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = run_engine(overrides, steps, rounds, Path(tmp))
-    minimal = minimal_rates(overrides, steps, rounds)
+    """Engine and minimal loop in ABBA order (windows pooled), so a drift in machine load
+    affects both alike."""
+    engine: list[float] = []
+    minimal: list[float] = []
+    for order in ("engine", "minimal", "minimal", "engine"):
+        if order == "engine":
+            with tempfile.TemporaryDirectory() as tmp:
+                engine += run_engine(overrides, steps, rounds, Path(tmp))
+        else:
+            minimal += minimal_rates(overrides, steps, rounds)
     ngexp_rate, plain_rate = statistics.median(engine), statistics.median(minimal)
     return {"case": label, "engine": ngexp_rate, "minimal": plain_rate,
             "ratio": ngexp_rate / plain_rate}
@@ -119,6 +127,7 @@ def main() -> None:
              ["model=preact_resnet18", *synthetic, "trainer.precision=bf16",
               "trainer.channels_last=true"]),
         ]
+    load = f"{__import__('os').getloadavg()[0]:.1f}"
     rows = [bench(label, overrides + ["optimizer=sgd"], args.steps, args.rounds)
             for label, overrides in cases]
     device = (torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available()
@@ -130,7 +139,7 @@ def main() -> None:
         f"{' --gpu' if args.gpu else ''}`  ",
         f"Device: {device}; torch {torch.__version__}; python {platform.python_version()}; "
         f"{date.today()}  ",
-        f"Median of {args.rounds} windows of {args.steps} SGD steps after a warm-up window.",
+        f"Median over 2 x {args.rounds} windows of {args.steps} SGD steps each, engine and minimal loop in ABBA order. 1-min load average before the run: {load}.",
         "",
         "| case | ngexp engine (examples/s) | minimal loop (examples/s) | engine / minimal |",
         "|---|---:|---:|---:|",
