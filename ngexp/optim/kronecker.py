@@ -16,7 +16,8 @@ clipping, :meth:`KroneckerOptimizer.step`):
        V = U_G ((U_G^T M U_A) / D) U_A^T,
 
    with the subclass's denominator ``D`` (K-FAC: damped eigenvalue products; EKFAC: ``s +
-   damping``). Batch statistics that are not finite are skipped (no host sync).
+   damping``; K-FAC's factored damping multiplies by the damped inverse factors instead).
+   Batch statistics that are not finite are skipped (no host sync).
 3. KL clipping (Ba et al. 2017, Sec. 5): ``V <- nu V`` with ``nu = min(1, sqrt(kl_clip /
    (lr^2 sum_layers <V, M>)))``, a tensor (no sync).
 4. The outer step is SGD on the direction, for preconditioned and uncovered parameters alike:
@@ -72,10 +73,10 @@ CURVATURE_KEYS = ("A", "G", "U_A", "U_G", "lambda_A", "lambda_G", "pi", "s")
 class KroneckerConfig:
     """Options shared by K-FAC and EKFAC (module docstring of :mod:`ngexp.optim.kronecker`)."""
 
-    lr: float = 0.01
+    lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 0.0
-    damping: float = 1e-3
+    damping: float = 0.01
     damping_schedule: str = "constant"  # constant | exponential | adaptive
     damping_decay: float = 0.5  # exponential: factor per damping_decay_steps
     damping_decay_steps: int = 1000
@@ -85,7 +86,7 @@ class KroneckerConfig:
     stat_decay: float = 0.95
     cov_update_freq: int = 10
     inv_update_freq: int = 100
-    kl_clip: float | None = 1e-3
+    kl_clip: float | None = 0.01
     fisher_type: str = "mc"  # mc | empirical
     mc_samples: int = 1
     kfac_approx: str = "expand"  # expand | reduce
@@ -340,15 +341,16 @@ class KroneckerOptimizer(ModelOptimizer):
         for layer, state in layers:
             for which in ("A", "G"):
                 factors.append(state[which])
-                old = (state[f"lambda_{which}"], state[f"U_{which}"]) if f"U_{which}" in state \
-                    else neutral_eigen(state[which])
-                previous.append(old)
                 names.append(f"{layer.name}.{which}")
+                if f"U_{which}" in state:
+                    previous.append((state[f"lambda_{which}"], state[f"U_{which}"]))
+                else:
+                    previous.append(neutral_eigen(state[which]))
         eigens, kept = robust_eigh(factors, previous, names)
         self._kept_bases += kept
         for index, (_, state) in enumerate(layers):
-            (state["lambda_A"], state["U_A"]), (state["lambda_G"], state["U_G"]) = \
-                eigens[2 * index], eigens[2 * index + 1]
+            state["lambda_A"], state["U_A"] = eigens[2 * index]
+            state["lambda_G"], state["U_G"] = eigens[2 * index + 1]
 
     def _update_scaling(self, refreshed: bool, captured: bool) -> None:
         """Update the subclass's eigenvalue terms after the factors and bases (default: none)."""

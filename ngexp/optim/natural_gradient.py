@@ -209,8 +209,10 @@ class NaturalGradient(ModelOptimizer):
     one forward pass, plus one product for the warm start's residual, plus ``cg_iters`` products
     of a ``jvp`` and a backward pass each, i.e. about 2-3 backward passes per CG iteration (CG
     stops early on the CPU when ``|r| <= cg_tol |grad|``; on a GPU it always runs ``cg_iters``
-    to avoid a host sync). Meant for small models (MLP, autoencoder, LeNet): the products
-    re-run the whole network, unlike K-FAC's amortized factors.
+    to avoid a host sync). Measured on CPU: one product costs about two SGD forward+backward
+    passes, a step with ``cg_iters=20`` 35-50 SGD steps (``results/bench_optim_cpu.md``). Meant
+    for small models (MLP, autoencoder, LeNet): the products re-run the whole network, unlike
+    K-FAC's amortized factors.
 
     Parameter gradients come from ``loss.backward()`` in :meth:`backward`, which also keeps
     the batch's inputs (and, for the empirical Fisher, the per-example output gradients) for
