@@ -15,8 +15,18 @@ from omegaconf import DictConfig
 from ngexp.report import main as report_main
 from ngexp.train import devices
 
-HAVE_JOBLIB = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
-HAVE_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` imports; False also when its parent package is missing."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAVE_JOBLIB = installed("hydra_plugins.hydra_joblib_launcher")
+HAVE_SUBMITIT = installed("hydra_plugins.hydra_submitit_launcher")
 
 
 def test_claim_gpu_gives_each_process_its_own_gpu(tmp_path: Path) -> None:
