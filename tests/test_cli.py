@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ngexp, run_dirs
+from tests.conftest import REPO, ngexp, run_dirs
 
 
 def test_top_level_help_lists_subcommands() -> None:
@@ -19,6 +22,17 @@ def test_train_help_lists_groups_and_options() -> None:
     for expected in ("model:", "vgg16", "resnet20", "optimizer:", "sgd*", "data:",
                      "fashion_mnist*", "lr_schedule:", "trainer.epochs"):
         assert expected in out, expected
+
+
+def test_help_into_a_closed_pipe_has_no_traceback() -> None:
+    """``ngexp train --help | head -1``: the reader closes the pipe after one line."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "ngexp", "train", "--help"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # closed before anything is written: the first write fails
+    assert process.wait(timeout=60) == 1
+    assert process.stderr.read() == b""
 
 
 @pytest.mark.parametrize(("override", "expected"), [
