@@ -146,6 +146,9 @@ def main() -> None:
     ]
     lines += [f"| {r['case']} | {r['engine']:.0f} | {r['minimal']:.0f} | {r['ratio']:.3f} |"
               for r in rows]
+    if not (args.gpu and torch.cuda.is_available()):
+        lines += ["", "The VGG-16 and ResNet-18 cases need a CUDA device: "
+                  "`python scripts/bench_engine.py --gpu --out results/bench_engine_gpu.md`."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
