@@ -155,7 +155,7 @@ def defer_group_keys(overrides: list[str]) -> list[str]:
     parsed = OverridesParser.create().parse_overrides(overrides)
     swept = {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
     result = []
-    for override, text in zip(parsed, overrides):
+    for override, text in zip(parsed, overrides, strict=True):
         key, _, value = text.partition("=")
         if not override.is_sweep_override() and key.split(".")[0] in swept and "." in key:
             text = f"{key}=choice({value})"
@@ -193,9 +193,7 @@ def run_hydra(args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import DictConfig
-
-    from omegaconf import open_dict
+    from omegaconf import DictConfig, open_dict
 
     from ngexp.config import register_all, validate
     from ngexp.errors import UserError

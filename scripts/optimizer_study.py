@@ -51,7 +51,7 @@ def per_epoch(run_dir: Path, metric: str) -> list[tuple[float, float, float]]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
     tests = [r for r in records if metric in r]
-    return [(t["train/loss"], e[metric], e["time"]) for t, e in zip(train, tests)]
+    return [(t["train/loss"], e[metric], e["time"]) for t, e in zip(train, tests, strict=False)]
 
 
 def main() -> None:

@@ -76,18 +76,18 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image() -> None:
     images = torch.randn(16, 3, 6, 6)
     crops = random_crop(images, 2, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(images, (2,) * 4)
-    for image, crop in zip(padded, crops):
+    for image, crop in zip(padded, crops, strict=True):
         windows = [image[:, r:r + 6, c:c + 6] for r in range(5) for c in range(5)]
         assert any(torch.equal(crop, window) for window in windows)
-    assert not all(torch.equal(c, i) for c, i in zip(crops, images))  # some were shifted
+    assert not all(torch.equal(c, i) for c, i in zip(crops, images, strict=True))  # some were shifted
 
 
 def test_random_hflip_flips_about_half() -> None:
     images = torch.randn(400, 1, 2, 3)
     flipped = random_hflip(images, torch.Generator().manual_seed(0))
-    same = [torch.equal(f, i) for f, i in zip(flipped, images)]
-    mirrored = [torch.equal(f, i.flip(-1)) for f, i in zip(flipped, images)]
-    assert all(s or m for s, m in zip(same, mirrored))
+    same = [torch.equal(f, i) for f, i in zip(flipped, images, strict=True)]
+    mirrored = [torch.equal(f, i.flip(-1)) for f, i in zip(flipped, images, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True))
     assert 150 < sum(mirrored) < 250
 
 

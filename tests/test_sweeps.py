@@ -16,7 +16,6 @@ from ngexp.report import main as report_main
 from ngexp.train import devices
 
 
-
 def installed(module: str) -> bool:
     """Whether ``module`` imports; False also when its parent package is missing."""
     try:

@@ -16,7 +16,8 @@ Plain ``torch.optim`` optimizers get ``loss.backward()`` instead.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -180,7 +180,7 @@ class Engine:
                 sums[key] = sums[key] + value if key in sums else value
             count += self.task.num_terms(targets)
         self.model.train(was_training)
-        values = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+        values = dict(zip(sums, torch.stack(list(sums.values())).tolist(), strict=True))
         return self.task.finalize(values, count)
 
     def log(self, metrics: Mapping[str, float]) -> None:
@@ -249,9 +249,11 @@ class Engine:
             return
         sums = dict(self.window_sums)
         grad_norm = sums.pop("grad_norm", None)
-        values = dict(zip(sums, torch.stack([v.float() for v in sums.values()]).tolist()))
+        totals = torch.stack([v.float() for v in sums.values()]).tolist()
+        values = dict(zip(sums, totals, strict=True))
         seconds = time.perf_counter() - self.window_start
-        metrics = {f"train/{k}": v for k, v in self.task.finalize(values, self.window_terms).items()}
+        averages = self.task.finalize(values, self.window_terms)
+        metrics = {f"train/{k}": v for k, v in averages.items()}
         metrics["optim/lr"] = self.optimizer.param_groups[0]["lr"]
         if grad_norm is not None:
             metrics["optim/grad_norm"] = float(grad_norm)
