@@ -73,10 +73,11 @@ def train_help() -> str:
     trainer = [f"trainer.{key}={value}" for key, value in cfg.trainer.items()]
     lines += ["  " + "  ".join(items[i:i + 4]) for items in (top, trainer)
               for i in range(0, len(items), 4)]
-    lines += ["", "A group option's own keys: ngexp train optimizer=kfac --cfg job --package optimizer",
+    lines += ["", "A group option's own keys: "
+              "ngexp train optimizer=kfac --cfg job --package optimizer",
               "", "Examples:", "  ngexp train optimizer=kfac model=lenet5",
               "  ngexp train -m optimizer=sgd,kfac,ekfac seed=0,1,2",
-              "  ngexp train -m +experiment=autoencoder_optimizers",
+              "  ngexp train -m +experiment=autoencoder_sgd,autoencoder_kfac,autoencoder_ekfac",
               "Hydra's own flags (--cfg, --info, --multirun ...): ngexp train --hydra-help"]
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,14 @@ def test_train_help_lists_groups_and_options() -> None:
     for expected in ("model:", "vgg16", "resnet20", "optimizer:", "sgd*", "data:",
                      "fashion_mnist*", "lr_schedule:", "trainer.epochs"):
         assert expected in out, expected
+
+
+def test_train_help_examples_name_existing_experiments() -> None:
+    out = ngexp("train", "--help").stdout
+    named = {name for match in re.findall(r"\+experiment=(\S+)", out) for name in match.split(",")}
+    assert named, out
+    for name in named:
+        assert (REPO / "conf" / "experiment" / f"{name}.yaml").is_file(), name
 
 
 def test_help_into_a_closed_pipe_has_no_traceback() -> None:

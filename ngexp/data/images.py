@@ -100,7 +100,8 @@ def load_image_splits(name: str, root: str | None, download: bool) -> tuple[Spli
         try:
             return _load_torchvision(name, candidate, download)
         except (RuntimeError, OSError) as error:  # torchvision: "Dataset not found", network
-            errors.append(f"{candidate} ({str(error).splitlines()[0]})" if download else str(candidate))
+            reason = str(error).splitlines()[0]
+            errors.append(f"{candidate} ({reason})" if download else str(candidate))
     hint = ("apt-get install dataset-fashion-mnist, or " if name == "fashion_mnist" else "")
     raise UserError(f"data set {name!r} not found; looked in: {', '.join(errors)}. "
                     f"Get it with: {hint}data.download=true (needs internet), "

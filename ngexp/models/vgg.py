@@ -29,7 +29,8 @@ class VGG(nn.Module):
     Head: global average pool (the identity on the 1x1 maps of 32x32 inputs) -> flatten 512 ->
     hidden ``Linear -> [BatchNorm1d] -> ReLU`` per ``head_widths`` -> ``Linear(num_classes)``.
     The default ``head_widths=[]`` is the single linear classifier common for CIFAR;
-    ``[512, 512]`` gives the 512-512-classes head of chengyangfu/pytorch-vgg-cifar10 (without its dropout).
+    ``[512, 512]`` gives the 512-512-classes head of chengyangfu/pytorch-vgg-cifar10 (without
+    its dropout).
     The ImageNet 4096-4096 head is not provided. Output logits ``(N, num_classes)``.
     """
 
@@ -48,7 +49,8 @@ class VGG(nn.Module):
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
                 continue
-            layers.append(nn.Conv2d(in_channels, item, kernel_size=3, padding=1, bias=not batch_norm))
+            layers.append(nn.Conv2d(in_channels, item, kernel_size=3, padding=1,
+                                    bias=not batch_norm))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(item))
             layers.append(nn.ReLU())

@@ -97,8 +97,8 @@ def provenance(runs: list[Run]) -> list[str]:
     def distinct(values: Iterable[str | None]) -> str:
         return "; ".join(sorted({v for v in values if v})) or "unknown"
 
-    versions = distinct(", ".join(f"{k} {v}" for k, v in (run.summary.get("versions") or {}).items())
-                        for run in runs)
+    versions = distinct(", ".join(f"{k} {v}" for k, v in
+                                  (run.summary.get("versions") or {}).items()) for run in runs)
     return [f"- device: {distinct(run.summary.get('device') for run in runs)}",
             f"- versions: {versions}",
             f"- git commit: {distinct((run.summary.get('git_commit') or '')[:12] for run in runs)}"]

@@ -47,8 +47,9 @@ def key_value(run: Run, key: str) -> Any:
 def auto_keys(runs: Sequence[Run]) -> list[str]:
     """Keys that tell the runs' configurations apart (seed and non-semantic keys left out).
 
-    Choice groups that vary come first (``optimizer`` when sgd and adam runs are mixed); a dotted key under such a group (``optimizer.lr``) is
-    kept only if it also varies among runs with the same option. Nothing varies: the choices.
+    Choice groups that vary come first (``optimizer`` when sgd and adam runs are mixed); a dotted
+    key under such a group (``optimizer.lr``) is kept only if it also varies among runs with the
+    same option. Nothing varies: the choices.
     """
     groups = list(dict.fromkeys(group for run in runs for group in run.choices))
     varying = [g for g in groups  # runs without summary.json (no choices) do not count

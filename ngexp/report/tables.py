@@ -93,7 +93,8 @@ def write_csv(path: Path, rows: Sequence[Row], keys: Sequence[str], metric: str)
         for row in rows:
             writer.writerow([*map(show, row.key), row.status, row.n, len(row.values),
                              " ".join(map(str, row.seeds)), _raw(row.mean), _raw(row.std),
-                             _raw(row.wall_time), ";".join(_relative(run.path) for run in row.runs)])
+                             _raw(row.wall_time),
+                             ";".join(_relative(run.path) for run in row.runs)])
 
 
 def _relative(path: Path) -> str:

@@ -10,9 +10,10 @@ training step is::
     after_optimizer_step  (e.g. re-apply masks to the weights)
 
 ``on_train_start`` runs at the start of every training session, after a resumed run's state
-(including the callback's own ``load_state_dict``) is restored. Callbacks with state implement ``state_dict``/``load_state_dict``; the engine saves it in every
-checkpoint under the callback's ``name``. ``metrics`` returns scalars (keys with a TensorBoard
-prefix such as ``prune/``) that the engine logs at each evaluation and puts in ``summary.json``.
+(including the callback's own ``load_state_dict``) is restored. Callbacks with state implement
+``state_dict``/``load_state_dict``; the engine saves it in every checkpoint under the callback's
+``name``. ``metrics`` returns scalars (keys with a TensorBoard prefix such as ``prune/``) that the
+engine logs at each evaluation and puts in ``summary.json``.
 """
 
 from __future__ import annotations
