@@ -76,7 +76,7 @@ class KroneckerConfig:
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 0.0
-    damping: float = 0.01
+    damping: float = 0.1
     damping_schedule: str = "constant"  # constant | exponential | adaptive
     damping_decay: float = 0.5  # exponential: factor per damping_decay_steps
     damping_decay_steps: int = 1000
