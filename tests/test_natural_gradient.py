@@ -149,6 +149,36 @@ def test_step_is_dense_damped_natural_gradient(kind: str, curvature: str,
     assert torch.dot(direction, grad) > 0  # a descent direction
 
 
+def test_restricted_step_solves_on_the_free_coordinates_only() -> None:
+    """With pruned (held) weights, d_F = (C_FF + damping I)^-1 grad_F and d = 0 elsewhere."""
+    model, task, inputs, targets = problem("classification")
+    first = model[0].weight
+    keep = (torch.rand(first.shape, generator=torch.Generator().manual_seed(1)) > 0.5).double()
+    with torch.no_grad():
+        first.mul_(keep)  # pruned weights are zero, as the pruning callback leaves them
+    matrix = dense_ggn(model, task, inputs, targets)
+    grad = batch_gradient(model, task, inputs, targets)
+    free = flatten([keep if p is first else torch.ones_like(p)
+                    for p in model.parameters()]).bool()
+    expected = torch.zeros_like(grad)
+    expected[free] = torch.linalg.solve(
+        matrix[free][:, free] + DAMPING * torch.eye(int(free.sum()), dtype=grad.dtype), grad[free])
+    before = flatten(params_of(model).values()).clone()
+    optimizer = exact_optimizer(model, lr=0.5)
+    optimizer.restrict_to({first: keep})
+    optimizer.zero_grad()
+    outputs = model(inputs)
+    optimizer.backward(task.loss(outputs, targets), outputs=outputs, inputs=inputs, task=task)
+    first.grad.mul_(keep)  # the callback masks gradients before the step
+    optimizer.step()
+    direction = (before - flatten(params_of(model).values())) / 0.5
+    assert torch.count_nonzero(direction[~free]) == 0
+    assert relative_error(direction, expected) < 1e-4
+    unrestricted = torch.linalg.solve(matrix + DAMPING * torch.eye(len(grad), dtype=grad.dtype),
+                                      grad * free)
+    assert relative_error(unrestricted * free, expected) > 1e-2  # projecting would differ
+
+
 def test_weight_decay_and_momentum_follow_the_dense_recurrence() -> None:
     model, task, inputs, targets = problem("classification")
     lr, decay, momentum = 0.3, 0.01, 0.9

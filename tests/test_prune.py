@@ -17,6 +17,7 @@ from ngexp.data.bundle import DataBundle, Split
 from ngexp.data.spec import DataSpec
 from ngexp.optim.ekfac import EKFAC
 from ngexp.optim.kfac import KFAC
+from ngexp.optim.natural_gradient import NaturalGradient
 from ngexp.prune.criteria import saliencies, unit_scores
 from ngexp.prune.diag_ggn import diagonal_ggn, hessian_factor_blocks
 from ngexp.prune.masks import Masks, prunable_layers
@@ -369,8 +370,11 @@ def test_locality_steps_rescore_the_masked_network():
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     """Optimizers with momentum and weight decay (coupled and decoupled); K-FAC and EKFAC
-    precondition with dense per-layer matrices, which mix pruned and kept coordinates."""
+    precondition with dense per-layer matrices, which mix pruned and kept coordinates; the
+    natural gradient solves on the unpruned coordinates only."""
     params = list(model.parameters())
+    if name == "natural_gradient":
+        return NaturalGradient(model, lr=0.05, momentum=0.9, weight_decay=0.1, cg_iters=10)
     if name in ("kfac", "ekfac"):
         return (KFAC if name == "kfac" else EKFAC)(
             model, lr=0.05, momentum=0.9, weight_decay=0.1, damping=0.01, cov_update_freq=1,
@@ -383,7 +387,8 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         params, lr=0.01, weight_decay=0.1)
 
 
-@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adam", "adamw", "kfac", "ekfac"])
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adam", "adamw", "kfac", "ekfac",
+                                  "natural_gradient"])
 def test_pruned_weights_stay_exactly_zero_through_training(name):
     if name in ("kfac", "ekfac"):
         torch.set_default_dtype(torch.float32)  # their curvature is kept in float32

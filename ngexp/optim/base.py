@@ -16,7 +16,7 @@ Plain ``torch.optim`` optimizers get ``loss.backward()`` instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +31,14 @@ class ModelOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, defaults: dict[str, Any]) -> None:
         super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
         self.model = model
+        self.keep_masks: dict[Tensor, Tensor] = {}
+
+    def restrict_to(self, keep_masks: Mapping[Tensor, Tensor]) -> None:
+        """Hold the coordinates of a parameter where its mask (same shape, read at every step:
+        it may change in place) is 0 at zero, e.g. pruned weights. Optimizers whose step couples
+        coordinates (the natural gradient's CG solve) solve in the subspace of the others; for
+        the rest, masked gradients and re-masked weights (the pruning callback) suffice."""
+        self.keep_masks = dict(keep_masks)
 
     def backward(self, loss: Tensor, *, outputs: Tensor, inputs: Tensor, task: Task) -> None:
         """Populate ``.grad`` of every parameter from ``loss``; may also update curvature."""

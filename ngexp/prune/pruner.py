@@ -26,7 +26,7 @@ import torch
 
 from ngexp.config import check, check_choice, schema
 from ngexp.errors import UserError
-from ngexp.optim.base import reset_optimizer_state
+from ngexp.optim.base import ModelOptimizer, reset_optimizer_state
 from ngexp.optim.curvature import FISHER_TYPES
 from ngexp.prune.criteria import CRITERIA, needs_data, saliencies
 from ngexp.prune.masks import Masks, prunable_layers, unwrap
@@ -181,6 +181,8 @@ class Pruner(Callback):
                             f"{last} but training has {engine.total_steps} steps; train longer "
                             f"or prune faster (prune.rate_per_round, round_epochs, end_step)")
         self.positions = output_positions(model, engine.data.train.inputs[:1])
+        if isinstance(engine.optimizer, ModelOptimizer):  # e.g. NG solves on the unpruned weights
+            engine.optimizer.restrict_to(dict(zip(masks.params, masks.tensors, strict=True)))
         self.masks = masks
         return masks
 
