@@ -122,7 +122,8 @@ def main() -> None:
             ("VGG-16, CIFAR shapes, batch 128, fp32", ["model=vgg16", *synthetic]),
             ("VGG-16, CIFAR shapes, batch 128, bf16+channels_last",
              ["model=vgg16", *synthetic, "trainer.precision=bf16", "trainer.channels_last=true"]),
-            ("preact ResNet-18, CIFAR shapes, batch 128, fp32", ["model=preact_resnet18", *synthetic]),
+            ("preact ResNet-18, CIFAR shapes, batch 128, fp32",
+             ["model=preact_resnet18", *synthetic]),
             ("preact ResNet-18, CIFAR shapes, batch 128, bf16+channels_last",
              ["model=preact_resnet18", *synthetic, "trainer.precision=bf16",
               "trainer.channels_last=true"]),
@@ -130,8 +131,8 @@ def main() -> None:
     load = f"{__import__('os').getloadavg()[0]:.1f}"
     rows = [bench(label, overrides + ["optimizer=sgd"], args.steps, args.rounds)
             for label, overrides in cases]
-    device = (torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available()
-              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    device = torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available() else cpu
     lines = [
         "# Engine throughput vs a minimal PyTorch loop",
         "",
@@ -139,7 +140,8 @@ def main() -> None:
         f"{' --gpu' if args.gpu else ''}`  ",
         f"Device: {device}; torch {torch.__version__}; python {platform.python_version()}; "
         f"{date.today()}  ",
-        f"Median over 2 x {args.rounds} windows of {args.steps} SGD steps each, engine and minimal loop in ABBA order. 1-min load average before the run: {load}.",
+        f"Median over 2 x {args.rounds} windows of {args.steps} SGD steps each, engine and "
+        f"minimal loop in ABBA order. 1-min load average before the run: {load}.",
         "",
         "| case | ngexp engine (examples/s) | minimal loop (examples/s) | engine / minimal |",
         "|---|---:|---:|---:|",

@@ -260,7 +260,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device,
         f"1-min load average of the machine: {load_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (interleaved rounds spread other jobs' load "
         "over all optimizers alike).  ",
-        f"Data {args.data}; batch {args.batch_size}; K-FAC/EKFAC cov_update_freq={args.cov_update_freq}, "
+        f"Data {args.data}; batch {args.batch_size}; "
+        f"K-FAC/EKFAC cov_update_freq={args.cov_update_freq}, "
         f"inv_update_freq={args.inv_update_freq}; other options from conf/optimizer/*.yaml. "
         f"{args.warmup_steps} warm-up steps, then the median of {args.rounds} interleaved rounds "
         f"({args.inv_update_freq} steps each; natural gradient: {args.ng_steps}).  ",

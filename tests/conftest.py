@@ -17,7 +17,8 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.
 
 
 def fashion_mnist_available() -> bool:
-    return FASHION_MNIST.is_file() or (REPO / "data/FashionMNIST/raw/train-images-idx3-ubyte.gz").is_file()
+    torchvision_copy = REPO / "data/FashionMNIST/raw/train-images-idx3-ubyte.gz"
+    return FASHION_MNIST.is_file() or torchvision_copy.is_file()
 
 
 requires_fashion_mnist = pytest.mark.skipif(

@@ -1,4 +1,5 @@
-"""The batch-normalized LSTM against a direct implementation of Cooijmans et al. (2016), Eqs. 5-8."""
+"""The batch-normalized LSTM against a direct implementation of Cooijmans et al. (2016),
+Eqs. 5-8."""
 
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def test_steps_past_training_length_reuse_last_statistics() -> None:
 
 
 def test_frozen_running_statistics() -> None:
-    """``track_running_stats = False`` (what curvature products set): batch statistics, no update."""
+    """``track_running_stats = False`` (what curvature products set): batch statistics, no
+    update."""
     model = make_model("all", h0_noise_std=0.0)
     x = torch.rand(8, 6, 3, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -61,7 +61,8 @@ def test_validation_split_is_disjoint_and_fixed_by_seed() -> None:
     other, _ = split_validation(split, 20, seed=4)
     assert len(train) == 80 and len(val) == 20
     assert set(train.targets.tolist()).isdisjoint(val.targets.tolist())
-    assert torch.equal(train.targets, again.targets) and not torch.equal(train.targets, other.targets)
+    assert torch.equal(train.targets, again.targets)
+    assert not torch.equal(train.targets, other.targets)
 
 
 def test_channel_stats_per_channel() -> None:
@@ -79,7 +80,8 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image() -> None:
     for image, crop in zip(padded, crops, strict=True):
         windows = [image[:, r:r + 6, c:c + 6] for r in range(5) for c in range(5)]
         assert any(torch.equal(crop, window) for window in windows)
-    assert not all(torch.equal(c, i) for c, i in zip(crops, images, strict=True))  # some were shifted
+    # some were shifted
+    assert not all(torch.equal(c, i) for c, i in zip(crops, images, strict=True))
 
 
 def test_random_hflip_flips_about_half() -> None:

@@ -325,14 +325,18 @@ def test_channels_last_matches_contiguous(option: str) -> None:
 @pytest.mark.parametrize(
     ("option", "override", "message"),
     [
-        ("mlp", "model.activation=foo", r"^model\.activation='foo' is invalid: expected one of relu, "),
+        ("mlp", "model.activation=foo",
+         r"^model\.activation='foo' is invalid: expected one of relu, "),
         ("mlp", "model.widths=[10,0]", r"^model\.widths=\[10, 0\] is invalid"),
         ("lenet5", "model.pool=sum", r"^model\.pool='sum' is invalid: expected one of max, avg$"),
-        ("vgg16", "model.depth=12", r"^model\.depth=12 is invalid: expected one of 11, 13, 16, 19$"),
+        ("vgg16", "model.depth=12",
+         r"^model\.depth=12 is invalid: expected one of 11, 13, 16, 19$"),
         ("resnet20", "model.depth=21", r"^model\.depth=21 is invalid: expected 6n \+ 2"),
         ("resnet20", "model.shortcut=C", r"^model\.shortcut='C' is invalid: expected one of A, B$"),
-        ("preact_resnet18", "model.depth=50", r"^model\.depth=50 is invalid: expected one of 18, 34$"),
-        ("autoencoder", "model.init=zeros", r"^model\.init='zeros' is invalid: expected one of sparse"),
+        ("preact_resnet18", "model.depth=50",
+         r"^model\.depth=50 is invalid: expected one of 18, 34$"),
+        ("autoencoder", "model.init=zeros",
+         r"^model\.init='zeros' is invalid: expected one of sparse"),
     ],
 )
 def test_bad_config_values(option: str, override: str, message: str) -> None:

@@ -84,7 +84,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(stream))
 
 
-def test_table_numbers_and_states(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_table_numbers_and_states(runs: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "report"
     assert main([str(runs), "--out", str(out), "--no-plots"]) == 0
     rows = read_csv(out / "report.csv")

@@ -1,4 +1,5 @@
-"""Sequence data: images read as sequences (sequential / permuted MNIST) and character-level text."""
+"""Sequence data: images read as sequences (sequential / permuted MNIST) and character-level
+text."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def test_config_options_compose(option: str) -> None:
 
 
 def test_bad_sequence_config_values() -> None:
-    with pytest.raises(ValueError, match="data.order='column' is invalid: expected one of pixel, row"):
+    expected = "data.order='column' is invalid: expected one of pixel, row"
+    with pytest.raises(ValueError, match=expected):
         SequenceDataConfig(order="column")
     with pytest.raises(ValueError, match="data.random_crop=4 is invalid"):
         SequenceDataConfig(random_crop=4)

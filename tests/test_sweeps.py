@@ -134,7 +134,8 @@ def test_multirun_report_and_rerun_skips(tmp_path: Path) -> None:
     for axis in ("epoch", "step", "time"):
         assert (tmp_path / "report" / f"test-acc_vs_{axis}.png").stat().st_size > 5000
 
-    before = {p: p.read_bytes() for d in run_dirs for p in (d / "metrics.jsonl", d / "summary.json")}
+    before = {p: p.read_bytes() for d in run_dirs
+              for p in (d / "metrics.jsonl", d / "summary.json")}
     launcher = ["hydra/launcher=parallel"] if HAVE_JOBLIB else []
     again = ngexp(*sweep, *launcher, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
