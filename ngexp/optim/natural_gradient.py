@@ -274,16 +274,19 @@ class NaturalGradient(ModelOptimizer):
         with curvature_mode(self.model), torch.enable_grad():
             product = CurvatureProduct(self.model, {self._names[p]: p for p in params},
                                        batch.inputs[:count], output_product)
-            if not self.keep_masks:
-                return conjugate_gradient(lambda v: product(v) + damping * v, grad, x0,
-                                          self.cg_iters, self.cg_tol)
             # Held coordinates (mask 0) removed: CG on K (C + damping I) K with K = diag(keep),
             # from K grad and K x0, stays in the free subspace and solves (C_FF + damping I)
             # d_F = grad_F there, with d = 0 on the held coordinates.
-            keep = flatten([self.keep_masks.get(p, torch.ones_like(p)) for p in params])
-            return conjugate_gradient(lambda v: keep * product(v) + damping * v, keep * grad,
-                                      None if x0 is None else keep * x0,
-                                      self.cg_iters, self.cg_tol)
+            keep = (flatten([self.keep_masks.get(p, torch.ones_like(p)) for p in params])
+                    if self.keep_masks else None)
+            if keep is not None:
+                grad, x0 = keep * grad, None if x0 is None else keep * x0
+
+            def operator(v: Tensor) -> Tensor:
+                curvature = product(v) if keep is None else keep * product(v)
+                return curvature + damping * v
+
+            return conjugate_gradient(operator, grad, x0, self.cg_iters, self.cg_tol)
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update from the gradients and batch of the last :meth:`backward`."""
