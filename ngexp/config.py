@@ -1,63 +1,41 @@
 """Structured-config schemas and their registration with Hydra's ConfigStore.
 
-Every option of a config group (``conf/<group>/<option>.yaml``) extends a dataclass schema
-registered here under ``schema/<group>/<option>``::
+Every option of a config group (``conf/<group>/<option>.yaml``) extends a schema registered
+here under ``schema/<group>/<name>``::
 
     # conf/optimizer/kfac.yaml
     defaults:
       - /schema/optimizer/kfac@_here_
       - _self_
-    lr: 0.01
 
-Schemas live next to the code they configure and are registered with the ``@schema`` decorator.
-Hydra checks types and unknown keys while composing; range checks live in each dataclass's
-``__post_init__`` and run when :func:`validate` converts the config to objects.
+The schemas come from :data:`ngexp.options.REGISTRY`: a ``@configurable`` class or function
+gives its signature (names, types, defaults) and its checks, from which a dataclass is made
+here; a ``@schema`` dataclass is stored as it is. Hydra checks types and unknown keys while
+composing; the range checks run in each dataclass's ``__post_init__`` when :func:`validate`
+converts the config to objects. A YAML preset sets only what differs from its schema.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Callable
+import inspect
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-T = TypeVar("T")
+from ngexp.errors import OptionError
+from ngexp.options import REGISTRY, Spec, check, check_choice, check_integer, check_positive
 
 #: Packages whose import registers schemas (each ``__init__`` imports its option modules).
 SCHEMA_PACKAGES = ("ngexp.data", "ngexp.models", "ngexp.optim", "ngexp.train", "ngexp.prune")
-
-_SCHEMAS: dict[str, dict[str, type]] = {}
-
-
-def schema(group: str, name: str) -> Callable[[type[T]], type[T]]:
-    """Register a dataclass as the schema of option ``name`` in config group ``group``."""
-
-    def register(cls: type[T]) -> type[T]:
-        ConfigStore.instance().store(group=f"schema/{group}", name=name, node=cls)
-        _SCHEMAS.setdefault(group, {})[name] = cls
-        return cls
-
-    return register
-
-
-def register_all() -> None:
-    """Import every package that declares schemas and store the top-level schema."""
-    for package in SCHEMA_PACKAGES:
-        importlib.import_module(package)
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
-def check(condition: bool, key: str, value: Any, expected: str) -> None:
-    """Raise a one-line ``ValueError`` naming ``key``, the bad ``value`` and what is valid."""
-    if not condition:
-        raise ValueError(f"{key}={value!r} is invalid: expected {expected}")
-
-
-def check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
-    check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+#: Types OmegaConf stores as they are.
+PRIMITIVES = (int, float, bool, str)
 
 
 @dataclass
@@ -80,21 +58,17 @@ class TrainerConfig:
     progress: str = "auto"  # auto | rich | plain | none
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
-        check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps",
-              self.max_steps, "null or an integer >= 1")
-        check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
-        check(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size,
-              "an integer >= 1")
-        check(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "an integer >= 0")
-        check(self.log_every >= 1, "trainer.log_every", self.log_every, "an integer >= 1")
+        check_integer("trainer.epochs", self.epochs, 1)
+        check_integer("trainer.max_steps", self.max_steps, 1, allow_none=True)
+        check_integer("trainer.batch_size", self.batch_size, 1)
+        check_integer("trainer.eval_batch_size", self.eval_batch_size, 1)
+        check_integer("trainer.eval_every", self.eval_every, 0)
+        check_integer("trainer.log_every", self.log_every, 1)
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
               "trainer.device", self.device, "one of auto, cpu, cuda, cuda:N")
         check_choice("trainer.precision", self.precision, ("fp32", "bf16"))
-        check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip",
-              self.grad_clip, "null or a number > 0")
-        check(self.checkpoint_every >= 1, "trainer.checkpoint_every", self.checkpoint_every,
-              "an integer >= 1")
+        check_positive("trainer.grad_clip", self.grad_clip, allow_none=True)
+        check_integer("trainer.checkpoint_every", self.checkpoint_every, 1)
         check_choice("trainer.progress", self.progress, ("auto", "rich", "plain", "none"))
 
 
@@ -116,7 +90,71 @@ class TrainConfig:
     force: bool = False  # re-run even if a finished run with this config exists
 
     def __post_init__(self) -> None:
-        check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        check_integer("seed", self.seed, 0)
+
+
+def config_type(annotation: Any) -> Any:
+    """The OmegaConf field type for a Python annotation: primitives, ``X | None``, lists and
+    fixed tuples of primitives as they are; anything else (a number or a schedule, a callable)
+    ``Any``."""
+    if annotation in PRIMITIVES or annotation is Any:
+        return annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [arg for arg in args if arg is not type(None)]
+        if len(rest) == 1 and len(args) == 2 and config_type(rest[0]) is not Any:
+            return typing.Optional[config_type(rest[0])]  # noqa: UP045  (OmegaConf needs it)
+        return Any
+    if origin in (list, Sequence, typing.Sequence) or (origin is tuple and args[-1:] == (...,)):
+        item = args[0] if args else Any
+        return list[item] if item in PRIMITIVES else Any
+    if origin is tuple and all(arg in PRIMITIVES for arg in args):
+        return annotation
+    return Any
+
+
+def qualified_name(target: Any) -> str:
+    target = inspect.unwrap(target)
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+def schema_class(group: str, name: str, spec: Spec) -> type:
+    """The dataclass schema of ``spec`` (see the module docstring)."""
+    if spec.dataclass_schema is not None:
+        return spec.dataclass_schema
+    fields: list[tuple[str, Any, Any]] = [("_target_", str,
+                                           field(default=qualified_name(spec.target)))]
+    for option in spec.options():
+        default = MISSING if option.default is inspect.Parameter.empty else option.default
+        if isinstance(default, (list, tuple, dict)):
+            default = field(default_factory=lambda value=default: type(value)(value))
+        else:
+            default = field(default=default)
+        fields.append((option.name, config_type(option.annotation), default))
+    checks = spec.checks()
+    names = [option.name for option in spec.options()]
+
+    def __post_init__(self: Any) -> None:
+        values = {key: getattr(self, key) for key in names}
+        for run in checks:
+            try:
+                run(**values)
+            except OptionError as error:
+                raise OptionError(f"{group}.{error}") from None
+
+    return dataclasses.make_dataclass(f"{group}_{name}_schema", fields,
+                                      namespace={"__post_init__": __post_init__})
+
+
+def register_all() -> None:
+    """Import every package that declares schemas and store them and the top-level schema."""
+    for package in SCHEMA_PACKAGES:
+        importlib.import_module(package)
+    store = ConfigStore.instance()
+    for group, specs in REGISTRY.items():
+        for name, spec in specs.items():
+            store.store(group=f"schema/{group}", name=name, node=schema_class(group, name, spec))
+    store.store(name="train_schema", node=TrainConfig)
 
 
 #: Keys that do not change what a run computes; left out of the run-directory hash.

@@ -45,14 +45,14 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from ngexp.optim.base import ModelOptimizer
+from ngexp.train.tasks import Task, build_task
 from torch import Tensor, nn
 
 from ngexp.config import register_all
 from ngexp.data.bundle import DataBundle
 from ngexp.models import build_model
 from ngexp.optim import build_optimizer
-from ngexp.optim.base import ModelOptimizer
-from ngexp.train.tasks import Task, build_task
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIMIZERS = ("sgd", "kfac", "ekfac", "natural_gradient")

@@ -1,5 +1,6 @@
 """Independent references for the curvature tests: per-example gradients with ``torch.func`` and
-dense Fisher blocks in the ``[W | b]`` row-major layout of :class:`KroneckerLayer`."""
+dense Fisher blocks in the ``[W | b]`` row-major layout of :class:`LayerIO`, and the batch
+factors of one captured forward."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from ngexp.optim.curvature import CurvatureCapture, KroneckerLayer, record_backward
-from ngexp.train.tasks import Task
+from ngexp.curvature.capture import Capture, LayerIO, backward_sampled
+from ngexp.curvature.kronecker import PASS_KIND, kronecker_factors
+from ngexp.curvature.tasks import Task
 
 
 def per_example_matrices(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor,
-                         layer: KroneckerLayer, prefix: str) -> Tensor:
+                         layer: LayerIO, prefix: str) -> Tensor:
     """Gradients of each example's loss w.r.t. ``[W | b]`` of ``layer``: ``(B, groups, d_out,
     d_in)``; ``prefix`` is the layer's parameter-name prefix in ``model``."""
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -33,17 +35,28 @@ def empirical_fisher_block(example_matrices: Tensor) -> Tensor:
     return flat.T @ flat / len(flat)
 
 
+def captured(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor,
+             fisher_type: str = "empirical", mc_samples: int = 1, seed: int = 0) -> Capture:
+    """A capture holding one forward of ``inputs`` and the backward passes of the Fisher type
+    (parameter ``.grad`` untouched); remove it after use."""
+    capture = Capture(model)
+    capture.active = True
+    outputs = model(inputs)
+    if fisher_type == "mc":
+        backward_sampled(capture, outputs, task, mc_samples,
+                         torch.Generator().manual_seed(seed), retain_last=False)
+    else:
+        torch.autograd.grad(task.loss(outputs, targets), capture.weights(), allow_unused=True)
+    return capture
+
+
 def capture_factors(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor,
                     fisher_type: str = "empirical", kfac_approx: str = "expand",
                     mc_samples: int = 1, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
     """Batch factors ``(A, G)`` of every hooked layer, by module name, from one forward."""
-    capture = CurvatureCapture(model)
-    capture.active = True
-    outputs = model(inputs)
-    generator = torch.Generator().manual_seed(seed)
-    record_backward(capture, task.loss(outputs, targets), outputs, task, fisher_type, mc_samples,
-                    generator, fill_grad=False)
-    factors = {layer.name: layer.factors(task.num_terms(targets), kfac_approx)
+    capture = captured(model, task, inputs, targets, fisher_type, mc_samples, seed)
+    passes = capture.passes(PASS_KIND[fisher_type])
+    factors = {layer.name: kronecker_factors(layer, passes, task.num_terms(targets), kfac_approx)
                for layer in capture.layers}
     capture.remove()
     return factors

@@ -13,7 +13,7 @@ from torch import Tensor
 from ngexp.data.bundle import DataBundle
 from ngexp.data.sequences import sequence_data
 from ngexp.data.spec import DataSpec
-from ngexp.models.bnlstm import BNLSTM, BNLSTMConfig
+from ngexp.models.bnlstm import BNLSTM
 
 SPEC = DataSpec("toy", (6, 3), 4, mean=(0.3,), std=(0.7,))
 HIDDEN = 5
@@ -187,9 +187,9 @@ def test_linear_maps_called_once_and_once_per_step() -> None:
 
 def test_bad_config_values() -> None:
     with pytest.raises(ValueError, match="model.bn='layer' is invalid: expected one of all"):
-        BNLSTMConfig(bn="layer")
-    with pytest.raises(ValueError, match="model.hidden_size"):
-        BNLSTMConfig(hidden_size=0)
+        OmegaConf.to_object(compose("model=bnlstm", "model.bn=layer"))
+    with pytest.raises(ValueError, match="hidden_size=0"):
+        BNLSTM(DataSpec("seq", (28, 28), 10), hidden_size=0)
     with pytest.raises(Exception, match="needs sequences"):
         BNLSTM(DataSpec("img", (1, 28, 28), 10))
 

@@ -1,5 +1,5 @@
-"""Kronecker factors captured by hooks, against exact Fisher blocks, curvlinops and hand
-computations (ngexp/optim/curvature.py)."""
+"""The curvature core (ngexp/curvature): the layer-I/O capture and the Kronecker estimators,
+against exact Fisher blocks, curvlinops and hand computations."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import torch
 from curvlinops import KFACLinearOperator
 from torch import Tensor, nn
 
-from ngexp.optim import curvature
-from ngexp.optim.curvature import CurvatureCapture, KroneckerLayer, kronecker_diagonal
-from ngexp.train.tasks import Classification, Reconstruction
+from ngexp.curvature import capture as capture_module
+from ngexp.curvature.capture import SAMPLED, TRAINING, Capture, LayerIO, backward_sampled
+from ngexp.curvature.kronecker import eigenbasis_moments, kronecker_diagonal, kronecker_factors
+from ngexp.curvature.tasks import Classification, Reconstruction
 from tests.curvature_reference import (
     capture_factors,
+    captured,
     empirical_fisher_block,
     per_example_matrices,
 )
@@ -30,7 +32,7 @@ def test_batch_size_one_linear_equals_exact_fisher() -> None:
     model = nn.Linear(5, 3)
     x, y = torch.randn(1, 5), torch.tensor([2])
     (a, g), = capture_factors(model, CLASSIFY, x, y).values()
-    layer = KroneckerLayer("", model)
+    layer = LayerIO("", model)
     exact = empirical_fisher_block(per_example_matrices(model, CLASSIFY, x, y, layer, "")[:, 0])
     torch.testing.assert_close(torch.kron(g[0], a[0]).double(), exact, rtol=1e-5, atol=1e-7)
 
@@ -54,7 +56,7 @@ def test_conv_patches_reproduce_the_convolution(options: dict) -> None:
     and group blocks agree with Conv2d's own."""
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, kernel_size=(3, 2), **options)
-    layer = KroneckerLayer("conv", conv)
+    layer = LayerIO("conv", conv)
     x = torch.randn(2, 4, 9, 8)
     rows = layer.input_rows(x)
     matrix = layer.matrix(conv.weight, conv.bias)
@@ -228,15 +230,11 @@ def test_repeated_calls_pair_each_input_with_its_gradient() -> None:
     """EKFAC's per-example gradients (identity basis: s = mean of squared per-example
     gradients) of modules called once per time step equal torch.func's."""
     per_step, _, x, y = rnn_pair()
-    capture = CurvatureCapture(per_step)
-    capture.active = True
-    outputs = per_step(x)
-    curvature.record_backward(capture, CLASSIFY.loss(outputs, y), outputs, CLASSIFY, "empirical",
-                              fill_grad=False)
+    capture = captured(per_step, CLASSIFY, x, y)
     for layer in capture.layers:
         eye_a = torch.eye(layer.in_dim).expand(1, -1, -1)
         eye_g = torch.eye(layer.out_dim).expand(1, -1, -1)
-        scale = layer.eigenbasis_moments(eye_a, eye_g, len(x))
+        scale = eigenbasis_moments(layer, capture.passes(TRAINING), eye_a, eye_g, len(x))
         exact = per_example_matrices(per_step, CLASSIFY, x, y, layer, f"{layer.name}.")
         torch.testing.assert_close(scale, exact.square().mean(0), rtol=1e-4, atol=1e-8)
 
@@ -244,9 +242,9 @@ def test_repeated_calls_pair_each_input_with_its_gradient() -> None:
 # ---------------------------------------------------------------------------- hooks
 def test_hooks_idle_when_inactive_or_in_eval(monkeypatch: pytest.MonkeyPatch) -> None:
     model, _, x, y = cnn()
-    capture = CurvatureCapture(model)
+    capture = Capture(model)
     unfolds = []
-    monkeypatch.setattr(curvature.F, "unfold", lambda *a, **k: unfolds.append(1))
+    monkeypatch.setattr(capture_module.F, "unfold", lambda *a, **k: unfolds.append(1))
     model(x)
     assert not capture.captured_inputs
     capture.active = True
@@ -256,8 +254,12 @@ def test_hooks_idle_when_inactive_or_in_eval(monkeypatch: pytest.MonkeyPatch) ->
     with torch.no_grad():
         model.train()(x)
     assert not capture.captured_inputs and not unfolds
-    CLASSIFY.loss(model(x), y).backward()  # not inside recording(): gradients not kept
-    assert capture.captured_inputs and not capture.captured
+    with capture.ignoring():  # gradients not kept
+        CLASSIFY.loss(model(x), y).backward()
+    assert capture.captured_inputs and not capture.pass_kinds
+    CLASSIFY.loss(model(x), y).backward()  # the plain backward is a training pass
+    assert capture.pass_kinds == [TRAINING] and capture.captured(TRAINING)
+    assert all(set(layer.grads[0]) == {0} for layer in capture.layers)
     model(x)  # a new forward drops the previous one
     assert all(len(layer.inputs) == 1 for layer in capture.layers)
     capture.remove()
@@ -272,7 +274,7 @@ def test_kronecker_diagonal_kfac_averages_factors_over_batches() -> None:
     diagonals = kronecker_diagonal(model, CLASSIFY, iter(batches), "empirical", "kfac")
     assert all(p.grad is None for p in model.parameters())
     per_batch = [capture_factors(model, CLASSIFY, *batch) for batch in batches]
-    capture = CurvatureCapture(model)
+    capture = Capture(model)
     assert set(diagonals) == {f"{layer.name}.weight" for layer in capture.layers}
     for layer in capture.layers:
         a = sum(factors[layer.name][0] for factors in per_batch) / 2
@@ -287,7 +289,7 @@ def test_kronecker_diagonal_ekfac_is_diagonal_of_eigenvalue_corrected_matrix() -
     model, _, x, y = mlp()
     diagonals = kronecker_diagonal(model, CLASSIFY, [(x, y)], "empirical", "ekfac")
     factors = capture_factors(model, CLASSIFY, x, y)
-    for layer in CurvatureCapture(model).layers:
+    for layer in Capture(model).layers:
         a, g = factors[layer.name]
         basis = torch.kron(torch.linalg.eigh(g[0].double())[1], torch.linalg.eigh(a[0].double())[1])
         exact = empirical_fisher_block(
@@ -296,3 +298,37 @@ def test_kronecker_diagonal_ekfac_is_diagonal_of_eigenvalue_corrected_matrix() -
         dense = (basis * scale) @ basis.T
         expected = layer.split(dense.diagonal().view(1, layer.out_dim, layer.in_dim).float())[0]
         torch.testing.assert_close(diagonals[layer.weight_name], expected, rtol=1e-3, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- pass kinds
+def test_passes_are_recorded_by_kind_and_sampled_passes_average() -> None:
+    """Sampled passes (MC Fisher) and the training pass are told apart; G averages the passes
+    it is given: two sampled passes give the mean of their single-pass factors."""
+    model, _, x, y = mlp()
+    capture = Capture(model)
+    capture.active = True
+    outputs = model(x)
+    generator = torch.Generator().manual_seed(0)
+    backward_sampled(capture, outputs, CLASSIFY, 2, generator, retain_last=True)
+    CLASSIFY.loss(outputs, y).backward()
+    assert capture.pass_kinds == [SAMPLED, SAMPLED, TRAINING]
+    layer = capture.layers[0]
+    _, both = kronecker_factors(layer, capture.passes(SAMPLED), len(x))
+    singles = [kronecker_factors(layer, [index], len(x))[1] for index in (0, 1)]
+    torch.testing.assert_close(both, (singles[0] + singles[1]) / 2)
+    _, empirical = kronecker_factors(layer, capture.passes(TRAINING), len(x))
+    torch.testing.assert_close(empirical, capture_factors(model, CLASSIFY, x, y)["0"][1])
+    capture.remove()
+
+
+def test_input_moment_adds_the_homogeneous_coordinate_exactly() -> None:
+    """A from the features' Gram matrix plus sums equals the Gram matrix of rows with a 1."""
+    model, _, x, y = cnn()
+    capture = captured(model, CLASSIFY, x, y)
+    for layer in capture.layers:
+        rows = torch.cat([layer.input_rows(inp) for inp in layer.inputs], 1)
+        flat = rows.flatten(0, 1).transpose(0, 1)
+        expected = flat.mT @ flat / flat.shape[1]
+        a, _ = kronecker_factors(layer, capture.passes(TRAINING), len(x))
+        torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-6)
+    capture.remove()

@@ -1,4 +1,4 @@
-"""EKFAC optimizer (ngexp/optim/ekfac.py) against dense computations."""
+"""EKFAC preconditioner (ngexp/optim/ekfac.py) against dense computations."""
 
 from __future__ import annotations
 
@@ -8,11 +8,18 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ngexp.optim.curvature import CurvatureCapture, record_backward
+from ngexp.curvature.capture import TRAINING
+from ngexp.curvature.kronecker import eigenbasis_moments
+from ngexp.curvature.tasks import Classification
 from ngexp.optim.ekfac import EKFAC
-from ngexp.optim.kronecker import precondition
-from ngexp.train.tasks import Classification
-from tests.curvature_reference import capture_factors, empirical_fisher_block, per_example_matrices
+from ngexp.optim.kronecker import eigenbasis_precondition as precondition
+from tests.curvature_reference import (
+    capture_factors,
+    captured,
+    empirical_fisher_block,
+    per_example_matrices,
+)
+from tests.preconditioning import documented_step, sgd
 
 TASK = Classification()
 
@@ -24,11 +31,9 @@ def conv_net() -> tuple[nn.Module, Tensor, Tensor]:
     return model, torch.randn(32, 2, 6, 6), torch.randint(0, 4, (32,))
 
 
-def train_step(model: nn.Module, optimizer: EKFAC, x: Tensor, y: Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    outputs = model(x)
-    optimizer.backward(TASK.loss(outputs, y), outputs=outputs, inputs=x, task=TASK, targets=y)
-    optimizer.step()
+def train_step(model: nn.Module, pre: EKFAC, opt: torch.optim.Optimizer, x: Tensor,
+               y: Tensor) -> None:
+    documented_step(model, pre, opt, TASK, x, y)
 
 
 def test_eigenbasis_round_trip_with_unit_scaling_returns_the_input() -> None:
@@ -60,14 +65,11 @@ def test_scaling_is_the_exact_fisher_diagonal_in_the_kronecker_eigenbasis() -> N
     close to F as K-FAC (Frobenius; George et al. 2018, Sec. 3.2), strictly here."""
     model, x, y = conv_net()
     factors = capture_factors(model, TASK, x, y)
-    capture = CurvatureCapture(model)
-    capture.active = True
-    outputs = model(x)
-    record_backward(capture, TASK.loss(outputs, y), outputs, TASK, "empirical", fill_grad=False)
+    capture = captured(model, TASK, x, y)
     for layer in capture.layers:
         a, g = factors[layer.name]
         basis_a, basis_g = torch.linalg.eigh(a).eigenvectors, torch.linalg.eigh(g).eigenvectors
-        scale = layer.eigenbasis_moments(basis_a, basis_g, len(x))
+        scale = eigenbasis_moments(layer, capture.passes(TRAINING), basis_a, basis_g, len(x))
         capture.active = False
         exact = empirical_fisher_block(
             per_example_matrices(model, TASK, x, y, layer, f"{layer.name}.")[:, 0])
@@ -85,16 +87,20 @@ def test_scaling_is_the_exact_fisher_diagonal_in_the_kronecker_eigenbasis() -> N
 
 def test_step_equals_dense_inverse_of_damped_scaling() -> None:
     model, x, y = conv_net()
-    optimizer = EKFAC(model, lr=1.0, momentum=0.0, kl_clip=None, damping=0.01,
-                      fisher_type="empirical")
+    pre = EKFAC(model, kl_clip=None, damping=0.01, fisher_type="empirical")
+    opt = sgd(model)
+    raw, _, _ = conv_net()
+    TASK.loss(raw(x), y).backward()
+    raw_grads = {name: p.grad for name, p in raw.named_parameters()}
     before = [p.detach().clone() for p in model.parameters()]
-    train_step(model, optimizer, x, y)
+    train_step(model, pre, opt, x, y)
     params = list(model.parameters())
-    for layer in optimizer.layers:
-        state = optimizer.curvature()[layer.name]
+    for layer in pre.layers:
+        state = pre.curvature()[layer.name]
         basis = torch.kron(state["U_G"][0], state["U_A"][0]).double()
         dense = basis @ torch.diag(state["s"][0].flatten().double() + 0.01) @ basis.T
-        grad = layer.matrix(layer.module.weight.grad, layer.module.bias.grad)[0].double()
+        grad = layer.matrix(raw_grads[f"{layer.name}.weight"],
+                            raw_grads[f"{layer.name}.bias"])[0].double()
         index = next(i for i, p in enumerate(params) if p is layer.module.weight)
         step = layer.matrix(before[index] - params[index].detach(),
                             before[index + 1] - params[index + 1].detach())
@@ -104,22 +110,25 @@ def test_step_equals_dense_inverse_of_damped_scaling() -> None:
 
 def test_scaling_refresh_schedule_and_running_average() -> None:
     model, x, y = conv_net()
-    optimizer = EKFAC(model, cov_update_freq=10, inv_update_freq=10, scale_update_freq=2,
-                      scale_decay=0.5, fisher_type="empirical")
-    captured, scales, batches = [], [], []
+    pre = EKFAC(model, cov_update_freq=10, inv_update_freq=10, scale_update_freq=2,
+                scale_decay=0.5, fisher_type="empirical")
+    opt = sgd(model, lr=0.1)
+    was_captured, scales, batches = [], [], []
     for step in range(5):
         batch = x[step::2][:16], y[step::2][:16]
+        opt.zero_grad()
         outputs = model(batch[0])
-        captured.append(optimizer.capture.captured_inputs)
-        optimizer.backward(TASK.loss(outputs, batch[1]), outputs=outputs, inputs=batch[0],
-                           task=TASK)
-        state = optimizer.curvature().get("3")
-        if captured[-1] and state is not None:  # this batch's moments in the current basis
-            layer = optimizer.layers[1]
-            batches.append(layer.eigenbasis_moments(state["U_A"], state["U_G"], len(batch[1])))
-        optimizer.step()
-        scales.append(optimizer.curvature()["3"]["s"].clone())
-    assert captured == [True, False, True, False, True]
+        was_captured.append(pre.capture.captured_inputs)
+        TASK.loss(outputs, batch[1]).backward()
+        state = pre.curvature().get("3")
+        if was_captured[-1] and state is not None:  # this batch's moments in the current basis
+            layer = pre.layers[1]
+            batches.append(eigenbasis_moments(layer, pre.capture.passes(TRAINING), state["U_A"],
+                                              state["U_G"], len(batch[1])))
+        pre.step()
+        opt.step()
+        scales.append(pre.curvature()["3"]["s"].clone())
+    assert was_captured == [True, False, True, False, True]
     torch.testing.assert_close(scales[1], scales[0])
     torch.testing.assert_close(scales[2], 0.5 * scales[1] + 0.5 * batches[0])  # e = min(.5, 1/2)
     torch.testing.assert_close(scales[4], 0.5 * scales[3] + 0.5 * batches[1])
@@ -127,22 +136,22 @@ def test_scaling_refresh_schedule_and_running_average() -> None:
 
 def test_resume_continues_bit_identically() -> None:
     model, x, y = conv_net()
-    options = dict(lr=0.05, fisher_type="mc", cov_update_freq=2, inv_update_freq=3,
-                   scale_decay=0.9)
-    optimizer = EKFAC(model, **options)
+    options = dict(fisher_type="mc", cov_update_freq=2, inv_update_freq=3, scale_decay=0.9)
+    pre, opt = EKFAC(model, **options), sgd(model, lr=0.05, momentum=0.9)
     batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 4)]
     for batch in batches[:3]:
-        train_step(model, optimizer, *batch)
-    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+        train_step(model, pre, opt, *batch)
+    saved = copy.deepcopy((model.state_dict(), pre.state_dict(), opt.state_dict()))
     for batch in batches[3:]:
-        train_step(model, optimizer, *batch)
+        train_step(model, pre, opt, *batch)
     resumed, _, _ = conv_net()
     resumed.load_state_dict(saved[0])
-    resumed_optimizer = EKFAC(resumed, **options)
-    resumed_optimizer.load_state_dict(saved[1])
+    resumed_pre, resumed_opt = EKFAC(resumed, **options), sgd(resumed, lr=0.05, momentum=0.9)
+    resumed_pre.load_state_dict(saved[1])
+    resumed_opt.load_state_dict(saved[2])
     for batch in batches[3:]:
-        train_step(resumed, resumed_optimizer, *batch)
-    assert resumed_optimizer.counters == optimizer.counters
+        train_step(resumed, resumed_pre, resumed_opt, *batch)
+    assert resumed_pre.counters == pre.counters
     for mine, theirs in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(mine, theirs)
 
@@ -150,8 +159,10 @@ def test_resume_continues_bit_identically() -> None:
 @pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
 def test_learns_a_small_problem(fisher_type: str) -> None:
     model, x, y = conv_net()
-    optimizer = EKFAC(model, lr=0.1, fisher_type=fisher_type, inv_update_freq=5)
-    initial = float(TASK.loss(model(x), y))
+    pre, opt = EKFAC(model, fisher_type=fisher_type, inv_update_freq=5), sgd(model, 0.1, 0.9)
+    with torch.no_grad():
+        initial = float(TASK.loss(model(x), y))
     for _ in range(30):
-        train_step(model, optimizer, x, y)
-    assert float(TASK.loss(model(x), y)) < 0.5 * initial
+        train_step(model, pre, opt, x, y)
+    with torch.no_grad():
+        assert float(TASK.loss(model(x), y)) < 0.5 * initial

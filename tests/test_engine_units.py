@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ngexp.config import semantic_config, validate
+from ngexp.curvature.tasks import Classification, LanguageModel, Reconstruction
 from ngexp.train import lr_schedule
 from ngexp.train.rundir import config_hash, run_directory
-from ngexp.train.tasks import Classification, LanguageModel, Reconstruction
 from tests.conftest import compose
 
 

@@ -6,24 +6,24 @@ import copy
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
-from ngexp.optim.natural_gradient import (
+from ngexp.curvature.linalg import conjugate_gradient
+from ngexp.curvature.products import (
     CurvatureProduct,
-    NaturalGradient,
-    NaturalGradientConfig,
-    conjugate_gradient,
     curvature_mode,
     empirical_output_product,
     flatten,
     ggn_output_product,
 )
-from ngexp.train.tasks import Classification, Reconstruction, Task
+from ngexp.curvature.tasks import Classification, Reconstruction, Task
+from ngexp.optim.build import build_optimizer
+from ngexp.optim.natural_gradient import NaturalGradient
+from tests.conftest import compose
+from tests.preconditioning import sgd
 
-CONF = str((__import__("pathlib").Path(__file__).parents[1] / "conf").resolve())
 DAMPING = 0.05
 
 
@@ -85,23 +85,30 @@ def batch_gradient(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor
     return flatten([p.grad for p in model.parameters()])
 
 
-def ng_step(optimizer: NaturalGradient, model: nn.Module, task: Task, inputs: Tensor,
-            targets: Tensor) -> Tensor:
-    """One engine-style step; returns the loss before it."""
-    optimizer.zero_grad()
-    outputs = model(inputs)
-    loss = task.loss(outputs, targets)
-    optimizer.backward(loss, outputs=outputs, inputs=inputs, task=task)
-    optimizer.step()
+Pair = tuple[NaturalGradient, torch.optim.Optimizer]
+
+
+def ng_step(pair: Pair, model: nn.Module, task: Task, inputs: Tensor, targets: Tensor) -> Tensor:
+    """One step of the plain loop (``loss.backward()`` is all the natural gradient needs);
+    returns the loss before it."""
+    pre, opt = pair
+    opt.zero_grad()
+    loss = task.loss(model(inputs), targets)
+    loss.backward()
+    pre.step()
+    opt.step()
     return loss.detach()
 
 
-def exact_optimizer(model: nn.Module, **kwargs) -> NaturalGradient:
+def exact_optimizer(model: nn.Module, task: Task, lr: float = 1.0, momentum: float = 0.0,
+                    weight_decay: float = 0.0, **kwargs) -> Pair:
     """CG run to convergence (three times as many iterations as parameters, no tolerance),
-    no KL clipping unless asked for."""
+    no KL clipping unless asked for; plain SGD steps the direction."""
     size = sum(p.numel() for p in model.parameters())
     kwargs.setdefault("kl_clip", None)
-    return NaturalGradient(model, damping=DAMPING, cg_iters=3 * size, cg_tol=0.0, **kwargs)
+    pre = NaturalGradient(model, task=task, damping=DAMPING, cg_iters=3 * size, cg_tol=0.0,
+                          **kwargs)
+    return pre, sgd(model, lr, momentum, weight_decay)
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:
@@ -112,7 +119,7 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
 def test_ggn_vector_product_matches_dense(kind: str) -> None:
     model, task, inputs, targets = problem(kind)
     dense = dense_ggn(model, task, inputs, targets)
-    product = CurvatureProduct(model, dict(model.named_parameters()), inputs,
+    product = CurvatureProduct(model, dict(model.named_parameters()), (inputs,),
                                ggn_output_product(task))
     vectors = torch.randn(3, dense.shape[0], dtype=torch.float64)
     for v in vectors:
@@ -125,7 +132,7 @@ def test_empirical_fisher_product_matches_per_example_gradients(kind: str) -> No
     dense = dense_empirical_fisher(model, task, inputs, targets)
     outputs = model(inputs)
     output_grad, = torch.autograd.grad(task.loss(outputs, targets), outputs)
-    product = CurvatureProduct(model, dict(model.named_parameters()), inputs,
+    product = CurvatureProduct(model, dict(model.named_parameters()), (inputs,),
                                empirical_output_product(output_grad * len(inputs)))
     v = torch.randn(dense.shape[0], dtype=torch.float64)
     assert relative_error(product(v), dense @ v) < 1e-10
@@ -142,8 +149,8 @@ def test_step_is_dense_damped_natural_gradient(kind: str, curvature: str,
     grad = batch_gradient(model, task, inputs, targets)
     expected = torch.linalg.solve(matrix + DAMPING * torch.eye(len(grad), dtype=grad.dtype), grad)
     before = flatten(params_of(model).values()).clone()
-    optimizer = exact_optimizer(model, lr=0.5, curvature=curvature, fisher_type=fisher_type)
-    ng_step(optimizer, model, task, inputs, targets)
+    pair = exact_optimizer(model, task, lr=0.5, curvature=curvature, fisher_type=fisher_type)
+    ng_step(pair, model, task, inputs, targets)
     direction = (before - flatten(params_of(model).values())) / 0.5
     assert relative_error(direction, expected) < 1e-4
     assert torch.dot(direction, grad) > 0  # a descent direction
@@ -164,13 +171,13 @@ def test_restricted_step_solves_on_the_free_coordinates_only() -> None:
     expected[free] = torch.linalg.solve(
         matrix[free][:, free] + DAMPING * torch.eye(int(free.sum()), dtype=grad.dtype), grad[free])
     before = flatten(params_of(model).values()).clone()
-    optimizer = exact_optimizer(model, lr=0.5)
-    optimizer.restrict_to({first: keep})
-    optimizer.zero_grad()
-    outputs = model(inputs)
-    optimizer.backward(task.loss(outputs, targets), outputs=outputs, inputs=inputs, task=task)
+    pre, opt = exact_optimizer(model, task, lr=0.5)
+    pre.restrict_to({first: keep})
+    opt.zero_grad()
+    task.loss(model(inputs), targets).backward()
     first.grad.mul_(keep)  # the callback masks gradients before the step
-    optimizer.step()
+    pre.step()
+    opt.step()
     direction = (before - flatten(params_of(model).values())) / 0.5
     assert torch.count_nonzero(direction[~free]) == 0
     assert relative_error(direction, expected) < 1e-4
@@ -183,7 +190,7 @@ def test_weight_decay_and_momentum_follow_the_dense_recurrence() -> None:
     model, task, inputs, targets = problem("classification")
     lr, decay, momentum = 0.3, 0.01, 0.9
     reference = copy.deepcopy(model)
-    optimizer = exact_optimizer(model, lr=lr, weight_decay=decay, momentum=momentum)
+    pair = exact_optimizer(model, task, lr=lr, weight_decay=decay, momentum=momentum)
     buffer = None
     for step in range(2):
         x, y = inputs[4 * step:4 * step + 4], targets[4 * step:4 * step + 4]
@@ -192,7 +199,7 @@ def test_weight_decay_and_momentum_follow_the_dense_recurrence() -> None:
         update = torch.linalg.solve(matrix, batch_gradient(reference, task, x, y)) + decay * w
         buffer = update if buffer is None else momentum * buffer + update
         torch.nn.utils.vector_to_parameters(w - lr * buffer, reference.parameters())
-        ng_step(optimizer, model, task, x, y)
+        ng_step(pair, model, task, x, y)
         actual = flatten(params_of(model).values())
         assert relative_error(actual, flatten(params_of(reference).values())) < 1e-8
 
@@ -207,12 +214,12 @@ def test_kl_clipping_bounds_the_step(kl_clip: float) -> None:
     unclipped = 0.5**2 * torch.dot(solution, grad)
     assert 1e-4 < unclipped < 1e3
     before = flatten(params_of(model).values()).clone()
-    optimizer = exact_optimizer(model, lr=0.5, kl_clip=kl_clip)
-    ng_step(optimizer, model, task, inputs, targets)
+    pair = exact_optimizer(model, task, lr=0.5, kl_clip=kl_clip)
+    ng_step(pair, model, task, inputs, targets)
     step = before - flatten(params_of(model).values())
     expected_scale = min(1.0, float((kl_clip / unclipped).sqrt()))
     assert relative_error(step, 0.5 * expected_scale * solution) < 1e-4
-    assert optimizer.log_metrics()["kl_scale"] == pytest.approx(expected_scale, rel=1e-6)
+    assert pair[0].log_metrics()["kl_scale"] == pytest.approx(expected_scale, rel=1e-6)
 
 
 def test_batch_norm_statistics_untouched_and_dropout_off() -> None:
@@ -228,16 +235,16 @@ def test_batch_norm_statistics_untouched_and_dropout_off() -> None:
     dense = dense_ggn(reference, task, inputs, targets)
     norm = model[1]
     with curvature_mode(model):
-        product = CurvatureProduct(model, dict(model.named_parameters()), inputs,
+        product = CurvatureProduct(model, dict(model.named_parameters()), (inputs,),
                                    ggn_output_product(task))
         v = torch.randn(dense.shape[0], dtype=torch.float64)
         assert relative_error(product(v), dense @ v) < 1e-10
     assert norm.track_running_stats and model[3].training  # restored
-    optimizer = NaturalGradient(model, cg_iters=5)
-    outputs = model(inputs)  # the engine's forward updates the running statistics once
+    pre = NaturalGradient(model, cg_iters=5)
+    outputs = model(inputs)  # the training forward updates the running statistics once
     stats = norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()
-    optimizer.backward(task.loss(outputs, targets), outputs=outputs, inputs=inputs, task=task)
-    optimizer.step()
+    task.loss(outputs, targets).backward()
+    pre.step()
     assert torch.equal(norm.running_mean, stats[0]) and torch.equal(norm.running_var, stats[1])
     assert int(norm.num_batches_tracked) == int(stats[2]) == 1
 
@@ -265,40 +272,43 @@ def test_curvature_subsample_uses_first_examples() -> None:
     matrix = dense_ggn(model, task, inputs[:5], targets[:5])
     expected = torch.linalg.solve(matrix + DAMPING * torch.eye(len(grad), dtype=grad.dtype), grad)
     before = flatten(params_of(model).values()).clone()
-    ng_step(exact_optimizer(model, lr=1.0, curvature_batch_size=5), model, task, inputs, targets)
+    pair = exact_optimizer(model, task, lr=1.0, curvature_batch_size=5)
+    ng_step(pair, model, task, inputs, targets)
     assert relative_error(before - flatten(params_of(model).values()), expected) < 1e-4
 
 
-def training_run(state: dict | None = None, steps: int = 3) -> tuple[nn.Module, NaturalGradient]:
+def training_run(state: dict | None = None, steps: int = 3) -> tuple[nn.Module, Pair]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    optimizer = NaturalGradient(model, lr=0.2, cg_iters=4, momentum=0.5, weight_decay=1e-3)
+    pair = NaturalGradient(model, cg_iters=4), sgd(model, 0.2, 0.5, 1e-3)
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        pair[0].load_state_dict(state["pre"])
+        pair[1].load_state_dict(state["opt"])
     generator = torch.Generator().manual_seed(0 if state is None else 1)
     for _ in range(steps):
         inputs = torch.randn(16, 4, generator=generator)
         targets = torch.randint(0, 3, (16,), generator=generator)
-        ng_step(optimizer, model, Classification(), inputs, targets)
-    return model, optimizer
+        ng_step(pair, model, Classification(), inputs, targets)
+    return model, pair
 
 
 def test_state_dict_round_trip_resumes_bit_identically() -> None:
-    model, optimizer = training_run()
-    assert all("cg_solution" in s and "momentum_buffer" in s for s in optimizer.state.values())
-    state = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    model, (pre, opt) = training_run()
+    assert set(pre.solutions) == {name for name, _ in model.named_parameters()}
+    state = copy.deepcopy({"model": model.state_dict(), "pre": pre.state_dict(),
+                           "opt": opt.state_dict()})
     # Continue the original run (batches from seed 1) and a restored one.
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
         inputs = torch.randn(16, 4, generator=generator)
         targets = torch.randint(0, 3, (16,), generator=generator)
-        ng_step(optimizer, model, Classification(), inputs, targets)
+        ng_step((pre, opt), model, Classification(), inputs, targets)
     resumed, _ = training_run(state)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
-    optimizer.reset_state()
-    assert not optimizer.state and set(optimizer.log_metrics()) == {"damping"}
+    pre.reset()
+    assert not pre.solutions and set(pre.log_metrics()) == {"damping", "kl_scale"}
 
 
 def test_converges_faster_than_sgd_at_the_same_lr() -> None:
@@ -309,40 +319,35 @@ def test_converges_faster_than_sgd_at_the_same_lr() -> None:
     for name in ("sgd", "ng"):
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 8))
-        if name == "ng":
-            optimizer = NaturalGradient(model, lr=0.5, damping=1e-2, cg_iters=20, kl_clip=None)
-        else:
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        pre = (NaturalGradient(model, task=task, damping=1e-2, cg_iters=20, kl_clip=None)
+               if name == "ng" else None)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         for _ in range(10):
             optimizer.zero_grad()
-            outputs = model(inputs)
-            loss = task.loss(outputs, inputs)
-            if name == "ng":
-                optimizer.backward(loss, outputs=outputs, inputs=inputs, task=task)
-            else:
-                loss.backward()
+            task.loss(model(inputs), inputs).backward()
+            if pre is not None:
+                pre.step()
             optimizer.step()
         losses[name] = float(task.loss(model(inputs), inputs).detach())
-        if name == "ng":
-            metrics = optimizer.log_metrics()
+        if pre is not None:
+            metrics = pre.log_metrics()
             assert 1 <= metrics["cg_iters"] <= 20 and metrics["cg_residual"] < 1
     assert losses["ng"] < 0.5 * losses["sgd"], losses  # measured: 1.74 vs 4.58
 
 
 def test_config_composes_instantiates_and_checks_ranges() -> None:
-    import ngexp.optim.natural_gradient  # noqa: F401  (registers the schema)
-
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose(config_name="optimizer/natural_gradient",
-                      overrides=["optimizer.cg_iters=7", "optimizer.curvature_batch_size=32"])
-    optimizer = instantiate(cfg.optimizer, _partial_=True)(model=classifier())
-    assert isinstance(optimizer, NaturalGradient)
-    assert optimizer.cg_iters == 7 and optimizer.curvature_batch_size == 32
+    cfg = compose("optimizer=natural_gradient", "optimizer.cg_iters=7",
+                  "optimizer.curvature_batch_size=32")
+    built = build_optimizer(cfg.optimizer, classifier(), Classification())
+    assert isinstance(built.preconditioner, NaturalGradient)
+    assert built.preconditioner.cg_iters == 7 and built.preconditioner.curvature_batch_size == 32
+    group = built.optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"]) == (0.1, 0.0)  # the natural gradient's base defaults
     with pytest.raises(ValueError, match="optimizer.damping=0.0 is invalid"):
-        NaturalGradientConfig(damping=0.0)
-    with pytest.raises(ValueError, match="optimizer.curvature='hessian'.*fisher, ggn"):
-        NaturalGradientConfig(curvature="hessian")
-    with pytest.raises(ValueError, match="optimizer.fisher_type='empirical'.*curvature=ggn"):
+        OmegaConf.to_object(compose("optimizer=natural_gradient", "optimizer.damping=0.0"))
+    with pytest.raises(ValueError, match="curvature='hessian'.*fisher, ggn"):
+        NaturalGradient(classifier(), curvature="hessian")
+    with pytest.raises(ValueError, match="fisher_type='empirical'.*curvature=ggn"):
         NaturalGradient(classifier(), curvature="ggn", fisher_type="empirical")
-    with pytest.raises(RuntimeError, match="backward"):
+    with pytest.raises(RuntimeError, match="no batch was seen"):
         NaturalGradient(classifier()).step()

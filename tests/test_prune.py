@@ -13,13 +13,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
+from ngexp.curvature.diagonal import diagonal_ggn
+from ngexp.curvature.tasks import Classification, Reconstruction, Task
 from ngexp.data.bundle import DataBundle, Split
 from ngexp.data.spec import DataSpec
 from ngexp.optim.ekfac import EKFAC
 from ngexp.optim.kfac import KFAC
 from ngexp.optim.natural_gradient import NaturalGradient
+from ngexp.optim.training import TrainingOptimizer
 from ngexp.prune.criteria import saliencies, unit_scores
-from ngexp.prune.diag_ggn import diagonal_ggn, hessian_factor_blocks
 from ngexp.prune.masks import Masks, prunable_layers
 from ngexp.prune.pruner import PruneConfig, Pruner
 from ngexp.prune.report import output_positions, sparsity_report
@@ -30,7 +32,6 @@ from ngexp.prune.schedules import (
     pruning_events,
 )
 from ngexp.prune.selection import layerwise_counts, select_global, select_layerwise
-from ngexp.train.tasks import Classification, Reconstruction, Task
 
 
 @pytest.fixture(autouse=True)
@@ -63,11 +64,14 @@ def toy_data(n: int = 192, classes: int = 3) -> DataBundle:
     return DataBundle(DataSpec("toy", (1, 6, 6), classes), split, split)
 
 
-def fake_engine(model: nn.Module, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int = 4,
-                total_steps: int = 40, task: Task | None = None) -> SimpleNamespace:
-    """The engine attributes a pruner uses (see ngexp.train.engine.Engine)."""
+def fake_engine(model: nn.Module, optimizer: torch.optim.Optimizer | TrainingOptimizer, *,
+                steps_per_epoch: int = 4, total_steps: int = 40,
+                task: Task | None = None) -> SimpleNamespace:
+    """The trainer attributes a pruner uses (ngexp.callbacks.Trainer)."""
     data = toy_data()
     task = task or Classification()
+    if not isinstance(optimizer, TrainingOptimizer):
+        optimizer = TrainingOptimizer(optimizer)
     engine = SimpleNamespace(model=model, optimizer=optimizer, task=task, data=data, step=0,
                              steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                              generator=torch.Generator().manual_seed(0), logged=[],
@@ -96,14 +100,10 @@ def train(engine: SimpleNamespace, pruner: Pruner, steps: int, batch_size: int =
     for _ in range(steps):
         pruner.on_step_start(engine)
         index = torch.randint(len(data), (batch_size,), generator=engine.generator)
-        engine.optimizer.zero_grad(set_to_none=True)
+        engine.optimizer.zero_grad()
         outputs = engine.model(data.inputs[index])
         loss = engine.task.loss(outputs, data.targets[index])
-        if hasattr(engine.optimizer, "backward"):
-            engine.optimizer.backward(loss, outputs=outputs, inputs=data.inputs[index],
-                                      task=engine.task)
-        else:
-            loss.backward()
+        engine.optimizer.backward(loss, outputs, data.targets[index])
         pruner.before_optimizer_step(engine)
         engine.optimizer.step()
         pruner.after_optimizer_step(engine)
@@ -220,7 +220,7 @@ def test_random_scores_are_reproducible_uniforms():
 @pytest.mark.parametrize("task", [Classification(), Reconstruction()])
 def test_hessian_factor_reproduces_output_hessian(task):
     outputs = torch.randn(3, 5)
-    blocks = list(hessian_factor_blocks(task, outputs, block=2))  # (k, B, C) each
+    blocks = list(task.hessian_factor(outputs, block=2))  # (k, B, C) each
     factor = torch.cat(blocks).permute(1, 2, 0)  # (B, C, K)
     dense = torch.stack([task.hessian_vector_product(outputs, e.expand(3, 5))
                          for e in torch.eye(5)], -1)
@@ -368,23 +368,25 @@ def test_locality_steps_rescore_the_masked_network():
     assert masks[1].sum() == masks[4].sum() and not torch.equal(masks[1], masks[4])
 
 
-def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: nn.Module) -> TrainingOptimizer:
     """Optimizers with momentum and weight decay (coupled and decoupled); K-FAC and EKFAC
     precondition with dense per-layer matrices, which mix pruned and kept coordinates; the
     natural gradient solves on the unpruned coordinates only."""
     params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.1)
     if name == "natural_gradient":
-        return NaturalGradient(model, lr=0.05, momentum=0.9, weight_decay=0.1, cg_iters=10)
+        return TrainingOptimizer(base, NaturalGradient(model, cg_iters=10))
     if name in ("kfac", "ekfac"):
-        return (KFAC if name == "kfac" else EKFAC)(
-            model, lr=0.05, momentum=0.9, weight_decay=0.1, damping=0.01, cov_update_freq=1,
-            inv_update_freq=5, fisher_type="mc")
+        return TrainingOptimizer(base, (KFAC if name == "kfac" else EKFAC)(
+            model, damping=0.01, cov_update_freq=1, inv_update_freq=5, fisher_type="mc"))
     if name == "sgd":
-        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+        return TrainingOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1,
+                                                 nesterov=True))
     if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=0.01, momentum=0.9, weight_decay=0.1)
-    return getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW"}[name])(
-        params, lr=0.01, weight_decay=0.1)
+        return TrainingOptimizer(torch.optim.RMSprop(params, lr=0.01, momentum=0.9,
+                                                     weight_decay=0.1))
+    return TrainingOptimizer(getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW"}[name])(
+        params, lr=0.01, weight_decay=0.1))
 
 
 @pytest.mark.parametrize("name", ["sgd", "rmsprop", "adam", "adamw", "kfac", "ekfac",
@@ -405,7 +407,7 @@ def test_pruned_weights_stay_exactly_zero_through_training(name):
         if name in ("kfac", "ekfac"):  # preconditioning mixes coordinates: only the re-mask
             continue
         # masked gradients + state reset at the event: no moment of a pruned weight is non-zero
-        moments = [v for v in engine.optimizer.state[weight].values()
+        moments = [v for v in engine.optimizer.optimizer.state[weight].values()
                    if isinstance(v, Tensor) and v.shape == weight.shape]
         assert moments and all(bool((v[~mask] == 0).all()) for v in moments), key
     assert pruner.sparsity() == round(0.7 * 522) / 522

@@ -10,18 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compose, requires_fashion_mnist
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from ngexp.curvature.tasks import LanguageModel
 from ngexp.data.sequences import (
-    SequenceDataConfig,
     downsample_images,
     images_to_sequences,
     pixel_permutation,
     sequence_data,
 )
-from ngexp.data.text import TextDataConfig, encode, text_data
+from ngexp.data.text import encode, text_data
 from ngexp.errors import UserError
-from ngexp.train.tasks import LanguageModel
 
 
 def test_pixel_and_row_order_read_in_raster_order() -> None:
@@ -92,11 +92,11 @@ def test_config_options_compose(option: str) -> None:
 def test_bad_sequence_config_values() -> None:
     expected = "data.order='column' is invalid: expected one of pixel, row"
     with pytest.raises(ValueError, match=expected):
-        SequenceDataConfig(order="column")
-    with pytest.raises(ValueError, match="data.random_crop=4 is invalid"):
-        SequenceDataConfig(random_crop=4)
+        OmegaConf.to_object(compose("data=seq_mnist", "data.order=column"))
+    with pytest.raises(ConfigCompositionException, match="random_crop"):  # no such key
+        compose("data=seq_mnist", "data.random_crop=4")
     with pytest.raises(ValueError, match="data.downsample=0"):
-        SequenceDataConfig(downsample=0)
+        OmegaConf.to_object(compose("data=seq_mnist", "data.downsample=0"))
 
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40  # 1800 characters
@@ -141,11 +141,12 @@ def test_language_model_task_reports_bits_per_character() -> None:
 
 def test_missing_or_short_text_file_is_one_clear_line(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.txt")
-    with pytest.raises(UserError, match="no such file") as error:
+    with pytest.raises(UserError, match="path=.*nope.txt.* is invalid: expected an existing") \
+            as error:
         text_data(missing)
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="data.path=.*nope.txt.* is invalid: expected an existing"):
-        TextDataConfig(path=missing)
+        OmegaConf.to_object(compose("data=text", f"data.path={missing}"))
     with pytest.raises(UserError, match="data=text needs a text file: data.path=FILE"):
         text_data(None)
     short = tmp_path / "short.txt"

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import gzip
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ngexp.config import check, check_choice, schema
 from ngexp.data.augment import make_augment
 from ngexp.data.bundle import DataBundle, Split
 from ngexp.data.spec import DataSpec
 from ngexp.errors import UserError
+from ngexp.options import check, check_choice, check_integer, checked, configurable
 
 IMAGE_DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn")
 NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
@@ -86,7 +85,7 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Split, Spl
 
 def load_image_splits(name: str, root: str | None, download: bool) -> tuple[Split, Split]:
     """Train and test splits: inputs float32 in [0, 1] of shape (N, C, H, W), int64 labels."""
-    check_choice("data.name", name, IMAGE_DATASETS)
+    check_choice("name", name, IMAGE_DATASETS)
     roots = [Path(root)] if root is not None else default_roots(name)
     if name in ("fashion_mnist", "mnist"):
         for candidate in roots:
@@ -122,29 +121,15 @@ def channel_stats(inputs: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
     return tuple(per_channel.mean(1).tolist()), tuple(per_channel.std(1).tolist())
 
 
-@schema("data", "image")
-@dataclass
-class ImageDataConfig:
-    """Image classification data. ``subset`` keeps the first N training examples (after the
-    validation hold-out); ``random_crop`` is the padding of a random crop (0 = off)."""
-
-    _target_: str = "ngexp.data.images.image_data"
-    name: str = "fashion_mnist"
-    root: str | None = None
-    download: bool = False
-    subset: int | None = None
-    val_size: int = 0
-    val_seed: int = 0
-    normalize: bool = True
-    random_crop: int = 0
-    hflip: bool = False
-
-    def __post_init__(self) -> None:
-        check_choice("data.name", self.name, IMAGE_DATASETS)
-        check(self.subset is None or self.subset >= 1, "data.subset", self.subset,
-              "null or an integer >= 1")
-        check(self.val_size >= 0, "data.val_size", self.val_size, "an integer >= 0")
-        check(self.random_crop >= 0, "data.random_crop", self.random_crop, "an integer >= 0")
+def check_image_data(name: str, subset: int | None, val_size: int, val_seed: int,
+                     **options: object) -> None:
+    """Checks of the options image and sequence data sets share (``random_crop`` when given)."""
+    check_choice("name", name, IMAGE_DATASETS)
+    check_integer("subset", subset, 1, allow_none=True)
+    check_integer("val_size", val_size, 0)
+    check_integer("val_seed", val_seed, 0)
+    if "random_crop" in options:
+        check_integer("random_crop", options["random_crop"], 0)
 
 
 def prepare_splits(train: Split, test: Split, subset: int | None, val_size: int,
@@ -160,10 +145,15 @@ def prepare_splits(train: Split, test: Split, subset: int | None, val_size: int,
     return train, val, test
 
 
+@configurable("data", "image")
+@checked(check_image_data)
 def image_data(name: str, root: str | None = None, download: bool = False,
                subset: int | None = None, val_size: int = 0, val_seed: int = 0,
                normalize: bool = True, random_crop: int = 0, hflip: bool = False) -> DataBundle:
-    """Build the :class:`DataBundle` of an image data set (on the CPU)."""
+    """The :class:`DataBundle` of an image data set (on the CPU). ``subset`` keeps the first N
+    training examples (after the validation hold-out of ``val_size`` examples drawn with
+    ``val_seed``); ``random_crop`` is the padding of a random crop (0 = off), ``hflip`` random
+    horizontal flips; ``normalize`` standardizes inputs in the model's first layer."""
     train, test = load_image_splits(name, root, download)
     train, val, test = prepare_splits(train, test, subset, val_size, val_seed)
     mean, std = channel_stats(train.inputs) if normalize else ((0.0,), (1.0,))

@@ -18,16 +18,14 @@ training values (applied by the model).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ngexp.config import check, check_choice, schema
 from ngexp.data.bundle import DataBundle, Split
-from ngexp.data.images import NUM_CLASSES, ImageDataConfig, load_image_splits, prepare_splits
+from ngexp.data.images import NUM_CLASSES, check_image_data, load_image_splits, prepare_splits
 from ngexp.data.spec import DataSpec
+from ngexp.options import check_choice, check_integer, checked, configurable
 
 #: Values of ``data.order``.
 ORDERS = ("pixel", "row")
@@ -38,16 +36,10 @@ def pixel_permutation(num_pixels: int, seed: int) -> Tensor:
     return torch.randperm(num_pixels, generator=torch.Generator().manual_seed(seed))
 
 
-def check_no_augmentation(random_crop: int, hflip: bool) -> None:
-    """Sequence data has no augmentation; the image schema's fields must stay off."""
-    check(random_crop == 0, "data.random_crop", random_crop, "0 for sequence data")
-    check(not hflip, "data.hflip", hflip, "false for sequence data")
-
-
 def images_to_sequences(images: Tensor, order: str, permutation: Tensor | None = None) -> Tensor:
     """Images ``(N, C, H, W)`` -> sequences ``(N, T, D)`` in raster order (see module docstring);
     ``permutation`` (of the ``H * W`` positions) reorders the pixels first."""
-    check_choice("data.order", order, ORDERS)
+    check_choice("order", order, ORDERS)
     n, channels, height, width = images.shape
     pixels = images.flatten(2)  # (N, C, H*W), row-major positions
     if permutation is not None:
@@ -63,36 +55,24 @@ def downsample_images(images: Tensor, size: int) -> Tensor:
     return F.adaptive_avg_pool2d(images, size)
 
 
-@schema("data", "sequence")
-@dataclass
-class SequenceDataConfig(ImageDataConfig):
-    """An image data set read as sequences (see :mod:`ngexp.data.sequences`). ``downsample``:
-    side length after averaging (null = full size); ``permute_seed``: null = raster order."""
-
-    _target_: str = "ngexp.data.sequences.sequence_data"
-    order: str = "pixel"
-    downsample: int | None = None
-    permute_seed: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("data.order", self.order, ORDERS)
-        check(self.downsample is None or self.downsample >= 1, "data.downsample",
-              self.downsample, "null or an integer >= 1")
-        check(self.permute_seed is None or self.permute_seed >= 0, "data.permute_seed",
-              self.permute_seed, "null or an integer >= 0")
-        check_no_augmentation(self.random_crop, self.hflip)
+def check_sequence_data(order: str, downsample: int | None, permute_seed: int | None,
+                        **options: object) -> None:
+    check_image_data(**options)  # type: ignore[arg-type]
+    check_choice("order", order, ORDERS)
+    check_integer("downsample", downsample, 1, allow_none=True)
+    check_integer("permute_seed", permute_seed, 0, allow_none=True)
 
 
+@configurable("data", "sequence")
+@checked(check_sequence_data)
 def sequence_data(name: str, order: str = "pixel", downsample: int | None = None,
                   permute_seed: int | None = None, root: str | None = None,
                   download: bool = False, subset: int | None = None, val_size: int = 0,
-                  val_seed: int = 0, normalize: bool = True, random_crop: int = 0,
-                  hflip: bool = False) -> DataBundle:
-    """Build the :class:`DataBundle` of a sequential image data set (on the CPU).
-    ``random_crop``/``hflip`` come with the image schema and must be off."""
-    check_choice("data.order", order, ORDERS)
-    check_no_augmentation(random_crop, hflip)
+                  val_seed: int = 0, normalize: bool = True) -> DataBundle:
+    """The :class:`DataBundle` of an image data set read as sequences (on the CPU; module
+    docstring): ``downsample`` is the side length after averaging (null = full size),
+    ``permute_seed`` the seed of the pixel permutation (null = raster order); the other options
+    as for :func:`~ngexp.data.images.image_data`."""
     train, test = load_image_splits(name, root, download)
     train, val, test = prepare_splits(train, test, subset, val_size, val_seed)
     height, width = train.inputs.shape[-2:]

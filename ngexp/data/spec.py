@@ -11,7 +11,7 @@ class DataSpec:
 
     ``input_shape`` is the shape of one example without the batch dimension: ``(C, H, W)`` for
     images, ``(T, D)`` for sequences of ``T`` steps of ``D`` features, ``(T,)`` for token ids.
-    ``task`` selects the loss (see :mod:`ngexp.train.tasks`): ``classification`` (softmax
+    ``task`` selects the loss (see :mod:`ngexp.curvature.tasks`): ``classification`` (softmax
     cross-entropy), ``reconstruction`` (Bernoulli outputs, summed binary cross-entropy per
     example) or ``language_model`` (next-token cross-entropy at every step).
 

@@ -2,42 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
-from ngexp.config import check, schema
 from ngexp.data.augment import make_augment
 from ngexp.data.bundle import DataBundle, Split
 from ngexp.data.spec import DataSpec
+from ngexp.options import check, check_integer, checked, configurable
 
 
-@schema("data", "synthetic")
-@dataclass
-class SyntheticDataConfig:
-    """Uniform [0, 1) inputs of ``shape`` (C, H, W) and uniform labels; nothing to learn."""
-
-    _target_: str = "ngexp.data.synthetic.synthetic_data"
-    name: str = "synthetic"
-    shape: list[int] = field(default_factory=lambda: [3, 32, 32])
-    num_classes: int = 10
-    num_train: int = 10000
-    num_test: int = 2000
-    seed: int = 0
-    random_crop: int = 0
-    hflip: bool = False
-
-    def __post_init__(self) -> None:
-        check(len(self.shape) >= 1 and all(d >= 1 for d in self.shape), "data.shape",
-              list(self.shape), "a list of positive sizes, e.g. [3, 32, 32]")
-        check(self.num_classes >= 2, "data.num_classes", self.num_classes, "an integer >= 2")
-        check(self.num_train >= 1 and self.num_test >= 1, "data.num_train", self.num_train,
-              "num_train and num_test >= 1")
+def check_synthetic_data(shape: Sequence[int], num_classes: int, num_train: int, num_test: int,
+                         **_: object) -> None:
+    check(len(shape) >= 1 and all(isinstance(d, int) and d >= 1 for d in shape), "shape",
+          list(shape), "a list of positive sizes, e.g. [3, 32, 32]")
+    check_integer("num_classes", num_classes, 2)
+    check_integer("num_train", num_train, 1)
+    check_integer("num_test", num_test, 1)
 
 
-def synthetic_data(name: str, shape: list[int], num_classes: int, num_train: int,
-                   num_test: int, seed: int, random_crop: int = 0,
-                   hflip: bool = False) -> DataBundle:
+@configurable("data", "synthetic")
+@checked(check_synthetic_data)
+def synthetic_data(name: str = "synthetic", shape: Sequence[int] = (3, 32, 32),
+                   num_classes: int = 10, num_train: int = 10000, num_test: int = 2000,
+                   seed: int = 0, random_crop: int = 0, hflip: bool = False) -> DataBundle:
+    """Uniform [0, 1) inputs of ``shape`` (C, H, W) and uniform labels: nothing to learn (for
+    benchmarks and smoke tests)."""
     generator = torch.Generator().manual_seed(seed)
 
     def split(n: int) -> Split:

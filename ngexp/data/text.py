@@ -13,17 +13,16 @@ cross-entropy; the task reports it in bits per character.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ngexp.config import check, schema
 from ngexp.data.bundle import DataBundle, Split
 from ngexp.data.spec import DataSpec
 from ngexp.errors import UserError
+from ngexp.options import check, check_integer, check_range, checked, configurable
 
 
 def read_text(path: str | None) -> str:
@@ -60,35 +59,24 @@ def chunk(ids: Tensor, bptt: int, part: str) -> Split:
     return Split(inputs.clone(), targets.clone())
 
 
-@schema("data", "text")
-@dataclass
-class TextDataConfig:
-    """Character-level text (see :mod:`ngexp.data.text`); ``subset`` keeps the first N training
-    chunks; ``val_fraction``/``test_fraction`` are the contiguous validation/test shares.
-    ``path`` is required when the data is built (a missing file fails validation at once)."""
-
-    _target_: str = "ngexp.data.text.text_data"
-    path: str | None = None
-    bptt: int = 100
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
-    subset: int | None = None
-
-    def __post_init__(self) -> None:
-        check(self.path is None or Path(self.path).expanduser().is_file(), "data.path",
-              self.path, "an existing text file")
-        check(self.bptt >= 1, "data.bptt", self.bptt, "an integer >= 1")
-        check(0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction,
-              "a number in [0, 1)")
-        check(0 < self.test_fraction < 1 - self.val_fraction, "data.test_fraction",
-              self.test_fraction, "a number in (0, 1 - data.val_fraction)")
-        check(self.subset is None or self.subset >= 1, "data.subset", self.subset,
-              "null or an integer >= 1")
+def check_text_data(path: str | None, bptt: int, val_fraction: float, test_fraction: float,
+                    subset: int | None, **_: object) -> None:
+    check(path is None or Path(path).expanduser().is_file(), "path", path,
+          "an existing text file")
+    check_integer("bptt", bptt, 1)
+    check_range("val_fraction", val_fraction, 0, 1, closed="[)")
+    check_range("test_fraction", test_fraction, 0, 1 - val_fraction, closed="()")
+    check_integer("subset", subset, 1, allow_none=True)
 
 
+@configurable("data", "text")
+@checked(check_text_data)
 def text_data(path: str | None, bptt: int = 100, val_fraction: float = 0.05,
               test_fraction: float = 0.05, subset: int | None = None) -> DataBundle:
-    """Build the :class:`DataBundle` of a character-level language model (on the CPU)."""
+    """The :class:`DataBundle` of a character-level language model on the text file ``path``
+    (on the CPU; module docstring): ``subset`` keeps the first N training chunks,
+    ``val_fraction``/``test_fraction`` are the contiguous validation/test shares. ``path`` is
+    required when the data is built (a missing file fails validation at once)."""
     ids, vocabulary = encode(read_text(path))
     num_train, num_val, _ = split_lengths(len(ids), val_fraction, test_fraction)
     train = chunk(ids[:num_train], bptt, "training")

@@ -4,23 +4,33 @@ Hinton & Salakhutdinov (2006) MNIST autoencoder, trained without pre-training by
 optimization (Martens 2010) and K-FAC (Martens & Grosse 2015, Sec. 13): encoder
 784-1000-500-250-30 with logistic hidden units and a linear 30-unit code layer, and the mirrored
 decoder 30-250-500-1000-784 whose outputs are the logits of Bernoulli means; the loss is the
-binary cross-entropy summed over pixels (:class:`ngexp.train.tasks.Reconstruction`).
+binary cross-entropy summed over pixels (:class:`ngexp.curvature.tasks.Reconstruction`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ngexp.config import check, check_choice, schema
 from ngexp.data.spec import DataSpec
 from ngexp.models.layers import ACTIVATIONS, dense_stack, init_weights, sparse_init_
+from ngexp.options import check, check_choice, checked, configurable
 
 INITS = ("sparse", "xavier")
 
 
+def check_autoencoder(encoder_widths: Sequence[int], activation: str, init: str,
+                      **_: object) -> None:
+    check(len(encoder_widths) >= 1 and all(isinstance(w, int) and w >= 1
+                                           for w in encoder_widths),
+          "encoder_widths", list(encoder_widths), "a non-empty list of integers >= 1")
+    check_choice("activation", activation, tuple(ACTIVATIONS))
+    check_choice("init", init, INITS)
+
+
+@configurable("model", "autoencoder")
+@checked(check_autoencoder)
 class Autoencoder(nn.Module):
     """Deep autoencoder on flattened inputs.
 
@@ -44,7 +54,6 @@ class Autoencoder(nn.Module):
         init: str = "sparse",
     ) -> None:
         super().__init__()
-        check_choice("model.init", init, INITS)
         *hidden, code = encoder_widths
         self.encoder = dense_stack(spec.input_dim, hidden, code, activation)
         self.decoder = dense_stack(code, hidden[::-1], spec.input_dim, activation)
@@ -63,17 +72,3 @@ class Autoencoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.decoder(self.encode(x))
 
-
-@schema("model", "autoencoder")
-@dataclass
-class AutoencoderConfig:
-    _target_: str = "ngexp.models.autoencoder.Autoencoder"
-    encoder_widths: list[int] = field(default_factory=lambda: [1000, 500, 250, 30])
-    activation: str = "sigmoid"
-    init: str = "sparse"
-
-    def __post_init__(self) -> None:
-        check(len(self.encoder_widths) >= 1 and all(w >= 1 for w in self.encoder_widths),
-              "model.encoder_widths", self.encoder_widths, "a non-empty list of integers >= 1")
-        check_choice("model.activation", self.activation, tuple(ACTIVATIONS))
-        check_choice("model.init", self.init, INITS)

@@ -21,16 +21,23 @@ once per step (curvature statistics are summed over its calls).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ngexp.config import check, check_choice, schema
 from ngexp.data.spec import DataSpec
 from ngexp.errors import UserError
 from ngexp.models.layers import Standardize
+from ngexp.options import (
+    check_choice,
+    check_integer,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    checked,
+    configurable,
+)
 
 #: Values of ``model.bn``: which terms are batch-normalized.
 BN_MODES = ("all", "input", "none")
@@ -113,6 +120,19 @@ class StepwiseBatchNorm(nn.Module):
                 f"shift={self.bias is not None}, momentum={self.momentum}, eps={self.eps}")
 
 
+def check_bnlstm(hidden_size: int, bn: str, gamma_init: float, recurrent_init: str,
+                 h0_noise_std: float, bn_momentum: float, bn_eps: float, **_: object) -> None:
+    check_integer("hidden_size", hidden_size, 1)
+    check_choice("bn", bn, BN_MODES)
+    check_positive("gamma_init", gamma_init)
+    check_choice("recurrent_init", recurrent_init, RECURRENT_INITS)
+    check_nonnegative("h0_noise_std", h0_noise_std)
+    check_range("bn_momentum", bn_momentum, 0, 1, closed="(]")
+    check_positive("bn_eps", bn_eps)
+
+
+@configurable("model", "bnlstm")
+@checked(check_bnlstm)
 class BNLSTM(nn.Module):
     """One (batch-normalized) LSTM layer and a linear head; see the module docstring.
 
@@ -135,8 +155,6 @@ class BNLSTM(nn.Module):
                  h0_noise_std: float = 0.1, bn_momentum: float = 0.1,
                  bn_eps: float = 1e-5) -> None:
         super().__init__()
-        check_choice("model.bn", bn, BN_MODES)
-        check_choice("model.recurrent_init", recurrent_init, RECURRENT_INITS)
         self.language_model = spec.task == "language_model"
         if self.language_model:
             self.standardize, input_size = None, spec.num_classes
@@ -207,27 +225,3 @@ class BNLSTM(nn.Module):
             return self.head(torch.stack(states, dim=1))
         return self.head(h)
 
-
-@schema("model", "bnlstm")
-@dataclass
-class BNLSTMConfig:
-    """``bn``: all (Cooijmans et al. 2016) | input (Laurent et al. 2016) | none (plain LSTM)."""
-
-    _target_: str = "ngexp.models.bnlstm.BNLSTM"
-    hidden_size: int = 100
-    bn: str = "all"
-    gamma_init: float = 0.1
-    recurrent_init: str = "identity"
-    h0_noise_std: float = 0.1
-    bn_momentum: float = 0.1
-    bn_eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        check(self.hidden_size >= 1, "model.hidden_size", self.hidden_size, "an integer >= 1")
-        check_choice("model.bn", self.bn, BN_MODES)
-        check(self.gamma_init > 0, "model.gamma_init", self.gamma_init, "a number > 0")
-        check_choice("model.recurrent_init", self.recurrent_init, RECURRENT_INITS)
-        check(self.h0_noise_std >= 0, "model.h0_noise_std", self.h0_noise_std, "a number >= 0")
-        check(0 < self.bn_momentum <= 1, "model.bn_momentum", self.bn_momentum,
-              "a number in (0, 1]")
-        check(self.bn_eps > 0, "model.bn_eps", self.bn_eps, "a number > 0")

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ngexp.config import check_choice
 from ngexp.data.spec import DataSpec
+from ngexp.options import check_choice
 
 K = TypeVar("K")
 V = TypeVar("V")

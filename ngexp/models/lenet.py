@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
-from ngexp.config import check_choice, schema
 from ngexp.data.spec import DataSpec
 from ngexp.models.layers import (
     ACTIVATIONS,
@@ -16,10 +13,18 @@ from ngexp.models.layers import (
     input_layers,
     make_activation,
 )
+from ngexp.options import check_choice, checked, configurable
 
 POOLS: dict[str, type[nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
 
+def check_lenet5(activation: str, pool: str, **_: object) -> None:
+    check_choice("activation", activation, tuple(ACTIVATIONS))
+    check_choice("pool", pool, tuple(POOLS))
+
+
+@configurable("model", "lenet5")
+@checked(check_lenet5)
 class LeNet5(nn.Module):
     """conv5x5(6) -> pool -> conv5x5(16) -> pool -> 120 -> 84 -> classes on 32x32 inputs.
 
@@ -49,14 +54,3 @@ class LeNet5(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(self.input(x)).flatten(1))
 
-
-@schema("model", "lenet5")
-@dataclass
-class LeNet5Config:
-    _target_: str = "ngexp.models.lenet.LeNet5"
-    activation: str = "relu"
-    pool: str = "max"
-
-    def __post_init__(self) -> None:
-        check_choice("model.activation", self.activation, tuple(ACTIVATIONS))
-        check_choice("model.pool", self.pool, tuple(POOLS))

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ngexp.config import check, check_choice, schema
 from ngexp.data.spec import DataSpec
 from ngexp.models.layers import ACTIVATIONS, dense_stack, init_weights, input_layers
+from ngexp.options import check, check_choice, checked, configurable
 
 
+def check_mlp(widths: Sequence[int], activation: str, **_: object) -> None:
+    check(all(isinstance(w, int) and w >= 1 for w in widths), "widths", list(widths),
+          "a list of integers >= 1")
+    check_choice("activation", activation, tuple(ACTIVATIONS))
+
+
+@configurable("model", "mlp")
+@checked(check_mlp)
 class MLP(nn.Module):
     """Standardize, flatten, ``Linear -> [BatchNorm1d] -> activation`` per hidden width, Linear.
 
@@ -36,16 +43,3 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(self.input(x).flatten(1))
 
-
-@schema("model", "mlp")
-@dataclass
-class MLPConfig:
-    _target_: str = "ngexp.models.mlp.MLP"
-    widths: list[int] = field(default_factory=lambda: [512, 256])
-    activation: str = "relu"
-    batch_norm: bool = False
-
-    def __post_init__(self) -> None:
-        check(all(w >= 1 for w in self.widths), "model.widths", self.widths,
-              "a list of integers >= 1")
-        check_choice("model.activation", self.activation, tuple(ACTIVATIONS))

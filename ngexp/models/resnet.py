@@ -19,14 +19,13 @@ work unpadded (28 -> 14 -> 7 (-> 4) spatially).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ngexp.config import check, check_choice, schema
 from ngexp.data.spec import DataSpec
-from ngexp.models.layers import choose, init_weights, input_layers
+from ngexp.models.layers import init_weights, input_layers
+from ngexp.options import check, check_choice, checked, configurable
 
 SHORTCUTS = ("A", "B")
 
@@ -112,7 +111,6 @@ class ResNet(nn.Module):
         shortcut: str,
     ) -> None:
         super().__init__()
-        check_choice("model.shortcut", shortcut, SHORTCUTS)
         block = PreActBlock if preact else BasicBlock
         self.input = input_layers(spec)
         stem: list[nn.Module] = [conv3x3(spec.in_channels, widths[0])]
@@ -136,43 +134,28 @@ class ResNet(nn.Module):
         return self.head(self.stages(self.stem(self.input(x))))
 
 
+def check_cifar_resnet(depth: int, shortcut: str, **_: object) -> None:
+    check(isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0, "depth", depth,
+          "6n + 2 for an integer n >= 1 (20, 32, 44, 56, 110, ...)")
+    check_choice("shortcut", shortcut, SHORTCUTS)
+
+
+def check_preact_resnet(depth: int, shortcut: str, **_: object) -> None:
+    check_choice("depth", depth, tuple(PREACT_BLOCKS))
+    check_choice("shortcut", shortcut, SHORTCUTS)
+
+
+@configurable("model", "resnet")
+@checked(check_cifar_resnet)
 def cifar_resnet(spec: DataSpec, depth: int = 20, shortcut: str = "A") -> ResNet:
     """ResNet-``depth`` of He et al. (2016a, Sec. 4.2), ``depth = 6n + 2``."""
-    check_cifar_depth(depth)
     n = (depth - 2) // 6
     return ResNet(spec, (n, n, n), (16, 32, 64), preact=False, shortcut=shortcut)
 
 
+@configurable("model", "preact_resnet")
+@checked(check_preact_resnet)
 def preact_resnet(spec: DataSpec, depth: int = 18, shortcut: str = "B") -> ResNet:
     """Pre-activation ResNet-18/34 of He et al. (2016b) with a CIFAR stem."""
-    blocks = choose(PREACT_BLOCKS, "model.depth", depth)
-    return ResNet(spec, blocks, (64, 128, 256, 512), preact=True, shortcut=shortcut)
+    return ResNet(spec, PREACT_BLOCKS[depth], (64, 128, 256, 512), preact=True, shortcut=shortcut)
 
-
-def check_cifar_depth(depth: int) -> None:
-    check(depth >= 8 and (depth - 2) % 6 == 0, "model.depth", depth,
-          "6n + 2 for an integer n >= 1 (20, 32, 44, 56, 110, ...)")
-
-
-@schema("model", "resnet")
-@dataclass
-class ResNetConfig:
-    _target_: str = "ngexp.models.resnet.cifar_resnet"
-    depth: int = 20
-    shortcut: str = "A"
-
-    def __post_init__(self) -> None:
-        check_cifar_depth(self.depth)
-        check_choice("model.shortcut", self.shortcut, SHORTCUTS)
-
-
-@schema("model", "preact_resnet")
-@dataclass
-class PreActResNetConfig:
-    _target_: str = "ngexp.models.resnet.preact_resnet"
-    depth: int = 18
-    shortcut: str = "B"
-
-    def __post_init__(self) -> None:
-        check_choice("model.depth", self.depth, tuple(PREACT_BLOCKS))
-        check_choice("model.shortcut", self.shortcut, SHORTCUTS)

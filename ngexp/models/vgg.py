@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ngexp.config import check, check_choice, schema
 from ngexp.data.spec import DataSpec
 from ngexp.models.layers import choose, dense_stack, init_weights, input_layers
+from ngexp.options import check, check_choice, checked, configurable
 
 #: Convolution widths by depth, "M" = 2x2 max pooling (configurations A, B, D, E of Table 1).
 VGG_LAYERS: dict[int, tuple[int | str, ...]] = {
@@ -21,6 +20,14 @@ VGG_LAYERS: dict[int, tuple[int | str, ...]] = {
 }
 
 
+def check_vgg(depth: int, head_widths: Sequence[int], **_: object) -> None:
+    check_choice("depth", depth, tuple(VGG_LAYERS))
+    check(all(isinstance(w, int) and w >= 1 for w in head_widths), "head_widths",
+          list(head_widths), "a list of integers >= 1")
+
+
+@configurable("model", "vgg")
+@checked(check_vgg)
 class VGG(nn.Module):
     """3x3 convolutions (padding 1) with ReLU and five 2x2 max pools, then a CIFAR-style head.
 
@@ -65,16 +72,3 @@ class VGG(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(self.input(x))).flatten(1))
 
-
-@schema("model", "vgg")
-@dataclass
-class VGGConfig:
-    _target_: str = "ngexp.models.vgg.VGG"
-    depth: int = 16
-    batch_norm: bool = False
-    head_widths: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        check_choice("model.depth", self.depth, tuple(VGG_LAYERS))
-        check(all(w >= 1 for w in self.head_widths), "model.head_widths", self.head_widths,
-              "a list of integers >= 1")

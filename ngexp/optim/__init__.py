@@ -1,19 +1,12 @@
-"""Optimizers. Importing this package registers every optimizer schema."""
+"""Optimizers: K-FAC, EKFAC and the natural gradient as preconditioners of any ``torch.optim``
+optimizer, and the first-order baselines' schemas. Importing this package registers them."""
 
-from __future__ import annotations
+from ngexp.optim import first_order  # noqa: F401  (registers the first-order schemas)
+from ngexp.optim.ekfac import EKFAC
+from ngexp.optim.kfac import KFAC
+from ngexp.optim.natural_gradient import NaturalGradient
+from ngexp.optim.preconditioner import Preconditioner
+from ngexp.optim.training import TrainingOptimizer, base_optimizer
 
-import torch
-from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
-from torch import nn
-
-from ngexp.optim import ekfac, first_order, kfac, natural_gradient  # noqa: F401  (schemas)
-from ngexp.optim.base import ModelOptimizer
-
-
-def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Instantiate ``cfg``: a :class:`ModelOptimizer` gets the model, others its parameters."""
-    factory = instantiate(cfg, _partial_=True)
-    if issubclass(get_class(cfg._target_), ModelOptimizer):
-        return factory(model=model)
-    return factory(params=[p for p in model.parameters() if p.requires_grad])
+__all__ = ["EKFAC", "KFAC", "NaturalGradient", "Preconditioner", "TrainingOptimizer",
+           "base_optimizer"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ngexp.config import check, schema
+from ngexp.options import check, check_nonnegative, check_positive, check_range, is_number, schema
 
 
 def check_common(lr: float, weight_decay: float, momentum: float = 0.0) -> None:
-    check(lr > 0, "optimizer.lr", lr, "a number > 0")
-    check(weight_decay >= 0, "optimizer.weight_decay", weight_decay, "a number >= 0")
-    check(0 <= momentum < 1, "optimizer.momentum", momentum, "a number in [0, 1)")
+    check_positive("optimizer.lr", lr)
+    check_nonnegative("optimizer.weight_decay", weight_decay)
+    check_range("optimizer.momentum", momentum, 0, 1, closed="[)")
 
 
 @schema("optimizer", "sgd")
@@ -45,8 +45,8 @@ class RMSPropConfig:
 
     def __post_init__(self) -> None:
         check_common(self.lr, self.weight_decay, self.momentum)
-        check(0 < self.alpha < 1, "optimizer.alpha", self.alpha, "a number in (0, 1)")
-        check(self.eps > 0, "optimizer.eps", self.eps, "a number > 0")
+        check_range("optimizer.alpha", self.alpha, 0, 1, closed="()")
+        check_positive("optimizer.eps", self.eps)
 
 
 @schema("optimizer", "adam")
@@ -62,6 +62,6 @@ class AdamConfig:
 
     def __post_init__(self) -> None:
         check_common(self.lr, self.weight_decay)
-        check(all(0 <= beta < 1 for beta in self.betas), "optimizer.betas", self.betas,
-              "two numbers in [0, 1)")
-        check(self.eps > 0, "optimizer.eps", self.eps, "a number > 0")
+        check(all(is_number(beta) and 0 <= beta < 1 for beta in self.betas), "optimizer.betas",
+              self.betas, "two numbers in [0, 1)")
+        check_positive("optimizer.eps", self.eps)

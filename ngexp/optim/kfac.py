@@ -1,102 +1,43 @@
 """K-FAC: Kronecker-factored approximate curvature (Martens & Grosse 2015; Grosse & Martens 2016).
 
 Each covered layer's gradient ``M = [dW | db]`` is preconditioned with the damped Kronecker
-factors, ``V = (G + d_G I)^-1 M (A + d_A I)^-1``, computed from their eigendecompositions
-``A = U_A diag(lambda_A) U_A^T``, ``G = U_G diag(lambda_G) U_G^T`` (refreshed every
-``inv_update_freq`` steps) as ``U_G ((U_G^T M U_A) / D) U_A^T`` with, per ``damping_mode``:
+factors ``A`` and ``G`` (refreshed every ``inv_update_freq`` steps), per ``damping_mode``:
 
-- ``factored`` (Sec. 6.3, factored Tikhonov damping): ``D = (lambda_G + d_G)(lambda_A + d_A)^T``,
-  ``d_A = pi sqrt(damping)``, ``d_G = sqrt(damping) / pi`` and the pi correction
-  ``pi = sqrt((tr(A) / dim A) / (tr(G) / dim G))`` (``pi = 1`` with ``pi_correction=false``),
-  computed with each new eigenbasis. The damped inverses ``U diag(1 / (lambda + d)) U^T`` are
-  formed when the bases or the damping change, so a step costs two matrix products per layer;
-- ``eigen`` (damping in the Kronecker eigenbasis): ``D = lambda_G lambda_A^T + damping``, i.e.
-  ``(G (x) A + damping I)^-1`` exactly.
+- ``factored`` (Sec. 6.3, factored Tikhonov damping): ``V = (G + d_G I)^-1 M (A + d_A I)^-1``
+  with ``d_A = pi sqrt(damping)``, ``d_G = sqrt(damping) / pi`` and the pi correction ``pi =
+  sqrt((tr(A) / dim A) / (tr(G) / dim G))`` (``pi = 1`` with ``pi_correction=false``). The
+  damped inverses come from Cholesky factorizations (no eigendecomposition), recomputed at
+  each refresh and whenever the damping changes; a step costs two matrix products per layer.
+- ``eigen`` (damping in the Kronecker eigenbasis): ``V = U_G ((U_G^T M U_A) / (lambda_G
+  lambda_A^T + damping)) U_A^T`` from ``A = U_A diag(lambda_A) U_A^T``, ``G = U_G diag(lambda_G)
+  U_G^T``, i.e. ``(G (x) A + damping I)^-1`` exactly.
 
-Statistics, KL clipping, momentum, weight decay and damping schedules: :mod:`ngexp.optim.kronecker`.
+Statistics, damping schedules: :mod:`ngexp.optim.kronecker`; KL clipping and the optimizer:
+:mod:`ngexp.optim.preconditioner`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ngexp.config import check_choice, schema
-from ngexp.optim.curvature import KroneckerLayer
-from ngexp.optim.kronecker import KroneckerConfig, KroneckerOptimizer, kronecker_eigenvalues
+from ngexp.curvature.capture import LayerIO
+from ngexp.curvature.linalg import damped_inverses
+from ngexp.optim.kronecker import (
+    KroneckerPreconditioner,
+    eigenbasis_precondition,
+    kronecker_eigenvalues,
+)
+from ngexp.optim.training import base_optimizer
+from ngexp.options import check_choice, checked, configurable
 
 DAMPING_MODES = ("factored", "eigen")
 
 
-@schema("optimizer", "kfac")
-@dataclass
-class KFACConfig(KroneckerConfig):
-    """K-FAC options: the shared ones plus how damping enters (:mod:`ngexp.optim.kfac`)."""
-
-    _target_: str = "ngexp.optim.kfac.KFAC"
-    damping_mode: str = "factored"  # factored | eigen
-    pi_correction: bool = True  # factored mode: split the damping by the pi ratio
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("optimizer.damping_mode", self.damping_mode, DAMPING_MODES)
-
-
-class KFAC(KroneckerOptimizer):
-    """K-FAC as a ``torch.optim`` optimizer built from the model: ``KFAC(model, lr=..., ...)``
-    with the options of :class:`KFACConfig`."""
-
-    config_class = KFACConfig
-    options: KFACConfig
-
-    def _eigenvalues(self, state: dict[str, Tensor]) -> Tensor:
-        return kronecker_eigenvalues(state)
-
-    def __init__(self, model: nn.Module, **options: Any) -> None:
-        super().__init__(model, **options)
-        #: Factored mode: damped inverses ``((A + d_A I)^-1, (G + d_G I)^-1)`` by layer name,
-        #: rebuilt from the eigendecompositions when the bases or the damping change.
-        self._inverses: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def _precondition(self, layer: KroneckerLayer, state: dict[str, Tensor],
-                      grad: Tensor) -> Tensor:
-        if self.options.damping_mode == "eigen":
-            return super()._precondition(layer, state, grad)
-        inverse_a, inverse_g = self._inverses[layer.name]
-        return inverse_g @ grad @ inverse_a
-
-    def _update_scaling(self, refreshed: bool, captured: bool) -> None:
-        """With new eigenbases: recompute pi (a non-finite pi, from a bad factor, keeps the
-        previous value, or 1). Factored mode: rebuild the damped inverses."""
-        if refreshed:
-            for layer, state in self._layers_with("U_A"):
-                old = state.get("pi", state["A"].new_ones(layer.groups))
-                if self.options.pi_correction:
-                    new = pi_ratio(state["A"], state["G"])
-                    state["pi"] = torch.where(torch.isfinite(new), new, old)
-                else:
-                    state["pi"] = old
-        if self.options.damping_mode == "factored" and (refreshed or self._damping_changed):
-            root = self._damping.sqrt()
-            for layer, state in self._layers_with("U_A"):
-                pi = state["pi"][:, None]
-                self._inverses[layer.name] = (
-                    damped_inverse(state["U_A"], state["lambda_A"], root * pi),
-                    damped_inverse(state["U_G"], state["lambda_G"], root / pi),
-                )
-
-    def reset_state(self) -> None:
-        super().reset_state()
-        self._inverses.clear()
-
-
-def damped_inverse(basis: Tensor, eigenvalues: Tensor, damping: Tensor) -> Tensor:
-    """``(F + d I)^-1 = U diag(1 / (lambda + d)) U^T`` per group: ``basis (groups, n, n)``,
-    ``eigenvalues (groups, n)``, ``damping (groups, 1)``."""
-    return (basis / (eigenvalues + damping)[:, None, :]) @ basis.mT
+def check_kfac(damping_mode: str, **_: Any) -> None:
+    check_choice("damping_mode", damping_mode, DAMPING_MODES)
 
 
 def pi_ratio(a: Tensor, g: Tensor) -> Tensor:
@@ -106,3 +47,72 @@ def pi_ratio(a: Tensor, g: Tensor) -> Tensor:
     mean_a = a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)
     mean_g = g.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)
     return (mean_a / mean_g).sqrt()
+
+
+@configurable("optimizer", "kfac", extends=base_optimizer, defaults={"lr": 0.03, "momentum": 0.9})
+@checked(check_kfac)
+class KFAC(KroneckerPreconditioner):
+    """K-FAC preconditioner: ``KFAC(model, damping=..., ...)``, then any ``torch.optim``
+    optimizer steps the preconditioned gradients (:mod:`ngexp.optim.preconditioner`).
+    Options: ``damping_mode`` and ``pi_correction`` (module docstring) and those of
+    :class:`~ngexp.optim.kronecker.KroneckerPreconditioner` and
+    :class:`~ngexp.optim.preconditioner.Preconditioner`."""
+
+    def __init__(self, model: nn.Module, *, damping_mode: str = "factored",
+                 pi_correction: bool = True, **options: Any) -> None:
+        self.damping_mode, self.pi_correction = damping_mode, pi_correction
+        super().__init__(model, **options)
+
+    def _refreshed(self, state: dict[str, Tensor]) -> bool:
+        return ("A_inv" if self.damping_mode == "factored" else "U_A") in state
+
+    def _refresh(self, layers: list[LayerIO]) -> None:
+        """Factored: recompute pi (a non-finite pi, from a bad factor, keeps the previous value,
+        or 1) and the damped inverses. Eigen: new eigenbases."""
+        if self.damping_mode == "eigen":
+            self._refresh_eigenbases(layers)
+            return
+        for layer in layers:
+            state = self.state[layer.name]
+            old = state.get("pi", state["A"].new_ones(layer.groups))
+            if self.pi_correction:
+                new = pi_ratio(state["A"], state["G"])
+                state["pi"] = torch.where(torch.isfinite(new), new, old)
+            else:
+                state["pi"] = old
+        self._invert(layers)
+
+    def _update_scaling(self, refreshed: bool) -> None:
+        """Factored mode: a damping change between refreshes re-inverts the damped factors."""
+        if self.damping_mode == "factored" and self._damping_changed and not refreshed:
+            self._invert([layer for layer in self.layers
+                          if layer.name in self.state and "pi" in self.state[layer.name]])
+
+    def _invert(self, layers: list[LayerIO]) -> None:
+        root = self._damping.sqrt()
+        factors, dampings, previous, names = [], [], [], []
+        for layer in layers:
+            state = self.state[layer.name]
+            pi = state["pi"][:, None]
+            for which, damping in (("A", root * pi), ("G", root / pi)):
+                factors.append(state[which])
+                dampings.append(damping)
+                previous.append(state.get(f"{which}_inv"))
+                names.append(f"{layer.name}.{which}")
+        if not factors:
+            return
+        inverses, kept = damped_inverses(factors, dampings, previous, names)
+        self._kept += kept
+        for index, layer in enumerate(layers):
+            state = self.state[layer.name]
+            state["A_inv"], state["G_inv"] = inverses[2 * index], inverses[2 * index + 1]
+
+    def _precondition(self, layer: LayerIO, state: dict[str, Tensor], grad: Tensor) -> Tensor:
+        if self.damping_mode == "eigen":
+            denominator = kronecker_eigenvalues(state) + self._damping
+            return eigenbasis_precondition(grad, state["U_A"], state["U_G"], denominator)
+        return state["G_inv"] @ grad @ state["A_inv"]
+
+    def _curvature_quadratic(self, state: dict[str, Tensor], delta: Tensor) -> Tensor:
+        """``vec(D)^T (G (x) A) vec(D) = <D, G D A>``."""
+        return (state["G"] @ delta @ state["A"] * delta).sum()

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ngexp.optim.curvature import kronecker_diagonal
-from ngexp.prune.diag_ggn import diagonal_ggn
+from ngexp.curvature.diagonal import diagonal_ggn
+from ngexp.curvature.kronecker import kronecker_diagonal
+from ngexp.curvature.tasks import Task
 from ngexp.prune.masks import param_key
-from ngexp.train.tasks import Task
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 

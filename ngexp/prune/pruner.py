@@ -20,23 +20,19 @@ channels (Conv2d filters, Linear neurons, with their biases).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ngexp.config import check, check_choice, schema
+from ngexp.callbacks import Callback, Trainer
+from ngexp.curvature.kronecker import FISHER_TYPES
 from ngexp.errors import UserError
-from ngexp.optim.base import ModelOptimizer, reset_optimizer_state
-from ngexp.optim.curvature import FISHER_TYPES
+from ngexp.options import check, check_choice, schema
 from ngexp.prune.criteria import CRITERIA, needs_data, saliencies
 from ngexp.prune.masks import Masks, prunable_layers, unwrap
 from ngexp.prune.report import output_positions, sparsity_report
 from ngexp.prune.schedules import locality_ladder, pruning_events
 from ngexp.prune.selection import layerwise_counts, select_global, select_layerwise, target_count
-from ngexp.train.callbacks import Callback
-
-if TYPE_CHECKING:
-    from ngexp.train.engine import Engine
 
 
 @schema("prune", "pruner")
@@ -108,7 +104,7 @@ class PruneConfig:
 
 
 class Pruner(Callback):
-    """Engine callback pruning ``engine.model`` as configured by :class:`PruneConfig`."""
+    """Engine callback pruning ``trainer.model`` as configured by :class:`PruneConfig`."""
 
     name = "pruner"
 
@@ -120,32 +116,32 @@ class Pruner(Callback):
         self._saved_masks: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ engine hooks
-    def on_train_start(self, engine: Engine) -> None:
-        self._bind(engine)
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._bind(trainer)
 
-    def on_step_start(self, engine: Engine) -> None:
-        self._bind(engine)
-        target = self.events.get(engine.step)
+    def on_step_start(self, trainer: Trainer) -> None:
+        self._bind(trainer)
+        target = self.events.get(trainer.step)
         if target is not None:
-            self.prune(engine, target)
+            self.prune(trainer, target)
 
-    def before_optimizer_step(self, engine: Engine) -> None:
-        self._bind(engine).mask_gradients()
+    def before_optimizer_step(self, trainer: Trainer) -> None:
+        self._bind(trainer).mask_gradients()
 
-    def after_optimizer_step(self, engine: Engine) -> None:
-        self._bind(engine).mask_weights()
+    def after_optimizer_step(self, trainer: Trainer) -> None:
+        self._bind(trainer).mask_weights()
 
-    def on_epoch_end(self, engine: Engine) -> None:
+    def on_epoch_end(self, trainer: Trainer) -> None:
         """Events scheduled at the very end (``finetune_epochs=0``) happen before the final
         evaluation and checkpoint."""
-        self._bind(engine)
-        late = [t for step, t in self.events.items() if step >= engine.total_steps]
-        if late and engine.step >= engine.total_steps:
-            self.prune(engine, max(late))
+        self._bind(trainer)
+        late = [t for step, t in self.events.items() if step >= trainer.total_steps]
+        if late and trainer.step >= trainer.total_steps:
+            self.prune(trainer, max(late))
 
-    def metrics(self, engine: Engine) -> dict[str, float]:
-        masks = self._bind(engine)
-        return sparsity_report(unwrap(engine.model), masks, self.positions)
+    def metrics(self, trainer: Trainer) -> dict[str, float]:
+        masks = self._bind(trainer)
+        return sparsity_report(unwrap(trainer.model), masks, self.positions)
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": self.masks.state_dict() if self.masks is not None else self._saved_masks}
@@ -156,13 +152,13 @@ class Pruner(Callback):
             self.masks.load_state_dict(self._saved_masks)
 
     # ------------------------------------------------------------------ pruning
-    def _bind(self, engine: Engine) -> Masks:
+    def _bind(self, trainer: Trainer) -> Masks:
         """Find the layers, restore saved masks and plan the events (once, at first use: a
         resumed run does not call ``on_train_start``)."""
         if self.masks is not None:
             return self.masks
         s = self.settings
-        model = unwrap(engine.model)
+        model = unwrap(trainer.model)
         layers = prunable_layers(model, s.keep_first_dense, s.keep_last_dense, s.exclude)
         if not layers:
             raise UserError("prune: the model has no Linear/Conv2d layer left to prune "
@@ -170,19 +166,19 @@ class Pruner(Callback):
         masks = Masks(layers, s.structure)
         masks.load_state_dict(self._saved_masks)
         self.events = pruning_events(
-            s.schedule, target=s.target_sparsity, steps_per_epoch=engine.steps_per_epoch,
-            total_steps=engine.total_steps, finetune_epochs=s.finetune_epochs,
+            s.schedule, target=s.target_sparsity, steps_per_epoch=trainer.steps_per_epoch,
+            total_steps=trainer.total_steps, finetune_epochs=s.finetune_epochs,
             rate_per_round=s.rate_per_round, round_epochs=s.round_epochs,
             start_epoch=s.start_epoch, initial_sparsity=s.initial_sparsity,
             start_step=s.start_step, end_step=s.end_step, frequency=s.frequency)
         last = max(self.events)
-        if last > engine.total_steps:
+        if last > trainer.total_steps:
             raise UserError(f"prune.schedule={s.schedule}: the last pruning event is at step "
-                            f"{last} but training has {engine.total_steps} steps; train longer "
+                            f"{last} but training has {trainer.total_steps} steps; train longer "
                             f"or prune faster (prune.rate_per_round, round_epochs, end_step)")
-        self.positions = output_positions(model, engine.data.train.inputs[:1])
-        if isinstance(engine.optimizer, ModelOptimizer):  # e.g. NG solves on the unpruned weights
-            engine.optimizer.restrict_to(dict(zip(masks.params, masks.tensors, strict=True)))
+        self.positions = output_positions(model, trainer.data.train.inputs[:1])
+        # e.g. the natural gradient solves on the unpruned weights
+        trainer.optimizer.restrict_to(dict(zip(masks.params, masks.tensors, strict=True)))
         self.masks = masks
         return masks
 
@@ -192,47 +188,47 @@ class Pruner(Callback):
         alive = [self.masks.alive(name) for name in self.masks.layers]
         return 1 - sum(int(a.sum()) for a in alive) / sum(a.numel() for a in alive)
 
-    def prune(self, engine: Engine, target: float) -> None:
+    def prune(self, trainer: Trainer, target: float) -> None:
         """One pruning event: reach ``target`` sparsity in locality steps, reset the optimizer
         state and log the test metrics of the pruned network."""
-        masks = self._bind(engine)
+        masks = self._bind(trainer)
         s = self.settings
         names = list(masks.layers)
         sizes = [masks.num_units(name) for name in names]
         current = self.sparsity()
         if target_count(target, sum(sizes)) <= round(current * sum(sizes)):
             return
-        model = unwrap(engine.model)
+        model = unwrap(trainer.model)
         was_training = model.training
         model.eval()
         try:
             for step_target in locality_ladder(current, target, s.steps, s.step_schedule):
-                self._prune_step(engine, step_target, names, sizes)
+                self._prune_step(trainer, step_target, names, sizes)
         finally:
             model.train(was_training)
-        reset_optimizer_state(engine.optimizer)
+        trainer.optimizer.reset_state()
         after = {f"prune/test_{key}_after_prune": value
-                 for key, value in engine.evaluate("test").items()}
+                 for key, value in trainer.evaluate("test").items()}
         after["prune/sparsity"] = self.sparsity()
-        engine.log(after)
-        engine.console.print(
-            f"pruned to sparsity {after['prune/sparsity']:.4f} at step {engine.step} "
+        trainer.log(after)
+        trainer.console.print(
+            f"pruned to sparsity {after['prune/sparsity']:.4f} at step {trainer.step} "
             f"({s.criterion}, {s.steps} step(s)): "
             + ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in after.items()
                         if k != "prune/sparsity"))
 
-    def _prune_step(self, engine: Engine, sparsity: float, names: list[str],
+    def _prune_step(self, trainer: Trainer, sparsity: float, names: list[str],
                     sizes: list[int]) -> None:
         """Score the units of the masked network and prune to ``sparsity``."""
         masks = self.masks
         assert masks is not None
         s = self.settings
-        batches = (list(engine.train_batches(s.num_examples, s.batch_size))
+        batches = (list(trainer.train_batches(s.num_examples, s.batch_size))
                    if needs_data(s.criterion) else [])
-        scores = saliencies(s.criterion, unwrap(engine.model), engine.task, batches,
+        scores = saliencies(s.criterion, unwrap(trainer.model), trainer.task, batches,
                             masks.layers, {n: masks.num_units(n) for n in names},
                             penalty=s.locality_penalty, fisher_type=s.fisher_type,
-                            generator=engine.generator)
+                            generator=trainer.generator)
         alive = [masks.alive(name) for name in names]
         ordered = [scores[name] for name in names]
         if s.scope == "global":

@@ -1,10 +1,11 @@
 """The training engine: one run from a composed config to a finished run directory.
 
-Order of one training step (callbacks in :mod:`ngexp.train.callbacks`, optimizer contract in
-:mod:`ngexp.optim.base`): step start -> forward/loss -> backward (a :class:`ModelOptimizer`
-runs its own) -> callbacks before the step -> global-norm clipping -> ``optimizer.step()`` ->
-lr schedule -> callbacks after the step. Training metrics are accumulated on the device and read
-once per ``trainer.log_every`` steps, so the step path does not synchronize with the host.
+Order of one training step (callbacks in :mod:`ngexp.callbacks`, the optimizer in
+:mod:`ngexp.optim.training`): step start -> forward/loss -> backward (a preconditioner records
+its curvature) -> callbacks before the step -> global-norm clipping -> preconditioner and
+optimizer step -> lr schedule -> callbacks after the step. Training metrics are accumulated on
+the device and read once per ``trainer.log_every`` steps, so the step path does not synchronize
+with the host.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import Tensor
 
+from ngexp.callbacks import Callback
 from ngexp.config import TrainerConfig
+from ngexp.curvature.tasks import Reconstruction, Task, build_task
 from ngexp.data.bundle import DataBundle, epoch_batches, eval_batches
 from ngexp.errors import UserError
 from ngexp.metrics import better
 from ngexp.models import build_model
-from ngexp.optim import build_optimizer
-from ngexp.optim.base import ModelOptimizer
+from ngexp.optim.build import build_optimizer
 from ngexp.train import rundir
-from ngexp.train.callbacks import Callback
 from ngexp.train.checkpoint import (
     load_checkpoint,
     resolve_init_from,
@@ -46,7 +47,6 @@ from ngexp.train.checkpoint import (
     set_rng_state,
 )
 from ngexp.train.loggers import ConsoleProgress, MetricsLogger, summary_table
-from ngexp.train.tasks import Reconstruction, Task, build_task
 
 #: Signals that stop a run with a checkpoint (USR2: SLURM's warning before preemption/time-out).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2")
@@ -111,8 +111,8 @@ class Engine:
         if cfg.init_from:
             weights = load_checkpoint(resolve_init_from(cfg.init_from), self.device)["model"]
             self.model.load_state_dict(weights)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model)
-        if trainer.compile and isinstance(self.optimizer, ModelOptimizer):
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.task)
+        if trainer.compile and self.optimizer.preconditioner is not None:
             raise UserError(f"trainer.compile=true does not work with optimizer="
                             f"{self.choices.get('optimizer')} (its layer hooks need eager mode); "
                             f"use trainer.compile=false")
@@ -125,7 +125,7 @@ class Engine:
         self.total_steps = trainer.max_steps or trainer.epochs * self.steps_per_epoch
         multiplier = instantiate(cfg.lr_schedule, _partial_=True)(
             total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, multiplier)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, multiplier)
         self.callbacks: list[Callback] = []
         if cfg.get("prune"):
             self.callbacks.append(instantiate(cfg.prune, _partial_=True)())
@@ -206,14 +206,11 @@ class Engine:
             callback.on_step_start(self)
         inputs = self._to_memory_format(inputs)
         targets = self.targets_for(inputs, targets)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         with self.autocast():
             outputs = self.forward(inputs)
             loss = self.task.loss(outputs, targets)
-        if isinstance(self.optimizer, ModelOptimizer):
-            self.optimizer.backward(loss, outputs=outputs, inputs=inputs, task=self.task)
-        else:
-            loss.backward()
+        self.optimizer.backward(loss, outputs, targets)
         for callback in self.callbacks:
             callback.before_optimizer_step(self)
         clip = self.trainer.grad_clip
@@ -257,8 +254,7 @@ class Engine:
         metrics["optim/lr"] = self.optimizer.param_groups[0]["lr"]
         if grad_norm is not None:
             metrics["optim/grad_norm"] = float(grad_norm)
-        if isinstance(self.optimizer, ModelOptimizer):
-            metrics.update({f"optim/{k}": v for k, v in self.optimizer.log_metrics().items()})
+        metrics.update({f"optim/{k}": v for k, v in self.optimizer.log_metrics().items()})
         metrics["train/examples_per_s"] = self.window_steps * self.trainer.batch_size / seconds
         metrics["train/step_time_ms"] = 1000 * seconds / self.window_steps
         metrics["train/peak_mem_mb"] = self._peak_memory_mb()

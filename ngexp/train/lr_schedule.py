@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
-from ngexp.config import check, schema
+from ngexp.options import check, check_integer, check_range, checked, configurable
 
 Multiplier = Callable[[int], float]
 
@@ -23,85 +22,51 @@ def with_warmup(schedule: Multiplier, warmup_steps: int) -> Multiplier:
     return lambda step: min(1.0, (step + 1) / warmup_steps) * schedule(step)
 
 
-@dataclass
-class ScheduleConfig:
-    warmup_steps: int = 0
-
-    def __post_init__(self) -> None:
-        check(self.warmup_steps >= 0, "lr_schedule.warmup_steps", self.warmup_steps,
-              "an integer >= 0")
-
-
-@schema("lr_schedule", "constant")
-@dataclass
-class ConstantConfig(ScheduleConfig):
-    _target_: str = "ngexp.train.lr_schedule.constant"
-
-
-@schema("lr_schedule", "step")
-@dataclass
-class StepConfig(ScheduleConfig):
-    """Multiply by ``gamma`` every ``step_epochs`` epochs."""
-
-    _target_: str = "ngexp.train.lr_schedule.step"
-    step_epochs: int = 30
-    gamma: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.step_epochs >= 1, "lr_schedule.step_epochs", self.step_epochs,
-              "an integer >= 1")
-        check(0 < self.gamma <= 1, "lr_schedule.gamma", self.gamma, "a number in (0, 1]")
+def check_schedule(warmup_steps: int, **options: object) -> None:
+    """Checks of every schedule's options (``step_epochs``, ``gamma``, ... where it has them)."""
+    check_integer("warmup_steps", warmup_steps, 0)
+    if "step_epochs" in options:
+        check_integer("step_epochs", options["step_epochs"], 1)
+    if "gamma" in options:
+        check_range("gamma", options["gamma"], 0, 1, closed="(]")
+    if "milestones" in options:
+        milestones = list(options["milestones"])  # type: ignore[call-overload]
+        check(milestones == sorted(milestones), "milestones", milestones,
+              "epochs in increasing order")
+    if "min_factor" in options:
+        check_range("min_factor", options["min_factor"], 0, 1)
 
 
-@schema("lr_schedule", "multistep")
-@dataclass
-class MultiStepConfig(ScheduleConfig):
-    """Multiply by ``gamma`` at each epoch in ``milestones``."""
-
-    _target_: str = "ngexp.train.lr_schedule.multistep"
-    milestones: list[int] = field(default_factory=lambda: [100, 150])
-    gamma: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(list(self.milestones) == sorted(self.milestones), "lr_schedule.milestones",
-              list(self.milestones), "epochs in increasing order")
-        check(0 < self.gamma <= 1, "lr_schedule.gamma", self.gamma, "a number in (0, 1]")
-
-
-@schema("lr_schedule", "cosine")
-@dataclass
-class CosineConfig(ScheduleConfig):
-    """Cosine decay from the base lr to ``min_factor`` x base lr at the last step."""
-
-    _target_: str = "ngexp.train.lr_schedule.cosine"
-    min_factor: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(0 <= self.min_factor <= 1, "lr_schedule.min_factor", self.min_factor,
-              "a number in [0, 1]")
-
-
+@configurable("lr_schedule", "constant")
+@checked(check_schedule)
 def constant(total_steps: int, steps_per_epoch: int, warmup_steps: int = 0) -> Multiplier:
+    """The base lr (after the warm-up)."""
     return with_warmup(lambda step: 1.0, warmup_steps)
 
 
-def step(total_steps: int, steps_per_epoch: int, step_epochs: int, gamma: float,
+@configurable("lr_schedule", "step")
+@checked(check_schedule)
+def step(total_steps: int, steps_per_epoch: int, step_epochs: int = 30, gamma: float = 0.1,
          warmup_steps: int = 0) -> Multiplier:
+    """Multiply by ``gamma`` every ``step_epochs`` epochs."""
     period = step_epochs * steps_per_epoch
     return with_warmup(lambda s: gamma ** (s // period), warmup_steps)
 
 
-def multistep(total_steps: int, steps_per_epoch: int, milestones: list[int], gamma: float,
-              warmup_steps: int = 0) -> Multiplier:
+@configurable("lr_schedule", "multistep")
+@checked(check_schedule)
+def multistep(total_steps: int, steps_per_epoch: int, milestones: Sequence[int] = (100, 150),
+              gamma: float = 0.1, warmup_steps: int = 0) -> Multiplier:
+    """Multiply by ``gamma`` at each epoch in ``milestones``."""
     bounds = [m * steps_per_epoch for m in milestones]
     return with_warmup(lambda s: gamma ** bisect_right(bounds, s), warmup_steps)
 
 
+@configurable("lr_schedule", "cosine")
+@checked(check_schedule)
 def cosine(total_steps: int, steps_per_epoch: int, min_factor: float = 0.0,
            warmup_steps: int = 0) -> Multiplier:
+    """Cosine decay from the base lr to ``min_factor`` x base lr at the last step."""
     span = max(1, total_steps - warmup_steps)
 
     def factor(s: int) -> float:

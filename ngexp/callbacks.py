@@ -1,0 +1,86 @@
+"""Extension points of the training loop, and what a callback may use of the trainer.
+
+A :class:`Callback` sees the trainer at fixed points of every step. The order within one
+training step is::
+
+    on_step_start        (e.g. a gradual pruning schedule prunes here)
+    forward, loss, backward (preconditioners capture curvature during this)
+    before_optimizer_step (e.g. mask gradients, before any preconditioning)
+    gradient clipping, preconditioner and optimizer step, lr schedule step
+    after_optimizer_step  (e.g. re-apply masks to the weights)
+
+``on_train_start`` runs at the start of every training session, after a resumed run's state
+(including the callback's own ``load_state_dict``) is restored. Callbacks with state implement
+``state_dict``/``load_state_dict``; the trainer saves it in every checkpoint under the callback's
+``name``. ``metrics`` returns scalars (keys with a TensorBoard prefix such as ``prune/``) that the
+trainer logs at each evaluation and puts in ``summary.json``.
+
+Callbacks are written against :class:`Trainer`, the part of the engine they may use, so they
+depend on nothing in :mod:`ngexp.train`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from ngexp.curvature.tasks import Task
+from ngexp.data.bundle import DataBundle
+from ngexp.optim.training import TrainingOptimizer
+
+
+class Trainer(Protocol):
+    """What a callback may read and call on the training engine."""
+
+    model: nn.Module
+    optimizer: TrainingOptimizer
+    task: Task
+    data: DataBundle
+    console: Console
+    generator: torch.Generator
+    step: int
+    total_steps: int
+    steps_per_epoch: int
+
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Loss and metrics over a whole split (``test``, ``val`` or ``train``)."""
+        ...
+
+    def log(self, metrics: Mapping[str, float]) -> None:
+        """Record ``metrics`` at the current step."""
+        ...
+
+    def train_batches(self, num_examples: int, batch_size: int) -> Iterator[tuple[Tensor,
+                                                                             Tensor]]:
+        """The first ``num_examples`` training examples in order, unaugmented."""
+        ...
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    name: str = "callback"
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_start(self, trainer: Trainer) -> None: ...
+
+    def before_optimizer_step(self, trainer: Trainer) -> None: ...
+
+    def after_optimizer_step(self, trainer: Trainer) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+    def metrics(self, trainer: Trainer) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -1,0 +1,14 @@
+"""The curvature core every second-order consumer uses (K-FAC, EKFAC, the natural gradient,
+the curvature pruning criteria, per-example gradient statistics).
+
+- :mod:`~ngexp.curvature.capture`: one layer-I/O capture by hooks (Linear, Conv2d, layers called
+  several times per forward), with backward passes recorded by kind (training, sampled);
+- :mod:`~ngexp.curvature.tasks`: losses, sampled targets, output Hessians and their factors;
+- :mod:`~ngexp.curvature.kronecker`: Kronecker factors, EKFAC's eigenbasis scaling, K-FAC/EKFAC
+  diagonals;
+- :mod:`~ngexp.curvature.diagonal`: the exact diagonal GGN (= Fisher here);
+- :mod:`~ngexp.curvature.products`: exact Fisher/GGN-vector products;
+- :mod:`~ngexp.curvature.linalg`: batched eigendecompositions, Cholesky damped inverses, CG.
+
+It depends on nothing in :mod:`ngexp.optim`, :mod:`ngexp.prune` or :mod:`ngexp.train`.
+"""

@@ -1,0 +1,305 @@
+"""Layer inputs and output gradients, captured by hooks: the one mechanism every curvature
+estimator of :mod:`ngexp.curvature` reads.
+
+Each supported module is seen as ``groups`` independent affine maps ``s = [W | b] [a; 1]`` from
+input rows ``a`` to output rows ``s``: for ``nn.Linear`` a row is the last dimension of a
+``(B, *, D)`` input; for ``nn.Conv2d`` (stride, padding incl. ``same``/reflect/circular,
+dilation, groups) it is the input patch of one output position, extracted with ``unfold`` (KFC,
+Grosse & Martens 2016), one block per channel group. A module applied several times in one
+forward (the LSTM's ``W_h`` once per time step) has one input per *call*.
+
+While :attr:`Capture.active`, each call of a hooked module (grad enabled, outside ``torch.func``
+transforms and, when ``training_only``, in training mode) stores its input and puts a tensor
+hook on its output (registered when the model's forward returns, after the model output's own
+hook). Every backward pass through the model's output is a *pass*: a tensor hook on the output
+opens it (that gradient is the first one a backward pass computes), and the hooks on the layer
+outputs store the gradients of each call into it, paired by call index whatever the
+order they arrive in. A pass has a *kind*: ``training`` for a backward of the training loss (the
+plain ``loss.backward()``, the empirical Fisher), ``sampled`` inside :meth:`Capture.sampling`
+(losses on targets drawn from the model, the Monte-Carlo Fisher); inside :meth:`Capture.ignoring`
+nothing is stored. A capturing forward pass first drops what an earlier one left behind.
+Inactive hooks return at once (no copies, no unfold).
+
+With :attr:`Capture.watch_model`, the model's own arguments and output are kept too, and the
+output gradient of every recorded pass (the natural gradient's empirical Fisher and its
+curvature products need them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ngexp.curvature.tasks import Task
+
+SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
+#: Kinds of a recorded backward pass.
+TRAINING, SAMPLED = "training", "sampled"
+
+
+class LayerIO:
+    """One Linear/Conv2d module as ``groups`` affine maps, and what one forward captured of it.
+
+    ``inputs[c]`` is the input of the module's ``c``-th call in the current forward pass
+    (``outputs[c]`` its output when the capture keeps outputs); ``grads[k][c]`` the gradient of
+    that call's output in the ``k``-th recorded backward pass.
+    """
+
+    def __init__(self, name: str, module: nn.Linear | nn.Conv2d) -> None:
+        self.name = name
+        self.module = module
+        if isinstance(module, nn.Conv2d):
+            self.groups = module.groups
+            height, width = module.kernel_size
+            self.fan_in = module.in_channels // module.groups * height * width
+            self.out_dim = module.out_channels // module.groups
+        else:
+            self.groups = 1
+            self.fan_in = module.in_features
+            self.out_dim = module.out_features
+        self.has_bias = module.bias is not None
+        self.in_dim = self.fan_in + int(self.has_bias)
+        self.inputs: list[Tensor] = []
+        self.outputs: list[Tensor] = []
+        self.grads: list[dict[int, Tensor]] = []
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight" if self.name else "weight"
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.outputs.clear()
+        self.grads.clear()
+
+    # ------------------------------------------------------------------ layouts
+    def matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``[W | b]`` from weight- and bias-shaped tensors: ``(groups, out_dim, in_dim)``."""
+        matrix = weight.reshape(self.groups, self.out_dim, self.fan_in)
+        if self.has_bias:
+            assert bias is not None
+            matrix = torch.cat([matrix, bias.reshape(self.groups, self.out_dim, 1)], dim=-1)
+        return matrix
+
+    def split(self, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of :meth:`matrix`: weight-shaped and bias-shaped (or ``None``) tensors."""
+        weight = matrix[..., : self.fan_in].reshape(self.module.weight.shape)
+        bias = matrix[..., self.fan_in].reshape(self.module.bias.shape) if self.has_bias else None
+        return weight, bias
+
+    def gradient_matrix(self) -> Tensor | None:
+        """``[dW | db]`` of the parameters' ``.grad`` in float32 (``None`` without a weight
+        gradient; a missing bias gradient counts as zero)."""
+        weight, bias = self.module.weight, self.module.bias
+        if weight.grad is None:
+            return None
+        bias_grad = None
+        if bias is not None:
+            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        return self.matrix(weight.grad, bias_grad).float()
+
+    def features(self, x: Tensor) -> Tensor:
+        """Input rows without the homogeneous coordinate, float32: ``(B, P, groups, fan_in)``,
+        ``P`` the weight-sharing positions (conv output positions, extra Linear dims; 1 for
+        ``(B, D)`` inputs)."""
+        if isinstance(self.module, nn.Conv2d):
+            return self._patches(x).float()
+        return x.reshape(x.shape[0], -1, 1, x.shape[-1]).float()
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        """Rows ``[a; 1]`` of one call's input, float32: ``(B, P, groups, in_dim)``."""
+        rows = self.features(x)
+        if self.has_bias:
+            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+        return rows
+
+    def grad_rows(self, grad: Tensor) -> Tensor:
+        """Rows of one call's output gradient, float32: ``(B, P, groups, out_dim)``."""
+        batch = grad.shape[0]
+        if isinstance(self.module, nn.Conv2d):
+            return grad.reshape(batch, self.groups, self.out_dim, -1).permute(0, 3, 1, 2).float()
+        return grad.reshape(batch, -1, 1, grad.shape[-1]).float()
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """Unfolded conv input ``(B, L, groups, fan_in)``, channel-major like the weight."""
+        conv = self.module
+        assert isinstance(conv, nn.Conv2d)
+        padding: Any = conv.padding
+        if conv.padding_mode != "zeros" or isinstance(padding, str):  # pad as Conv2d.forward does
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
+                        stride=conv.stride)  # (B, C_in * kh * kw, L)
+        return cols.view(x.shape[0], self.groups, self.fan_in, -1).permute(0, 3, 1, 2)
+
+
+def supported_layers(model: nn.Module) -> list[LayerIO]:
+    """Every Linear/Conv2d module of ``model`` whose weight requires grad, by module name."""
+    return [LayerIO(name, module) for name, module in model.named_modules()
+            if isinstance(module, SUPPORTED_MODULES) and module.weight.requires_grad]
+
+
+class Capture:
+    """Hooks on ``model`` and its supported layers; see the module docstring.
+
+    ``layers`` defaults to :func:`supported_layers`; ``keep_outputs`` also keeps each call's
+    output tensor (for estimators that differentiate with respect to it).
+    """
+
+    def __init__(self, model: nn.Module, *, layers: list[LayerIO] | None = None,
+                 training_only: bool = True, keep_outputs: bool = False) -> None:
+        self.model = model
+        self.layers = supported_layers(model) if layers is None else layers
+        self.active = False
+        self.watch_model = False
+        self.training_only = training_only
+        self.keep_outputs = keep_outputs
+        #: Kind of each recorded pass, in order.
+        self.pass_kinds: list[str] = []
+        #: The watched forward's positional arguments (detached) and output.
+        self.model_args: tuple[Any, ...] = ()
+        self.model_output: Tensor | None = None
+        #: Output gradients of the recorded passes (with :attr:`watch_model`).
+        self.output_grads: list[Tensor] = []
+        #: Set by every training-mode forward with grad enabled (whether capturing or not).
+        self.forwarded = False
+        self._mode: str | None = TRAINING
+        self._recording = False
+        #: Layer outputs of the running forward whose gradient hooks wait for the model output's.
+        self._pending: list[tuple[LayerIO, int, Tensor]] = []
+        self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
+        self._handles += [layer.module.register_forward_hook(partial(self._on_forward, layer))
+                          for layer in self.layers]
+        # last: when the model is itself a hooked layer, its layer hook has run by then
+        self._handles.append(model.register_forward_hook(self._on_model_output))
+
+    # ------------------------------------------------------------------ queries
+    def passes(self, kind: str) -> list[int]:
+        """Indices of the recorded passes of ``kind``."""
+        return [index for index, recorded in enumerate(self.pass_kinds) if recorded == kind]
+
+    def captured(self, kind: str) -> bool:
+        """Whether the last forward stored inputs and a pass of ``kind`` was recorded."""
+        return bool(self.passes(kind)) and self.captured_inputs
+
+    @property
+    def captured_inputs(self) -> bool:
+        return any(layer.inputs for layer in self.layers)
+
+    def weights(self) -> list[Tensor]:
+        return [layer.module.weight for layer in self.layers]
+
+    # ------------------------------------------------------------------ control
+    def clear(self) -> None:
+        for layer in self.layers:
+            layer.clear()
+        self.pass_kinds.clear()
+        self.output_grads.clear()
+        self.model_args, self.model_output = (), None
+        self._recording = False
+        self._pending.clear()
+
+    def remove(self) -> None:
+        """Detach every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+
+    @contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Record the backward passes run inside this block as ``sampled`` passes."""
+        with self._in_mode(SAMPLED):
+            yield
+
+    @contextmanager
+    def ignoring(self) -> Iterator[None]:
+        """Store nothing of the backward passes run inside this block."""
+        with self._in_mode(None):
+            yield
+
+    @contextmanager
+    def _in_mode(self, mode: str | None) -> Iterator[None]:
+        previous, self._mode = self._mode, mode
+        try:
+            yield
+        finally:
+            self._mode = previous
+
+    # ------------------------------------------------------------------ hooks
+    def _enabled(self, module: nn.Module) -> bool:
+        return (torch.is_grad_enabled()
+                and not torch._C._are_functorch_transforms_active()  # e.g. torch.func products
+                and (module.training or not self.training_only))
+
+    def _on_model_forward(self, model: nn.Module, args: tuple[Any, ...]) -> None:
+        if model.training and torch.is_grad_enabled():
+            self.forwarded = True
+        if (self.active or self.watch_model) and self._enabled(model):
+            self.clear()
+
+    def _on_model_output(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not (self.active or self.watch_model) or not self._enabled(model):
+            return
+        if not isinstance(output, Tensor):
+            raise TypeError(f"curvature capture needs a model whose forward returns one tensor, "
+                            f"got {type(output).__name__}")
+        if self.watch_model:
+            self.model_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            self.model_output = output
+        if output.requires_grad:  # first, so it runs before a layer hook on the same tensor
+            output.register_hook(self._on_output_grad)
+        for layer, call, layer_output in self._pending:
+            layer_output.register_hook(partial(self._on_grad, layer, call))
+        self._pending.clear()
+
+    def _on_output_grad(self, grad: Tensor) -> None:
+        """The first gradient of a backward pass: open a pass of the current kind."""
+        self._recording = self._mode is not None
+        if not self._recording:
+            return
+        assert self._mode is not None
+        self.pass_kinds.append(self._mode)
+        for layer in self.layers:
+            layer.grads.append({})
+        if self.watch_model:
+            self.output_grads.append(grad.detach())
+
+    def _on_forward(self, layer: LayerIO, module: nn.Module, args: tuple[Tensor, ...],
+                    output: Tensor) -> None:
+        if not self.active or not self._enabled(module):
+            return
+        call = len(layer.inputs)
+        layer.inputs.append(args[0].detach())
+        if self.keep_outputs:
+            layer.outputs.append(output)
+        if output.requires_grad:
+            self._pending.append((layer, call, output))
+
+    def _on_grad(self, layer: LayerIO, call: int, grad: Tensor) -> None:
+        if self._recording and layer.grads:
+            layer.grads[-1][call] = grad.detach()
+
+
+def backward_sampled(capture: Capture, outputs: Tensor, task: Task, samples: int,
+                     generator: torch.Generator | None, retain_last: bool) -> None:
+    """Record ``samples`` passes of the loss on targets drawn from the model's predictive
+    distribution at ``outputs`` (float32 loss, parameter gradients discarded); the graph is kept
+    after the last one when ``retain_last``."""
+    weights = capture.weights()
+    for sample in range(samples):
+        sampled = task.sample_targets(outputs, generator)
+        with capture.sampling():
+            torch.autograd.grad(task.loss(outputs.float(), sampled), weights, allow_unused=True,
+                                retain_graph=retain_last or sample < samples - 1)

@@ -1,0 +1,216 @@
+"""Kronecker factors and EKFAC's eigenbasis scaling, estimated from a :class:`Capture`.
+
+With ``N`` the number of terms the batch loss averages (:meth:`Task.num_terms`) and ``g = N
+dL/ds`` the per-term output gradient, the Kronecker factors of one layer on one batch are
+(Martens & Grosse 2015, Sec. 3)
+
+    A = (1/R) sum_rows a a^T,        G = (1/N) sum_rows g g^T,        F_layer ~= G (x) A,
+
+for ``[W | b]`` flattened row-major (``(d_out, d_in)``, bias last, ``a`` ends with 1 -- the
+homogeneous coordinate, handled without materializing it). ``R`` counts the rows. How weight
+sharing enters (Eschenhagen et al. 2023) is the ``kfac_approx`` choice:
+
+- ``expand`` (default): every convolution output position, every position of the extra dims of
+  a ``(B, *, D)`` Linear input, and every call of a module applied several times in one forward
+  (the LSTM's ``W_x``/``W_h`` maps, once per time step) gives a row. ``A`` averages over all
+  rows and ``G`` sums over the positions/calls of an example, so ``G (x) A`` is the sum over
+  time steps (positions) of per-step Kronecker terms whose statistics are assumed not to depend on
+  the step: the independence approximation across time of Martens, Ba & Johnson (2018). A module
+  called ``T`` times on ``(B, D)`` and once on ``(B, T, D)`` gets the same factors.
+- ``reduce``: within one call, ``a`` is averaged and ``g`` summed over the shared positions first
+  (one row per example and call).
+
+Grouped convolutions get one ``(A, G)`` pair per group, stored stacked: ``A: (groups, d_in,
+d_in)``, ``G: (groups, d_out, d_out)``; a Linear layer has ``groups = 1``. ``G`` and the EKFAC
+scaling average the recorded passes they are given (several Monte-Carlo samples).
+
+EKFAC's diagonal scaling needs per-example gradients ``dW_n = sum_{calls, positions of n} g a^T``
+(George et al. 2018, Eq. 10), formed in chunks or, when cheaper, as squares of rotated rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ngexp.curvature.capture import SAMPLED, TRAINING, Capture, LayerIO, backward_sampled
+from ngexp.curvature.linalg import neutral_eigen, robust_eigh
+from ngexp.curvature.tasks import Task
+
+FISHER_TYPES = ("empirical", "mc")
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+CURVATURE_KINDS = ("kfac", "ekfac")
+#: The pass kind each Fisher type is estimated from.
+PASS_KIND = {"empirical": TRAINING, "mc": SAMPLED}
+
+#: Per-example gradients are formed for chunks of examples of at most this many elements.
+CHUNK_ELEMENTS = 2**25
+
+
+def _gram(rows: Tensor) -> Tensor:
+    """``sum_rows r r^T`` per group: ``(B, P, groups, d) -> (groups, d, d)``."""
+    flat = rows.flatten(0, 1).transpose(0, 1)  # (groups, B*P, d)
+    return flat.mT @ flat
+
+
+def input_moment(layer: LayerIO, x: Tensor, reduce: bool) -> tuple[Tensor, int]:
+    """``(sum_rows a a^T (groups, in_dim, in_dim), R)`` of one call's input ``x``, ``a = [f;
+    1]`` with the homogeneous coordinate added to the Gram matrix of the features ``f``."""
+    features = layer.features(x)
+    if reduce:
+        features = features.mean(1, keepdim=True)
+    rows = features.shape[0] * features.shape[1]
+    gram = _gram(features)
+    if not layer.has_bias:
+        return gram, rows
+    sums = features.sum((0, 1))  # (groups, fan_in)
+    moment = gram.new_empty(layer.groups, layer.in_dim, layer.in_dim)
+    moment[:, :-1, :-1] = gram
+    moment[:, :-1, -1] = sums
+    moment[:, -1, :-1] = sums
+    moment[:, -1, -1] = rows
+    return moment, rows
+
+
+def kronecker_factors(layer: LayerIO, passes: list[int], num_terms: int,
+                      kfac_approx: str = "expand") -> tuple[Tensor, Tensor]:
+    """Batch estimates ``A (groups, in_dim, in_dim)`` and ``G (groups, out_dim, out_dim)`` of
+    the captured forward from the recorded ``passes`` (module docstring)."""
+    reduce = kfac_approx == "reduce"
+    device = layer.module.weight.device
+    a_sum = torch.zeros(layer.groups, layer.in_dim, layer.in_dim, device=device)
+    rows = 0
+    for x in layer.inputs:
+        moment, count = input_moment(layer, x, reduce)
+        a_sum += moment
+        rows += count
+    g_sum = torch.zeros(layer.groups, layer.out_dim, layer.out_dim, device=device)
+    for index in passes:
+        for grad in layer.grads[index].values():
+            g = layer.grad_rows(grad)
+            g_sum += _gram(g.sum(1, keepdim=True) if reduce else g)
+    # g = N * grad, so (1/N) sum g g^T = N sum grad grad^T
+    return a_sum / max(rows, 1), g_sum * (num_terms / max(len(passes), 1))
+
+
+def eigenbasis_moments(layer: LayerIO, passes: list[int], basis_a: Tensor, basis_g: Tensor,
+                       num_terms: int) -> Tensor:
+    """EKFAC scaling ``s = (1/N) sum_n (U_G^T dW_n U_A)^2`` (George et al. 2018, Eq. 10):
+    ``(groups, out_dim, in_dim)`` for eigenbases ``basis_a (groups, in_dim, in_dim)`` and
+    ``basis_g (groups, out_dim, out_dim)``, averaged over the recorded ``passes``."""
+    inputs = [layer.input_rows(x) for x in layer.inputs]
+    total = torch.zeros(layer.groups, layer.out_dim, layer.in_dim, device=basis_a.device)
+    for index in passes:
+        pairs = [(inputs[call], layer.grad_rows(grad)) for call, grad in layer.grads[index].items()]
+        if pairs:
+            total += sum_squared_example_gradients(pairs, basis_a, basis_g)
+    # the grad rows are dL/ds = g / N: squares carry 1 / N^2, so multiply by N^2 / N
+    return total * (num_terms / max(len(passes), 1))
+
+
+def sum_squared_example_gradients(pairs: list[tuple[Tensor, Tensor]], basis_a: Tensor,
+                                  basis_g: Tensor) -> Tensor:
+    """``sum_n (U_G^T dW_n U_A)^2`` over examples ``n`` with ``dW_n = sum_{calls, p} g_np a_np^T``,
+    from ``(a, g)`` rows of each call, ``(B, P, groups, d_in)`` and ``(B, P, groups, d_out)``:
+    ``(groups, d_out, d_in)``. The rows are rotated into the eigenbasis first when that is the
+    cheaper order (few shared positions), else the per-example gradients are."""
+    d_in, d_out = basis_a.shape[-1], basis_g.shape[-1]
+    positions = sum(a.shape[1] for a, _ in pairs)
+    rotate_rows = positions * (d_in**2 + d_out**2) <= d_in * d_out * (d_in + d_out)
+    if rotate_rows:
+        pairs = [(torch.einsum("bpgi,gij->bpgj", a, basis_a),
+                  torch.einsum("bpgi,gij->bpgj", g, basis_g)) for a, g in pairs]
+        if positions == 1:  # one row per example: squares of outer products
+            a, g = pairs[0]
+            return torch.einsum("bgi,bgj->gij", g[:, 0].square(), a[:, 0].square())
+    batch, groups = pairs[0][0].shape[0], basis_a.shape[0]
+    chunk = max(1, CHUNK_ELEMENTS // (groups * d_out * d_in))
+    total = basis_a.new_zeros(groups, d_out, d_in)
+    for begin in range(0, batch, chunk):
+        part = slice(begin, begin + chunk)
+        example_grads = sum(torch.einsum("bpgi,bpgj->bgij", g[part], a[part]) for a, g in pairs)
+        if not rotate_rows:
+            example_grads = basis_g.mT @ example_grads @ basis_a
+        total += example_grads.square().sum(0)
+    return total
+
+
+def kronecker_diagonal(
+    model: nn.Module,
+    task: Task,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    fisher_type: str = "empirical",
+    kind: str = "kfac",
+    *,
+    kfac_approx: str = "expand",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Diagonal of the K-FAC or EKFAC curvature of every supported layer's weight.
+
+    Estimated on ``batches`` of ``(inputs, targets)`` with ``model`` in whatever mode it is in:
+    ``A`` and ``G`` are averaged over the batches; ``kfac`` gives ``diag(G) (x) diag(A)``,
+    ``ekfac`` eigendecomposes the averages and averages the scaling ``s`` over a second pass,
+    giving ``diag(U diag(s) U^T) = (U_G o U_G) s (U_A o U_A)^T``. Returns ``{"fc1.weight": tensor
+    shaped like the weight, ...}`` (biases are left out). Parameter ``.grad`` is not touched.
+    """
+    for key, value, choices in (("fisher_type", fisher_type, FISHER_TYPES),
+                                ("kind", kind, CURVATURE_KINDS),
+                                ("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)):
+        if value not in choices:
+            raise ValueError(f"{key}={value!r} is invalid: expected one of {', '.join(choices)}")
+    data = list(batches)
+    if not data:
+        raise ValueError("kronecker_diagonal needs at least one batch")
+    capture = Capture(model, training_only=False)
+    capture.active = True
+
+    def each_batch() -> Iterator[tuple[int, list[int]]]:
+        """Forward and backward passes over ``data``; yields the loss's number of terms and
+        the passes of the Fisher type."""
+        for inputs, targets in data:
+            with torch.enable_grad():
+                outputs = model(inputs)
+                if fisher_type == "mc":
+                    backward_sampled(capture, outputs, task, mc_samples, generator, False)
+                else:
+                    torch.autograd.grad(task.loss(outputs, targets), capture.weights(),
+                                        allow_unused=True)
+            yield task.num_terms(targets), capture.passes(PASS_KIND[fisher_type])
+
+    try:
+        totals: list[tuple[Tensor, Tensor]] = []
+        for num_terms, passes in each_batch():
+            batch = [kronecker_factors(layer, passes, num_terms, kfac_approx)
+                     for layer in capture.layers]
+            totals = batch if not totals else [
+                (a0 + a, g0 + g) for (a0, g0), (a, g) in zip(totals, batch, strict=True)]
+        factors = [(a / len(data), g / len(data)) for a, g in totals]
+        if kind == "kfac":
+            diagonals = [g.diagonal(dim1=-2, dim2=-1)[..., :, None]
+                         * a.diagonal(dim1=-2, dim2=-1)[..., None, :] for a, g in factors]
+        else:
+            diagonals = _ekfac_diagonals(capture, factors, each_batch, len(data))
+        return {layer.weight_name: layer.split(diagonal)[0]
+                for layer, diagonal in zip(capture.layers, diagonals, strict=True)}
+    finally:
+        capture.remove()
+
+
+def _ekfac_diagonals(capture: Capture, factors: list[tuple[Tensor, Tensor]],
+                     each_batch: Callable[[], Iterator[tuple[int, list[int]]]],
+                     num_batches: int) -> list[Tensor]:
+    """EKFAC weight diagonals from batch-averaged ``factors``; ``each_batch`` reruns the passes."""
+    matrices = [f for pair in factors for f in pair]
+    names = [f"{layer.name}.{which}" for layer in capture.layers for which in ("A", "G")]
+    eigens, _ = robust_eigh(matrices, [neutral_eigen(m) for m in matrices], names)
+    bases = [(eigens[2 * i][1], eigens[2 * i + 1][1]) for i in range(len(capture.layers))]
+    scales = [torch.zeros(layer.groups, layer.out_dim, layer.in_dim, device=basis_a.device)
+              for layer, (basis_a, _) in zip(capture.layers, bases, strict=True)]
+    for num_terms, passes in each_batch():
+        for scale, layer, (basis_a, basis_g) in zip(scales, capture.layers, bases, strict=True):
+            scale += eigenbasis_moments(layer, passes, basis_a, basis_g, num_terms)
+    return [basis_g.square() @ (scale / num_batches) @ basis_a.square().mT
+            for scale, (basis_a, basis_g) in zip(scales, bases, strict=True)]

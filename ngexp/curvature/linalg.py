@@ -1,0 +1,187 @@
+"""Linear algebra of the curvature estimators: batched decompositions of Kronecker factors and
+conjugate gradient.
+
+- :func:`robust_eigh`: eigendecompositions, where an eigenbasis is used (K-FAC's
+  ``damping_mode=eigen``, EKFAC).
+- :func:`damped_inverses`: ``(F + d I)^-1`` by Cholesky (K-FAC's factored damping): about
+  ``n^3`` flops for the factorization and its inverse, several times cheaper than ``eigh``.
+- :func:`conjugate_gradient`: the natural gradient's solve.
+
+All factors of one size are stacked and decomposed by a single call. A decomposition that fails
+is retried in float64; a factor that still fails, or whose result is not finite, keeps its
+previous value. The finiteness tests are ``torch.where`` per matrix, so no host/device
+synchronization is added beyond the one the decomposition needs to report failure (``eigh``
+raises; ``cholesky_ex``'s status is read once per refresh).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("ngexp")
+
+#: An eigendecomposition: eigenvalues ``(..., d)`` (ascending, clamped at 0), eigenvectors
+#: ``(..., d, d)`` with ``F = U diag(lambda) U^T``.
+Eigen = tuple[Tensor, Tensor]
+
+
+def neutral_eigen(factor: Tensor) -> Eigen:
+    """The basis kept when there is no previous one: identity vectors, unit eigenvalues."""
+    size = factor.shape[-1]
+    eye = torch.eye(size, dtype=torch.float32, device=factor.device)
+    return factor.new_ones(factor.shape[:-1], dtype=torch.float32), eye.expand_as(factor).clone()
+
+
+def robust_eigh(
+    factors: Sequence[Tensor], previous: Sequence[Eigen], names: Sequence[str]
+) -> tuple[list[Eigen], Tensor]:
+    """Eigendecompose every stack of symmetric matrices in ``factors``.
+
+    ``factors[i]`` has shape ``(k_i, d_i, d_i)``; stacks of equal ``d`` are decomposed together.
+    ``previous[i]`` (same shapes as the result) replaces any matrix whose decomposition fails or
+    is not finite; ``names[i]`` labels failures in the log. Returns the decompositions (float32)
+    and the number of kept (failed) matrices as a 0-dim tensor. ``factors`` must not be empty.
+    """
+    results: list[Eigen | None] = [None] * len(factors)
+    kept = torch.zeros((), dtype=torch.long, device=factors[0].device)
+    by_size: dict[int, list[int]] = {}
+    for index, factor in enumerate(factors):
+        by_size.setdefault(factor.shape[-1], []).append(index)
+    for indices in by_size.values():
+        stack = torch.cat([factors[i] for i in indices])
+        labels = [f"{names[i]}[{k}]" for i in indices for k in range(factors[i].shape[0])]
+        values, vectors = _eigh_with_retry(stack, labels)
+        old_values = torch.cat([previous[i][0] for i in indices])
+        old_vectors = torch.cat([previous[i][1] for i in indices])
+        ok = torch.isfinite(values).all(-1) & torch.isfinite(vectors).flatten(1).all(-1)
+        values = torch.where(ok[:, None], values.clamp_min(0), old_values)
+        vectors = torch.where(ok[:, None, None], vectors, old_vectors)
+        kept = kept + (~ok).sum()
+        sizes = [factors[i].shape[0] for i in indices]
+        for i, v, u in zip(indices, values.split(sizes), vectors.split(sizes), strict=True):
+            results[i] = (v, u)
+    return results, kept  # type: ignore[return-value]
+
+
+def _eigh_with_retry(stack: Tensor, labels: list[str]) -> Eigen:
+    """``eigh`` of ``(k, d, d)`` in float32, else float64, else one matrix at a time; matrices
+    that fail every attempt come back as NaN (replaced by the caller)."""
+    try:
+        return torch.linalg.eigh(stack.float())
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        values, vectors = torch.linalg.eigh(stack.double())
+        log.info("eigh failed in float32 for %s; float64 retry succeeded", ", ".join(labels))
+        return values.float(), vectors.float()
+    except torch.linalg.LinAlgError:
+        pass
+    values = stack.new_full(stack.shape[:-1], float("nan"), dtype=torch.float32)
+    vectors = stack.new_full(stack.shape, float("nan"), dtype=torch.float32)
+    for k, matrix in enumerate(stack):
+        try:
+            value, vector = torch.linalg.eigh(matrix.double())
+            values[k], vectors[k] = value.float(), vector.float()
+        except torch.linalg.LinAlgError:
+            log.warning("eigh failed in float64 for %s; keeping its previous basis", labels[k])
+    return values, vectors
+
+
+def damped_inverses(
+    factors: Sequence[Tensor], dampings: Sequence[Tensor], previous: Sequence[Tensor | None],
+    names: Sequence[str],
+) -> tuple[list[Tensor], Tensor]:
+    """``(F_i + d_i I)^-1`` for stacks ``factors[i] (k_i, n_i, n_i)`` of symmetric positive
+    semi-definite matrices and dampings ``dampings[i] (k_i, 1)`` (> 0), by Cholesky; stacks of
+    equal ``n`` are factorized together. A matrix whose factorization fails in float32 and in
+    float64, or whose inverse is not finite, keeps ``previous[i]`` (the identity when ``None``).
+    Returns the inverses (float32) and the number of kept matrices as a 0-dim tensor."""
+    results: list[Tensor | None] = [None] * len(factors)
+    kept = torch.zeros((), dtype=torch.long, device=factors[0].device)
+    by_size: dict[int, list[int]] = {}
+    for index, factor in enumerate(factors):
+        by_size.setdefault(factor.shape[-1], []).append(index)
+    for indices in by_size.values():
+        size = factors[indices[0]].shape[-1]
+        eye = torch.eye(size, device=factors[indices[0]].device)
+        stack = torch.cat([factors[i].float() + dampings[i][..., None] * eye for i in indices])
+        inverse = _cholesky_inverse_with_retry(stack, [names[i] for i in indices])
+        old = torch.cat([previous[i] if previous[i] is not None
+                         else eye.expand_as(factors[i]) for i in indices])
+        ok = torch.isfinite(stack).flatten(1).all(-1) & torch.isfinite(inverse).flatten(1).all(-1)
+        inverse = torch.where(ok[:, None, None], inverse, old)
+        kept = kept + (~ok).sum()
+        sizes = [factors[i].shape[0] for i in indices]
+        for i, part in zip(indices, inverse.split(sizes), strict=True):
+            results[i] = part
+    return results, kept  # type: ignore[return-value]
+
+
+def _cholesky_inverse_with_retry(stack: Tensor, names: list[str]) -> Tensor:
+    """Inverses of the positive definite ``(k, n, n)`` stack, float32; a matrix whose float32
+    Cholesky fails is redone in float64, one that fails there too comes back as NaN."""
+    lower, info = torch.linalg.cholesky_ex(stack)
+    failed = info != 0
+    inverse = torch.cholesky_inverse(lower)
+    if not bool(failed.any()):  # the refresh's one host sync
+        return inverse
+    lower64, info64 = torch.linalg.cholesky_ex(stack[failed].double())
+    retried = torch.cholesky_inverse(lower64).float()
+    retried[info64 != 0] = float("nan")
+    inverse[failed] = retried
+    log.info("Cholesky failed in float32 for %s; retried in float64", ", ".join(names))
+    return inverse
+
+
+class CGResult(NamedTuple):
+    """Solution ``x`` (P,), iterations that changed it and final ``|r| / |b|`` (0-dim tensors)."""
+
+    x: Tensor
+    iterations: Tensor
+    residual: Tensor
+
+
+def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None,
+                       iters: int, tol: float, early_exit: bool | None = None) -> CGResult:
+    """Solve ``A x = b`` for symmetric positive definite ``A`` by conjugate gradient (Hestenes &
+    Stiefel 1952; Nocedal & Wright 2006, Alg. 5.2) from ``x0`` (``None``: zero, saving a product).
+
+    Stops when ``|b - A x| <= tol |b|`` (or at a direction of non-positive curvature, which only
+    rounding produces for a damped Fisher) without host/device syncs: the stop is a tensor mask
+    that freezes ``x`` for the rest of the ``iters`` iterations. With ``early_exit`` (default: on
+    the CPU, where reading the mask costs nothing) the loop also ends there; the result is the
+    same either way.
+    """
+    if early_exit is None:
+        early_exit = b.device.type == "cpu"
+    if x0 is None:
+        x, r = torch.zeros_like(b), b.clone()
+    else:
+        x, r = x0.clone(), b - matvec(x0)
+    p = r.clone()
+    rr = torch.dot(r, r)
+    norm_b = torch.linalg.vector_norm(b)
+    threshold = (tol * norm_b).square().clamp_min(torch.finfo(b.dtype).tiny)
+    active = rr > threshold
+    iterations = torch.zeros((), dtype=torch.long, device=b.device)
+    for _ in range(iters):
+        if early_exit and not active:
+            break
+        ap = matvec(p)
+        curvature = torch.dot(p, ap)
+        active = active & (curvature > 0)
+        alpha = torch.where(active, rr / curvature, 0.0)
+        x.add_(alpha * p)
+        r.sub_(alpha * ap)
+        rr_next = torch.dot(r, r)
+        p = r + torch.where(active, rr_next / rr, 0.0) * p
+        iterations += active
+        rr = rr_next
+        active = active & (rr > threshold)
+    residual = rr.sqrt() / norm_b.clamp_min(torch.finfo(b.dtype).tiny)
+    return CGResult(x, iterations, residual)

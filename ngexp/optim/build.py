@@ -1,0 +1,30 @@
+"""Build what the engine steps from a composed ``optimizer`` config node."""
+
+from __future__ import annotations
+
+import inspect
+
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ngexp.curvature.tasks import Task
+from ngexp.optim.preconditioner import Preconditioner
+from ngexp.optim.training import TrainingOptimizer, base_optimizer
+
+#: Keys of a preconditioner's config that configure its base optimizer.
+BASE_KEYS = tuple(inspect.signature(base_optimizer).parameters)[1:]
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module, task: Task) -> TrainingOptimizer:
+    """A torch optimizer for ``_target_: torch.optim.*``; for a preconditioner's target, the
+    preconditioner (hooked to ``model``, with ``task``) and its :func:`base_optimizer`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    target = get_class(cfg._target_)
+    if not issubclass(target, Preconditioner):
+        return TrainingOptimizer(instantiate(cfg, params=params))
+    options = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(options, dict)
+    base = {key: options.pop(key) for key in BASE_KEYS}
+    preconditioner = instantiate(options, model=model, task=task)
+    return TrainingOptimizer(base_optimizer(params, **base), preconditioner)

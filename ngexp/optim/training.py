@@ -1,0 +1,112 @@
+"""What the training engine steps: a ``torch.optim`` optimizer, optionally preceded by a
+preconditioner (:mod:`ngexp.optim.preconditioner`).
+
+One training step is the same whichever optimizer was chosen::
+
+    optimizer.backward(loss, outputs, targets)   # pre.backward(...) or loss.backward()
+    ... gradient masks, clipping ...
+    optimizer.step()                             # pre.step(), then the torch optimizer's step
+
+A preconditioned optimizer from the command line (``optimizer=kfac|ekfac|natural_gradient``)
+gets its torch optimizer from :func:`base_optimizer` (``optimizer.base=sgd|adam|rmsprop`` with
+``lr``, ``momentum``, ``nesterov``, ``weight_decay``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ngexp.optim.preconditioner import Preconditioner
+from ngexp.options import (
+    check,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    checked,
+)
+
+BASES = ("sgd", "adam", "rmsprop")
+
+
+def check_base(base: str, lr: float, momentum: float, nesterov: bool, weight_decay: float,
+               **_: Any) -> None:
+    check_choice("base", base, BASES)
+    check_positive("lr", lr)
+    check_range("momentum", momentum, 0, 1, closed="[)")
+    check(not nesterov or (base == "sgd" and momentum > 0), "nesterov", nesterov,
+          "false unless base=sgd with momentum > 0")
+    check_nonnegative("weight_decay", weight_decay)
+
+
+@checked(check_base)
+def base_optimizer(params: Iterable[Tensor], base: str = "sgd", lr: float = 0.03,
+                   momentum: float = 0.9, nesterov: bool = False,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The torch optimizer that steps a preconditioner's directions: ``sgd`` (heavy-ball or
+    Nesterov momentum), ``adam`` (``momentum`` is beta1, beta2 = 0.999) or ``rmsprop``
+    (``momentum`` its momentum); weight decay is L2, added to the preconditioned gradient."""
+    params = list(params)
+    if base == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999),
+                                weight_decay=weight_decay)
+    if base == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                           weight_decay=weight_decay)
+
+
+class TrainingOptimizer:
+    """A torch optimizer and an optional preconditioner, stepped together (module docstring)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 preconditioner: Preconditioner | None = None) -> None:
+        self.optimizer = optimizer
+        self.preconditioner = preconditioner
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def backward(self, loss: Tensor, outputs: Tensor, targets: Tensor) -> None:
+        if self.preconditioner is None:
+            loss.backward()
+        else:
+            self.preconditioner.backward(loss, outputs, targets)
+
+    def step(self) -> None:
+        if self.preconditioner is not None:
+            self.preconditioner.step()
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reset_state(self) -> None:
+        """Forget moments and curvature (e.g. after pruning changed the network)."""
+        self.optimizer.state.clear()
+        if self.preconditioner is not None:
+            self.preconditioner.reset()
+
+    def restrict_to(self, keep_masks: Mapping[Tensor, Tensor]) -> None:
+        """See :meth:`Preconditioner.restrict_to`; plain optimizers need nothing."""
+        if self.preconditioner is not None:
+            self.preconditioner.restrict_to(keep_masks)
+
+    def log_metrics(self) -> dict[str, float]:
+        """``optim/`` scalars of the preconditioner (may synchronize the device)."""
+        return {} if self.preconditioner is None else self.preconditioner.log_metrics()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "preconditioner": (None if self.preconditioner is None
+                                   else self.preconditioner.state_dict())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.preconditioner is not None:
+            self.preconditioner.load_state_dict(state["preconditioner"])

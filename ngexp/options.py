@@ -1,0 +1,218 @@
+"""Options of the configurable objects: each default and each check written once.
+
+A class or function becomes configurable in two steps, both in the module that defines it:
+
+- ``@checked(fn)``: ``fn(**arguments)`` validates the arguments (it takes the names it checks and
+  ``**_`` for the rest) and raises a one-line ``ValueError`` (:func:`check`); it runs on every
+  call, so Python users get the same errors as the command line.
+- ``@configurable(group, name)``: the *signature* is the one source of the option names, types
+  and defaults. :mod:`ngexp.config` builds the Hydra schema ``schema/<group>/<name>`` from it
+  (so ``conf/<group>/<option>.yaml`` only selects and documents a preset), and validating a
+  config runs the same checks, with the group prefixed to the key (``optimizer.damping``).
+
+A class whose ``__init__`` takes ``**options`` and passes them on inherits its parents'
+options (and checks). ``extends`` appends the options of another callable (a preconditioner's
+base optimizer), with ``defaults`` overriding signature defaults. Config-only schemas that
+are plain dataclasses register with :func:`schema` instead.
+
+This module imports nothing but the standard library and :mod:`ngexp.errors`, so the
+curvature, optimizer and model layers can declare options without depending on Hydra.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ngexp.errors import OptionError
+
+T = TypeVar("T")
+Check = Callable[..., None]
+
+#: Parameters that are never options: what the caller supplies at build time.
+BUILD_ARGUMENTS = frozenset({"self", "model", "spec", "task", "params", "total_steps",
+                             "steps_per_epoch"})
+
+
+def check(condition: bool, key: str, value: Any, expected: str) -> None:
+    """Raise a one-line :class:`OptionError` (a ``ValueError``) naming ``key``, the bad
+    ``value`` and what is valid."""
+    if not condition:
+        raise OptionError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def check_choice(key: str, value: Any, choices: tuple[Any, ...] | list[Any]) -> None:
+    check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (bools excluded)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_positive(key: str, value: Any, *, allow_none: bool = False) -> None:
+    """``value`` is a finite number > 0 (or ``None`` when allowed)."""
+    if allow_none and value is None:
+        return
+    check(is_number(value) and value > 0, key, value,
+          ("null or " if allow_none else "") + "a finite number > 0")
+
+
+def check_nonnegative(key: str, value: Any) -> None:
+    check(is_number(value) and value >= 0, key, value, "a finite number >= 0")
+
+
+def check_range(key: str, value: Any, low: float, high: float, *, closed: str = "[]") -> None:
+    """``value`` is a finite number in the interval ``low .. high``; ``closed`` says which ends
+    are included: ``[]``, ``[)``, ``(]`` or ``()``."""
+    above = value >= low if closed[0] == "[" else value > low
+    below = value <= high if closed[1] == "]" else value < high
+    check(is_number(value) and above and below, key, value,
+          f"a number in {closed[0]}{low}, {high}{closed[1]}")
+
+
+def check_integer(key: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key,
+          value, ("null or " if allow_none else "") + f"an integer >= {minimum}")
+
+
+# --------------------------------------------------------------------------- registry
+#: Checks by the callable (class or function) whose arguments they validate.
+_CHECKS: dict[Callable[..., Any], Check] = {}
+
+
+def checked(fn: Check) -> Callable[[T], T]:
+    """Run ``fn(**arguments)`` whenever the decorated function or class is called."""
+
+    def decorate(target: T) -> T:
+        _CHECKS[target] = fn  # type: ignore[index]
+        if isinstance(target, type):
+            init = target.__init__
+
+            @functools.wraps(init)
+            def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
+                fn(**bound_arguments(init, (self, *args), kwargs))
+                init(self, *args, **kwargs)
+
+            target.__init__ = checked_init  # type: ignore[misc]
+            return target
+
+        @functools.wraps(target)  # type: ignore[arg-type]
+        def checked_call(*args: Any, **kwargs: Any) -> Any:
+            fn(**bound_arguments(target, args, kwargs))  # type: ignore[arg-type]
+            return target(*args, **kwargs)  # type: ignore[operator]
+
+        _CHECKS[checked_call] = fn
+        return checked_call  # type: ignore[return-value]
+
+    return decorate
+
+
+def bound_arguments(function: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every argument of a call by name, defaults applied, ``**kwargs`` merged in."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    values: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            values.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL and name != "self":
+            values[name] = value
+    return values
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its name, type annotation (resolved) and default (``inspect.Parameter.empty``
+    when required)."""
+
+    name: str
+    annotation: Any
+    default: Any
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How the options of ``target`` are found; see the module docstring."""
+
+    target: Callable[..., Any]
+    extends: Spec | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: A config-only dataclass schema (``@schema``), used as it is.
+    dataclass_schema: type | None = None
+
+    def chain(self) -> Iterator[Callable[..., Any]]:
+        """The callables whose signatures and checks make up the options: a class and, while
+        its ``__init__`` takes ``**options``, its parents."""
+        if not isinstance(self.target, type):
+            yield self.target
+            return
+        for cls in self.target.__mro__:
+            if "__init__" not in vars(cls) or cls is object:
+                continue
+            yield cls
+            init = inspect.unwrap(vars(cls)["__init__"])
+            kinds = [p.kind for p in inspect.signature(init).parameters.values()]
+            if inspect.Parameter.VAR_KEYWORD not in kinds:
+                return
+
+    def options(self) -> list[Option]:
+        """Options in order (own first, then inherited, then ``extends``), with ``defaults``
+        applied; build arguments and ``*args``/``**kwargs`` left out."""
+        seen: dict[str, Option] = {}
+        for owner in self.chain():
+            function = inspect.unwrap(vars(owner)["__init__"]) if isinstance(owner, type) \
+                else inspect.unwrap(owner)
+            hints = typing.get_type_hints(function)
+            for parameter in inspect.signature(function).parameters.values():
+                if (parameter.name in BUILD_ARGUMENTS or parameter.name in seen
+                        or parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)):
+                    continue
+                seen[parameter.name] = Option(parameter.name, hints.get(parameter.name, Any),
+                                              parameter.default)
+        options = list(seen.values())
+        if self.extends is not None:
+            options += [o for o in self.extends.options() if o.name not in seen]
+        return [Option(o.name, o.annotation, self.defaults[o.name]) if o.name in self.defaults
+                else o for o in options]
+
+    def checks(self) -> list[Check]:
+        found = [_CHECKS[owner] for owner in self.chain() if owner in _CHECKS]
+        return found + (self.extends.checks() if self.extends is not None else [])
+
+
+#: Config group -> option name -> spec (filled by ``@configurable`` / ``@schema`` at import).
+REGISTRY: dict[str, dict[str, Spec]] = {}
+
+
+def configurable(group: str, name: str, *, extends: Callable[..., Any] | None = None,
+                 defaults: Mapping[str, Any] | None = None) -> Callable[[T], T]:
+    """Register ``target``'s signature as the schema ``schema/<group>/<name>``."""
+
+    def register(target: T) -> T:
+        base = Spec(extends) if extends is not None else None
+        spec = Spec(target, base, dict(defaults or {}))  # type: ignore[arg-type]
+        REGISTRY.setdefault(group, {})[name] = spec
+        return target
+
+    return register
+
+
+def schema(group: str, name: str) -> Callable[[type[T]], type[T]]:
+    """Register a config-only dataclass (with ``_target_`` and ``__post_init__`` checks)."""
+
+    def register(cls: type[T]) -> type[T]:
+        REGISTRY.setdefault(group, {})[name] = Spec(cls, dataclass_schema=cls)
+        return cls
+
+    return register
