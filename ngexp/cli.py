@@ -198,7 +198,7 @@ def run_hydra(args: list[str]) -> int:
 
     from ngexp.config import register_all, validate
     from ngexp.errors import UserError
-    from ngexp.train.engine import RunInterrupted, train
+    from ngexp.train.engine import RunInterrupted, RunWriteError, train
     from ngexp.train.rundir import GROUPS as RUN_GROUPS
 
     def task(cfg: DictConfig) -> None:
@@ -214,6 +214,11 @@ def run_hydra(args: list[str]) -> int:
                 cfg.trainer.device = assign_device(runtime.job.num)
         try:
             summary = train(cfg, choices, Console(), job_dir)
+        except RunWriteError as error:  # the run ended failed(io: ...); its summary says so
+            if multirun:
+                raise
+            print(f"ngexp: error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
         except UserError as error:
             if multirun:
                 raise

@@ -1,28 +1,32 @@
-"""Per-step cost of K-FAC, EKFAC and natural gradient relative to SGD on the same model and batch.
+"""Per-step cost of ngexp's K-FAC, EKFAC and natural gradient against SGD and against peer
+libraries (ASDL's K-FAC, nngeometry's KFAC matrix), on the same model and batches.
 
-All optimizers are measured in one process, on copies of one initialized model fed the same
-batches, with rounds interleaved (SGD, K-FAC, EKFAC, NG, SGD, ...) so that machine load hits them
-alike. A round is a window of ``--inv-update-freq`` steps for SGD, K-FAC and EKFAC, so it holds
-exactly one eigendecomposition and ``inv/cov`` statistics steps (the periodic work is amortized
-by its frequency), and ``--ng-steps`` steps for natural gradient (no periodic work). The round
-with the median total per-step time is reported, after ``--warmup-steps`` untimed steps.
+Every contender trains its own copy of one initialized model on the same batches, in one
+process, with rounds interleaved (SGD, K-FAC, EKFAC, ..., ASDL, SGD, ...) so machine load hits
+them alike. A round is ``--inv-update-freq`` steps (the natural gradient: ``--ng-steps``), so it
+holds exactly one inverse/eigenbasis refresh and ``inv/cov`` statistics steps; the round with the
+median total per-step time is reported, after ``--warmup-steps`` untimed steps. The *refresh
+step* (statistics + refresh + step) is reported on its own, as a multiple of SGD's step.
 
-Each step is timed in segments (with ``torch.cuda.synchronize()`` at every boundary on a GPU):
-forward + backward (``optimizer.backward`` for the second-order methods: curvature hooks, the
-extra Monte-Carlo backward) and ``optimizer.step``, inside which the Kronecker optimizers'
-factor averaging and EKFAC's scaling update (``_update_factors``, ``_update_scaling``) and the
-batched ``eigh`` (``_update_bases``) are timed as well. The extra cost over SGD is split as
+The K-FAC contenders use the same settings: MC Fisher (one sample), statistics every
+``--cov-update-freq`` steps with an exponential average (decay 0.95), damped inverses every
+``--inv-update-freq`` steps with factored Tikhonov damping and the pi correction, SGD with
+momentum 0.9 and lr 0.03 taking the step. ngexp also KL-clips (its default; ``--no-kl-clip``
+turns it off). nngeometry computes the Fisher's expectation over the classes in closed form
+(no sampling), which is its only K-FAC; it has no training loop, so its statistics,
+averaging, inversion and preconditioning are driven here.
 
-    statistics      = (forward+backward - SGD's) + factor / scaling updates in step
-    decomposition   = eigendecompositions (amortized over inv_update_freq steps)
-    preconditioning = rest of step - SGD's step (for natural gradient: the CG solve)
+For ngexp's contenders each step is also split into phases (``torch.cuda.synchronize()`` at each
+boundary on a GPU): forward + backward (curvature capture, the MC backward), then inside the
+preconditioner's step the factor and scaling updates (``_update_factors``, ``_update_scaling``)
+and the refresh (``_refresh``):
 
-so ``total / sgd = 1 + (statistics + decomposition + preconditioning) / sgd``.
+    statistics      = (forward+backward - SGD's) + factor / scaling updates
+    decomposition   = refreshes (amortized over inv_update_freq steps)
+    preconditioning = rest of the step - SGD's step (the natural gradient: the CG solve)
 
-    python scripts/bench_optim.py    # with CUDA: VGG-16 and preact ResNet-18 on random data of
-                                     # CIFAR-10 shapes -> results/bench_optim_gpu.md; without:
-                                     # MLP and LeNet-5 on Fashion-MNIST -> bench_optim_cpu.md
-    python scripts/bench_optim.py --device cpu --data synthetic_cifar --models preact_resnet18
+    python scripts/bench_optim.py --threads 1 --peers asdl nngeometry   # CPU: MLP and LeNet-5
+    python scripts/bench_optim.py --device cuda                         # VGG-16, preact ResNet-18
 """
 
 from __future__ import annotations
@@ -39,31 +43,36 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from ngexp.optim.base import ModelOptimizer
-from ngexp.train.tasks import Task, build_task
 from torch import Tensor, nn
 
 from ngexp.config import register_all
+from ngexp.curvature.tasks import Task, build_task
 from ngexp.data.bundle import DataBundle
 from ngexp.models import build_model
-from ngexp.optim import build_optimizer
+from ngexp.optim.build import build_optimizer
+from ngexp.optim.training import TrainingOptimizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIMIZERS = ("sgd", "kfac", "ekfac", "natural_gradient")
-#: Methods of the Kronecker optimizers timed inside ``step``, by the phase they belong to.
+PEERS = ("asdl", "nngeometry")
+#: Methods of the Kronecker preconditioners timed inside ``step``, by the phase they belong to.
 PHASE_METHODS = {"_update_factors": "statistics", "_update_scaling": "statistics",
-                 "_update_bases": "decomposition"}
+                 "_refresh": "decomposition"}
 CPU_MODELS = ("mlp", "lenet5")
 GPU_MODELS = ("vgg16", "preact_resnet18")
 #: Data overrides by ``--data``: real Fashion-MNIST, or random tensors of CIFAR-10 shapes.
 DATA = {"fashion_mnist": ["data=fashion_mnist"],
         "synthetic_cifar": ["data=synthetic", "data.shape=[3,32,32]", "data.num_train=5120"]}
+#: The K-FAC settings every contender shares.
+LR, MOMENTUM, STAT_DECAY = 0.03, 0.9, 0.95
+Batch = Callable[[int], tuple[Tensor, Tensor]]
 
 
 class SegmentTimer:
@@ -96,14 +105,18 @@ class SegmentTimer:
 
 @dataclass
 class Contender:
-    """One optimizer on its own copy of the model, with its timings per round (ms per step)."""
+    """One method on its own copy of the model: ``forward_backward(x, y)`` then ``step()``."""
 
     name: str
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    forward_backward: Callable[[Tensor, Tensor], None]
+    step: Callable[[], None]
     timer: SegmentTimer
     window: int
+    state: Callable[[], Any]
+    after_step: Callable[[], None] = lambda: None
     rounds: list[dict[str, float]] = field(default_factory=list)
+    refresh_ms: list[float] = field(default_factory=list)
     cg_iters: list[float] = field(default_factory=list)
 
 
@@ -112,8 +125,8 @@ def compose_config(overrides: list[str]) -> Any:
         return compose("train", overrides=overrides)
 
 
-def batches(data: DataBundle, batch_size: int, seed: int) -> Callable[[int], tuple[Tensor, Tensor]]:
-    """Batch ``i`` of a fixed random order of the training split (the same for every optimizer)."""
+def batches(data: DataBundle, batch_size: int, seed: int) -> Batch:
+    """Batch ``i`` of a fixed random order of the training split (the same for every method)."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data.train), generator=generator).to(data.train.inputs.device)
     per_epoch = len(order) // batch_size
@@ -125,30 +138,121 @@ def batches(data: DataBundle, batch_size: int, seed: int) -> Callable[[int], tup
     return batch
 
 
-def run_steps(contender: Contender, task: Task, batch: Callable[[int], tuple[Tensor, Tensor]],
-              start: int, steps: int) -> dict[str, float]:
-    """Train ``steps`` steps from step index ``start``; ms per step by segment."""
-    model, optimizer, timer = contender.model, contender.optimizer, contender.timer
+# --------------------------------------------------------------------------- contenders
+def ngexp_contender(name: str, model: nn.Module, cfg: Any, task: Task, device: torch.device,
+                    window: int) -> Contender:
+    optimizer: TrainingOptimizer = build_optimizer(cfg.optimizer, model, task)
+    timer = SegmentTimer(device)
+    pre = optimizer.preconditioner
+    for method, phase in PHASE_METHODS.items():
+        if pre is not None and hasattr(pre, method):
+            timer.instrument(pre, method, phase)
+
+    def forward_backward(x: Tensor, y: Tensor) -> None:
+        optimizer.zero_grad()
+        outputs = model(x)
+        optimizer.backward(task.loss(outputs, y), outputs, y)
+
+    contender = Contender(name, model, forward_backward, optimizer.step, timer, window,
+                          optimizer.state_dict)
+    if name == "natural_gradient":
+        contender.after_step = lambda: contender.cg_iters.append(
+            optimizer.log_metrics()["cg_iters"])
+    return contender
+
+
+def asdl_contender(model: nn.Module, args: argparse.Namespace, damping: float,
+                   device: torch.device) -> Contender:
+    from asdl.precondition import KfacGradientMaker, PreconditioningConfig
+
+    config = PreconditioningConfig(data_size=args.batch_size, damping=damping,
+                                   curvature_upd_interval=args.cov_update_freq,
+                                   preconditioner_upd_interval=args.inv_update_freq,
+                                   ema_decay=1 - STAT_DECAY)
+    maker = KfacGradientMaker(model, config)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def forward_backward(x: Tensor, y: Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        dummy = maker.setup_model_call(model, x)
+        maker.setup_loss_call(torch.nn.functional.cross_entropy, dummy, y)
+        maker.forward_and_backward()  # includes ASDL's preconditioning of .grad
+
+    return Contender("asdl_kfac", model, forward_backward, opt.step, SegmentTimer(device),
+                     args.inv_update_freq, lambda: {"optimizer": opt.state_dict()})
+
+
+def nngeometry_contender(model: nn.Module, args: argparse.Namespace, damping: float,
+                         device: torch.device) -> Contender:
+    """nngeometry's PMatKFAC: statistics every ``cov`` steps (closed-form expectation over the
+    classes), averaged like the others, damped inverse (pi correction) every ``inv`` steps."""
+    from nngeometry.metrics import FIM
+    from nngeometry.object import PMatKFAC, PVector
+
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    state: dict[str, Any] = {"step": 0, "fisher": None, "inverse": None, "updates": 0}
+
+    def forward_backward(x: Tensor, y: Tensor) -> None:
+        step = state["step"]
+        if step % args.cov_update_freq == 0:
+            fisher = FIM(model, (x, y), PMatKFAC, variant="classif_logits", device=device.type)
+            state["updates"] += 1
+            if state["fisher"] is None:
+                state["fisher"] = fisher
+            else:
+                decay = min(STAT_DECAY, 1 - 1 / state["updates"])
+                for key, (a, g) in fisher.data.items():
+                    old_a, old_g = state["fisher"].data[key]
+                    state["fisher"].data[key] = (torch.lerp(a, old_a, decay),
+                                                 torch.lerp(g, old_g, decay))
+        if step % args.inv_update_freq == 0:
+            state["inverse"] = state["fisher"].inverse(regul=damping)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    def step() -> None:
+        direction = state["inverse"].mv(PVector.from_model_grad(model)).to_dict()
+        for (weight, bias), module in zip(direction.values(), linear_and_conv(model),
+                                          strict=True):
+            module.weight.grad.copy_(weight.view_as(module.weight))
+            if module.bias is not None:
+                module.bias.grad.copy_(bias.view_as(module.bias))
+        opt.step()
+        state["step"] += 1
+
+    return Contender("nngeometry_kfac", model, forward_backward, step, SegmentTimer(device),
+                     args.inv_update_freq, lambda: {"optimizer": opt.state_dict(),
+                                                    "factors": state["fisher"].data})
+
+
+def linear_and_conv(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+# --------------------------------------------------------------------------- measuring
+def run_steps(contender: Contender, batch: Batch, start: int, steps: int,
+              refresh_every: int) -> dict[str, float]:
+    """Train ``steps`` steps from step index ``start``; ms per step by segment (the refresh
+    steps, those at multiples of ``refresh_every``, also recorded on their own)."""
+    timer = contender.timer
     timer.totals.clear()
     for i in range(start, start + steps):
-        inputs, targets = batch(i)
+        x, y = batch(i)
+        begin = time.perf_counter()
         with timer("forward_backward"):
-            optimizer.zero_grad(set_to_none=True)
-            outputs = model(inputs)
-            loss = task.loss(outputs, targets)
-            if isinstance(optimizer, ModelOptimizer):
-                optimizer.backward(loss, outputs=outputs, inputs=inputs, task=task)
-            else:
-                loss.backward()
+            contender.forward_backward(x, y)
         with timer("step"):
-            optimizer.step()
-        if contender.name == "natural_gradient":
-            contender.cg_iters.append(optimizer.log_metrics()["cg_iters"])
+            contender.step()
+        if timer.sync:
+            torch.cuda.synchronize()
+        if i % refresh_every == 0:
+            contender.refresh_ms.append(1e3 * (time.perf_counter() - begin))
+        contender.after_step()
     return {name: 1e3 * total / steps for name, total in timer.totals.items()}
 
 
-def state_megabytes(optimizer: torch.optim.Optimizer) -> float:
-    """Size of the tensors in the optimizer's state dict (moments, factors, bases, CG solution)."""
+def state_megabytes(state: Any) -> float:
+    """Size of the tensors in a state (moments, factors, inverses, CG solution)."""
 
     def size(value: Any) -> int:
         if isinstance(value, Tensor):
@@ -159,7 +263,7 @@ def state_megabytes(optimizer: torch.optim.Optimizer) -> float:
             return sum(size(v) for v in value)
         return 0
 
-    return size(optimizer.state_dict()["state"]) / 2**20
+    return size(state) / 2**20
 
 
 def bench_model(model_name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -171,24 +275,26 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device)
     template = build_model(cfg.model, data.spec).to(device)
     task = build_task(getattr(template, "task", data.spec.task))
     batch = batches(data, args.batch_size, args.seed)
-    freqs = [f"optimizer.cov_update_freq={args.cov_update_freq}",
-             f"optimizer.inv_update_freq={args.inv_update_freq}"]
+    kronecker = [f"optimizer.cov_update_freq={args.cov_update_freq}",
+                 f"optimizer.inv_update_freq={args.inv_update_freq}",
+                 *(["optimizer.kl_clip=null"] if args.no_kl_clip else [])]
     contenders = []
     for name in args.optimizers:
-        overrides = [f"optimizer={name}", *(freqs if name in ("kfac", "ekfac") else [])]
-        model = copy.deepcopy(template)
-        optimizer = build_optimizer(compose_config(base + overrides).optimizer, model)
-        timer = SegmentTimer(device)
-        for method, phase in PHASE_METHODS.items():
-            if hasattr(optimizer, method):
-                timer.instrument(optimizer, method, phase)
+        overrides = [f"optimizer={name}", *(kronecker if name in ("kfac", "ekfac") else [])]
+        cfg_name = compose_config(base + overrides)
         window = args.ng_steps if name == "natural_gradient" else args.inv_update_freq
-        contenders.append(Contender(name, model, optimizer, timer, window))
+        contenders.append(ngexp_contender(name, copy.deepcopy(template), cfg_name, task, device,
+                                          window))
+    damping = float(compose_config(base + ["optimizer=kfac"]).optimizer.damping)
+    builders = {"asdl": asdl_contender, "nngeometry": nngeometry_contender}
+    for peer in args.peers:
+        contenders.append(builders[peer](copy.deepcopy(template), args, damping, device))
 
     peaks: dict[str, list[float]] = defaultdict(list)
     for contender in contenders:
-        run_steps(contender, task, batch, 0, args.warmup_steps)
+        run_steps(contender, batch, 0, args.warmup_steps, args.inv_update_freq)
         contender.cg_iters.clear()
+        contender.refresh_ms.clear()
     for round_index in range(args.rounds):
         for contender in contenders:
             start = args.warmup_steps + round_index * contender.window
@@ -196,17 +302,20 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device)
                 torch.cuda.synchronize()
                 resident = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            contender.rounds.append(run_steps(contender, task, batch, start, contender.window))
+            contender.rounds.append(run_steps(contender, batch, start, contender.window,
+                                              args.inv_update_freq))
             if device.type == "cuda":
-                peaks[contender.name].append((torch.cuda.max_memory_allocated() - resident) / 2**20)
+                peaks[contender.name].append((torch.cuda.max_memory_allocated() - resident)
+                                             / 2**20)
     rows = [summarize(c, model_name, peaks.get(c.name)) for c in contenders]
     sgd = next((r for r in rows if r["optimizer"] == "sgd"), None)
     if sgd is not None:  # extra cost over SGD, also in units of SGD's step time
         for row in rows:
             row["statistics"] += row["forward_backward"] - sgd["forward_backward"]
             row["preconditioning"] = row["step_rest"] - sgd["step_rest"]
-            for key in ("total", "statistics", "decomposition", "preconditioning"):
-                row[f"{key}_x"] = row[key] / sgd["total"]
+            for key in ("total", "statistics", "decomposition", "preconditioning", "refresh"):
+                if row[key] is not None:
+                    row[f"{key}_x"] = row[key] / sgd["total"]
     return rows
 
 
@@ -215,20 +324,21 @@ def summarize(contender: Contender, model_name: str, peaks: list[float] | None) 
     totals = [r["forward_backward"] + r["step"] for r in contender.rounds]
     median_round = contender.rounds[totals.index(statistics.median_low(totals))]
     in_step = {phase: median_round.get(phase, 0.0) for phase in ("statistics", "decomposition")}
-    step_rest = median_round["step"] - sum(in_step.values())
     row = {"model": model_name, "optimizer": contender.name,
            "forward_backward": median_round["forward_backward"], "step": median_round["step"],
            "total": median_round["forward_backward"] + median_round["step"],
            "statistics": in_step["statistics"], "decomposition": in_step["decomposition"],
-           "step_rest": step_rest,
-           "state_mb": state_megabytes(contender.optimizer),
+           "step_rest": median_round["step"] - sum(in_step.values()),
+           "refresh": statistics.median(contender.refresh_ms) if contender.refresh_ms else None,
+           "state_mb": state_megabytes(contender.state()),
            "peak_mb": statistics.median(peaks) if peaks else None,
-           "rounds_total_ms": totals}
+           "rounds_total_ms": totals, "phases": not contender.name.endswith("_kfac")}
     if contender.cg_iters:
         row["cg_iters"] = statistics.fmean(contender.cg_iters)
     return row
 
 
+# --------------------------------------------------------------------------- report
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -242,8 +352,17 @@ def device_description(device: torch.device) -> str:
     return f"{model_name} ({os.cpu_count()} logical CPUs), {torch.get_num_threads()} torch threads"
 
 
+def versions(peers: list[str]) -> str:
+    names = {"asdl": "asdfghjkl", "nngeometry": "nngeometry"}
+    found = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
+    found += [f"{names[p]} {metadata.version(names[p])}" for p in peers]
+    return "; ".join(found)
+
+
 def cell(row: dict, key: str) -> str:
-    """``ms (+x SGD)`` of one phase, or just ms without an SGD row."""
+    """``ms (+x SGD)`` of one phase, ``-`` for a peer (not split into phases)."""
+    if not row["phases"]:
+        return "-"
     ratio = f" ({row[f'{key}_x']:+.2f})" if f"{key}_x" in row else ""
     return f"{row[key]:.2f}{ratio}"
 
@@ -252,26 +371,26 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device,
              command: str, load_start: float) -> str:
     gpu = device.type == "cuda"
     lines = [
-        "# Optimizer step cost relative to SGD",
+        "# Optimizer step cost relative to SGD and to peer libraries",
         "",
         f"Command: `{command}`  ",
-        f"Device: {device_description(device)}; torch {torch.__version__}; "
-        f"python {platform.python_version()}; {date.today()}  ",
+        f"Device: {device_description(device)}; {versions(args.peers)}; {date.today()}  ",
         f"1-min load average of the machine: {load_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (interleaved rounds spread other jobs' load "
-        "over all optimizers alike).  ",
-        f"Data {args.data}; batch {args.batch_size}; "
-        f"K-FAC/EKFAC cov_update_freq={args.cov_update_freq}, "
-        f"inv_update_freq={args.inv_update_freq}; other options from conf/optimizer/*.yaml. "
-        f"{args.warmup_steps} warm-up steps, then the median of {args.rounds} interleaved rounds "
-        f"({args.inv_update_freq} steps each; natural gradient: {args.ng_steps}).  ",
-        "Columns are ms per step; in parentheses, in units of SGD's total step time, so "
-        "x SGD = 1 + statistics + decomposition + preconditioning "
-        "(see the docstring of scripts/bench_optim.py).",
+        "over all methods alike).  ",
+        f"Data {args.data}; batch {args.batch_size}; K-FAC statistics every "
+        f"{args.cov_update_freq} steps, inverses every {args.inv_update_freq} steps; ngexp's "
+        f"other options from its defaults{' (KL clipping off)' if args.no_kl_clip else ''}. "
+        f"{args.warmup_steps} warm-up steps, then the median of {args.rounds} interleaved "
+        f"rounds ({args.inv_update_freq} steps each; natural gradient: {args.ng_steps}).  ",
+        "Columns are ms per step; in parentheses, in units of SGD's mean step, so "
+        "x SGD = 1 + statistics + decomposition + preconditioning (docstring of "
+        "scripts/bench_optim.py). *Refresh step*: one step that updates the statistics and "
+        "refreshes the inverses (median over rounds).",
         "",
-        "| model | optimizer | total ms | x SGD | statistics | decomposition | preconditioning "
-        f"| state MB |{' step peak MB |' if gpu else ''} notes |",
-        f"|---|---|---:|---:|---:|---:|---:|---:|{'---:|' if gpu else ''}---|",
+        "| model | method | total ms | x SGD | refresh step (x SGD) | statistics | "
+        f"decomposition | preconditioning | state MB |{' step peak MB |' if gpu else ''} notes |",
+        f"|---|---|---:|---:|---:|---:|---:|---:|---:|{'---:|' if gpu else ''}---|",
     ]
     for r in rows:
         stats, decomposition, preconditioning = (
@@ -279,12 +398,26 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device,
         note = f"mean CG iterations {r['cg_iters']:.1f}" if "cg_iters" in r else ""
         peak = f" {r['peak_mb']:.0f} |" if gpu else ""
         ratio = f"{r['total_x']:.2f}x" if "total_x" in r else ""
+        refresh = (f"{r['refresh']:.1f} ({r['refresh_x']:.1f}x)"
+                   if r["refresh"] is not None and "refresh_x" in r
+                   and r["optimizer"] not in ("sgd", "natural_gradient") else "")
         lines.append(f"| {r['model']} | {r['optimizer']} | {r['total']:.2f} | {ratio} | "
-                     f"{stats} | {decomposition} | {preconditioning} | {r['state_mb']:.2f} |"
-                     f"{peak} {note} |")
+                     f"{refresh} | {stats} | {decomposition} | {preconditioning} | "
+                     f"{r['state_mb']:.2f} |{peak} {note} |")
     lines += ["", "Ratios:", ""]
-    lines += [f"- {r['model']}: {r['optimizer']} / sgd = {r['total_x']:.2f}x"
-              for r in rows if "total_x" in r and r["optimizer"] != "sgd"]
+    by_model: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        by_model[r["model"]][r["optimizer"]] = r
+    for model, found in by_model.items():
+        for name, r in found.items():
+            if name != "sgd" and "total_x" in r:
+                lines.append(f"- {model}: {name} / sgd = {r['total_x']:.2f}x")
+        for peer in ("asdl_kfac", "nngeometry_kfac"):
+            if peer in found and "kfac" in found:
+                ours, theirs = found["kfac"], found[peer]
+                lines.append(f"- {model}: ngexp kfac / {peer} = "
+                             f"{ours['total'] / theirs['total']:.2f}x per step, refresh step "
+                             f"{ours['refresh'] / theirs['refresh']:.2f}x")
     return "\n".join(lines) + "\n"
 
 
@@ -294,6 +427,8 @@ def main() -> None:
                         help=f"default: {' '.join(CPU_MODELS)} on CPU, "
                              f"{' '.join(GPU_MODELS)} on CUDA")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--peers", nargs="*", default=[], choices=PEERS,
+                        help="peer libraries to run beside ngexp (pip install 'ngexp[bench]')")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--data", default=None, choices=tuple(DATA),
                         help="default: fashion_mnist on CPU, synthetic_cifar on CUDA")
@@ -303,6 +438,7 @@ def main() -> None:
     parser.add_argument("--cov-update-freq", type=int, default=10)
     parser.add_argument("--inv-update-freq", type=int, default=100)
     parser.add_argument("--ng-steps", type=int, default=10, help="steps per natural-gradient round")
+    parser.add_argument("--no-kl-clip", action="store_true", help="ngexp without KL clipping")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 is the steadiest on a "
                              "shared CPU")

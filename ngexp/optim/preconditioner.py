@@ -82,7 +82,11 @@ class Preconditioner:
         self.steps = 0
         self.capture = Capture(model)
         self.keep_masks: dict[Tensor, Tensor] = {}
-        device = next(model.parameters()).device
+        trained = [p for p in model.parameters() if p.requires_grad]
+        if not trained:
+            raise ValueError(f"{type(self).__name__}: the model has no parameter that requires "
+                             f"grad")
+        device = trained[0].device
         self._kl_scale = torch.ones((), device=device)
         self._pending_kl: tuple[float, list[KLBlock]] | None = None
         self._targets: Tensor | None = None

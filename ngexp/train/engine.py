@@ -14,12 +14,11 @@ import math
 import platform
 import random
 import resource
-import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from torch import Tensor
+from torch import Tensor, nn
 
 from ngexp.callbacks import Callback
 from ngexp.config import TrainerConfig
@@ -40,8 +39,10 @@ from ngexp.models import build_model
 from ngexp.optim.build import build_optimizer
 from ngexp.train import rundir
 from ngexp.train.checkpoint import (
-    load_checkpoint,
-    resolve_init_from,
+    LAST,
+    all_finite,
+    init_weights,
+    load_resumable,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -55,6 +56,10 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 class RunInterrupted(Exception):
     """Raised after SIGINT/SIGTERM once the checkpoint and summary are written."""
+
+
+class RunWriteError(UserError):
+    """The run could not write its files (disk full, permissions); it ended ``failed(io)``."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,8 +114,7 @@ class Engine:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.task: Task = build_task(getattr(self.model, "task", self.data.spec.task))
         if cfg.init_from:
-            weights = load_checkpoint(resolve_init_from(cfg.init_from), self.device)["model"]
-            self.model.load_state_dict(weights)
+            load_init_weights(self.model, cfg.init_from)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.task)
         if trainer.compile and self.optimizer.preconditioner is not None:
             raise UserError(f"trainer.compile=true does not work with optimizer="
@@ -315,12 +319,18 @@ class Engine:
             callback.load_state_dict(state["callbacks"].get(callback.name, {}))
         set_rng_state(state["rng"], self.generator)
         self.step, self.epoch = state["step"], state["epoch"]
-        self.permutation = state["permutation"]
+        permutation = state["permutation"]
+        self.permutation = None if permutation is None else permutation.to(self.device)
         self.elapsed_before = state["elapsed"]
         self.best, self.last_eval = state["best"], state["last_eval"]
 
     def _save(self, name: str) -> None:
-        save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict())
+        """Write a checkpoint, never one whose weights or optimizer state are not finite."""
+        state = self.state_dict()
+        if not all_finite([state["model"], state["optimizer"]]):
+            raise FloatingPointError(f"nan at step {self.step} (non-finite weights or optimizer "
+                                     f"state; no checkpoint written)")
+        save_checkpoint(self.run_dir / "checkpoints" / name, state)
 
     # ----------------------------------------------------------------- the run
     def _summary(self, status: str, reason: str | None = None) -> dict[str, Any]:
@@ -345,52 +355,90 @@ class Engine:
     def _handle_signal(self, signum: int, frame: Any) -> None:
         self.stop_signal = signum
 
-    def run(self) -> dict[str, Any]:
-        """Train to ``total_steps`` (resuming from ``checkpoints/last.pt`` if present)."""
-        last = self.run_dir / "checkpoints" / "last.pt"
-        resumed = last.is_file()
-        if resumed:
-            self.load_state_dict(load_checkpoint(last, self.device))
+    def _resume(self) -> None:
+        """Restore the newest verified checkpoint; a corrupted ``last.pt`` is set aside (kept for
+        inspection) and the previous one used, or the run starts over -- with one line why."""
+        folder = self.run_dir / "checkpoints"
+        resumable = load_resumable(folder)
+        for problem in resumable.skipped:
+            name = problem.split(":", 1)[0]
+            aside = rundir.set_aside(folder / name, "corrupt")
+            self.console.print(f"checkpoint {problem}; moved to {aside.name}")
+        if resumable.state is not None:
+            self.load_state_dict(resumable.state)
             rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-            self.console.print(f"resuming from step {self.step}")
+            source = "" if resumable.path is not None and resumable.path.name == LAST \
+                else f" ({resumable.path.name if resumable.path else ''})"
+            self.console.print(f"resuming from step {self.step}{source}")
+        elif resumable.skipped:
+            rundir.remove_outputs(self.run_dir)
+            self.console.print("no usable checkpoint left: starting over")
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (resuming from the newest good checkpoint); a write error
+        (disk full, permissions) ends the run as ``failed(io: ...)``."""
+        resumed = any((self.run_dir / "checkpoints").glob("*.pt"))
+        if resumed:
+            self._resume()
         self.session_start = time.perf_counter()
-        self.logger = MetricsLogger(self.run_dir, purge_step=self.step if resumed else None)
+        handlers: dict[int, Any] = {}
         self.progress = ConsoleProgress(self.console, self.trainer.progress,
                                         self.total_steps, self.step)
-        rundir.write_summary(self.run_dir, self._summary("running"))
-        handlers = {sig: signal.signal(sig, self._handle_signal) for sig in STOP_SIGNALS}
         try:
+            self.logger = MetricsLogger(self.run_dir, purge_step=self.step if resumed else None)
+            rundir.write_summary(self.run_dir, self._summary("running"))
+            handlers = {sig: signal.signal(sig, self._handle_signal) for sig in STOP_SIGNALS}
             self._loop()
             status, reason = "completed", None
         except FloatingPointError as error:
             status, reason = "failed", str(error)
         except RunInterrupted:
             status, reason = "interrupted", f"signal {signal.Signals(self.stop_signal).name}"
+        except OSError as error:
+            status, reason = "failed", f"io: {describe_os_error(error)}"
         except Exception as error:
             status, reason = "failed", f"{type(error).__name__}: {error}"
-            rundir.write_summary(self.run_dir, self._summary(status, reason))
+            self._finish(status, reason)
             raise
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.progress.close()
-        summary = self._summary(status, reason)
-        if status == "completed":
-            hparams = {f"choice/{k}": str(v) for k, v in self.choices.items()}
-            hparams.update(lr=float(self.cfg.optimizer.lr), seed=self.cfg.seed,
-                           batch_size=self.trainer.batch_size)
-            self.logger.log_hparams(hparams, {k: v for k, v in self.last_eval.items()
-                                              if k.startswith(("test/", "val/"))})
-        self.logger.close()
-        rundir.write_summary(self.run_dir, summary)
-        self.console.print(summary_table("summary", {
-            "status": f"{status}({reason})" if reason else status, "step": self.step,
-            "wall time (s)": self.elapsed, **self.last_eval, "run dir": str(self.run_dir)}))
+        summary = self._finish(status, reason)
         if status == "interrupted":
             previous = handlers.get(self.stop_signal)  # e.g. submitit's requeue on USR2
             if callable(previous) and previous is not signal.default_int_handler:
                 previous(self.stop_signal, None)
             raise RunInterrupted(reason)
+        if reason is not None and reason.startswith("io: "):
+            raise RunWriteError(f"{self.run_dir}: {reason[4:]}; the last good checkpoint is "
+                                f"kept: run the same command again once that is fixed")
+        return summary
+
+    def _finish(self, status: str, reason: str | None) -> dict[str, Any]:
+        """Write hparams, close the logs and write the summary -- as far as the disk lets."""
+        summary = self._summary(status, reason)
+        try:
+            if status == "completed":
+                hparams = {f"choice/{k}": str(v) for k, v in self.choices.items()}
+                hparams.update(lr=float(self.cfg.optimizer.lr), seed=self.cfg.seed,
+                               batch_size=self.trainer.batch_size)
+                self.logger.log_hparams(hparams, {k: v for k, v in self.last_eval.items()
+                                                  if k.startswith(("test/", "val/"))})
+        except OSError:
+            pass  # the summary below still says how the run ended
+        finally:
+            logger = getattr(self, "logger", None)
+            if logger is not None:
+                logger.close()
+        try:
+            rundir.write_summary(self.run_dir, summary)
+        except OSError as error:
+            self.console.print(f"could not write {self.run_dir / 'summary.json'}: "
+                               f"{describe_os_error(error)}")
+        self.console.print(summary_table("summary", {
+            "status": f"{status}({reason})" if reason else status, "step": self.step,
+            "wall time (s)": self.elapsed, **self.last_eval, "run dir": str(self.run_dir)}))
         return summary
 
     def _loop(self) -> None:
@@ -439,37 +487,86 @@ class Engine:
 
 def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console | None = None,
           job_dir: Path | None = None) -> dict[str, Any] | None:
-    """Run (or skip, or resume) the run of ``cfg``; returns its summary (``None`` if skipped)."""
+    """Run (or skip, or resume) the run of ``cfg``; returns its summary (``None`` if skipped).
+
+    Bad input fails before anything is written (building the :class:`Engine` validates data,
+    model and optimizer together). Then the run directory's lock is taken before anything in it
+    changes: a live run is never renamed (``force=true``, ``resume=false``) nor written to.
+    """
     console = console or Console()
     run_dir = rundir.run_directory(cfg, choices)
-    if job_dir is not None:
-        rundir.atomic_write_text(job_dir / "run_dir.txt", str(run_dir.resolve()) + "\n")
-    summary = rundir.read_summary(run_dir)
-    if run_dir.exists() and cfg.force:
-        console.print(f"force=true: previous run moved to {rundir.set_aside(run_dir)}")
-    elif rundir.is_finished(summary):
-        assert summary is not None
-        reason = f"({summary['reason']})" if summary.get("reason") else ""
-        console.print(f"skipping {run_dir}: already {summary['status']}{reason} "
-                      f"(force=true re-runs it)")
+    if not cfg.force and skip_finished(run_dir, console):
         return None
-    elif run_dir.exists() and not cfg.resume:
-        console.print(f"resume=false: previous run moved to {rundir.set_aside(run_dir)}")
-    engine = Engine(cfg, choices, run_dir, console)  # bad input fails before anything is written
-    console.print(f"run dir: {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = rundir.lock(run_dir)
-    if lock is None:
-        console.print(f"skipping {run_dir}: another process is running this config")
-        return None
-    if not (run_dir / "checkpoints" / "last.pt").is_file():
-        for stale in ("metrics.jsonl", "tb"):  # a run that died before its first checkpoint
-            path = run_dir / stale
-            if path.is_file():
-                path.unlink()
-            elif path.is_dir():
-                shutil.rmtree(path)
-    rundir.save_config(run_dir, cfg)
-    with lock:
+    engine = Engine(cfg, choices, run_dir, console)
+    with ExitStack() as stack:
+        lock = rundir.lock(make_run_dir(run_dir, cfg.output_root))
+        if lock is None:
+            console.print(f"skipping {run_dir}: another process is running this config")
+            return None
+        stack.enter_context(lock)
+        if not cfg.force and skip_finished(run_dir, console):
+            return None
+        if (cfg.force or not cfg.resume) and rundir.has_outputs(run_dir):
+            aside = rundir.set_aside(run_dir, "replaced")  # we hold its lock: nobody runs it
+            console.print(f"{'force=true' if cfg.force else 'resume=false'}: previous run moved "
+                          f"to {aside}")
+            lock = rundir.lock(make_run_dir(run_dir, cfg.output_root))
+            if lock is None:
+                console.print(f"skipping {run_dir}: another process started this config")
+                return None
+            stack.enter_context(lock)
+        try:
+            if job_dir is not None:
+                rundir.atomic_write_text(job_dir / "run_dir.txt", str(run_dir.resolve()) + "\n")
+            if not any((run_dir / "checkpoints").glob("*.pt")):
+                rundir.remove_outputs(run_dir)  # a run that died before its first checkpoint
+            rundir.save_config(run_dir, cfg)
+        except OSError as error:
+            raise RunWriteError(f"{run_dir}: {describe_os_error(error)}") from None
+        console.print(f"run dir: {run_dir}")
         return engine.run()
 
+
+def skip_finished(run_dir: Path, console: Console) -> bool:
+    """Whether the run in ``run_dir`` already finished (said on the console)."""
+    summary = rundir.read_summary(run_dir)
+    if not rundir.is_finished(summary):
+        return False
+    assert summary is not None
+    reason = f"({summary['reason']})" if summary.get("reason") else ""
+    console.print(f"skipping {run_dir}: already {summary['status']}{reason} "
+                  f"(force=true re-runs it)")
+    return True
+
+
+def make_run_dir(run_dir: Path, output_root: str) -> Path:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"output_root={output_root!r}: cannot create {run_dir} "
+                        f"({describe_os_error(error)}); choose a writable folder") from None
+    return run_dir
+
+
+def describe_os_error(error: OSError) -> str:
+    """``No space left on device (checkpoints/.last.pt.tmp)``: the reason and the file."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{reason} ({error.filename})" if error.filename else reason
+
+
+def load_init_weights(model: nn.Module, location: str) -> None:
+    """Start ``model`` from the weights of ``init_from``, which must fit its architecture."""
+    weights = init_weights(location)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{key} {tuple(weights[key].shape)} vs {tuple(value.shape)}"
+              for key, value in own.items() if key in weights and weights[key].shape != value.shape]
+    if missing or unexpected or shapes:
+        details = "; ".join(part for part in (
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+            f"shapes differ: {', '.join(shapes[:2])}" if shapes else "") if part)
+        raise UserError(f"init_from={location!r} holds weights of another architecture "
+                        f"({details}); give a checkpoint of the same model and data shape")
+    model.load_state_dict(weights)

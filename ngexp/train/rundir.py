@@ -11,7 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,22 +42,37 @@ def run_directory(cfg: DictConfig, choices: Mapping[str, str | None]) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half."""
+    """Write via ``.<name>.tmp`` in the same folder and rename, so readers never see half; the
+    file gets the permissions of a plain ``open`` (0644 under the usual umask) and the
+    temporary file is removed when the write fails (disk full)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(object, None)`` for a readable JSON object file, else ``(None, reason)``."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return None, f"unreadable ({type(error).__name__})"
+    if not isinstance(value, dict):
+        return None, f"not a JSON object ({type(value).__name__})"
+    return value, None
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+    """The run's summary, or ``None`` when missing or unreadable (wrong encoding, not JSON,
+    not an object): such a run is resumed, not skipped."""
+    return read_json_object(run_dir / "summary.json")[0]
 
 
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
@@ -72,11 +87,35 @@ def is_finished(summary: Mapping[str, Any] | None) -> bool:
         summary.get("status") == "failed" and str(summary.get("reason", "")).startswith("nan"))
 
 
-def set_aside(run_dir: Path) -> Path:
-    """Rename an existing run directory (``force=true``) so nothing written is lost."""
-    target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(target)
+def set_aside(path: Path, label: str) -> Path:
+    """Rename ``path`` (a run directory replaced by ``force=true``, a corrupted checkpoint and its
+    digest) to ``<name>.<label>-<time>`` so nothing written is lost."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{label}-{stamp}")
+    counter = 1
+    while target.exists():
+        counter += 1
+        target = path.with_name(f"{path.name}.{label}-{stamp}-{counter}")
+    path.rename(target)
+    digest = path.with_name(path.name + ".sha256")
+    if digest.is_file():
+        digest.rename(target.with_name(target.name + ".sha256"))
     return target
+
+
+def has_outputs(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds anything a run wrote (not just its lock)."""
+    return any(path.name != ".lock" for path in run_dir.iterdir()) if run_dir.is_dir() else False
+
+
+def remove_outputs(run_dir: Path) -> None:
+    """Remove the metrics and events of a run that starts over (no checkpoint to resume)."""
+    for name in ("metrics.jsonl", "tb"):
+        path = run_dir / name
+        if path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
 
 
 def save_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -87,11 +126,19 @@ def save_config(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only records up to ``last_step`` (those after the checkpoint are recomputed)."""
+    """Keep only the whole records up to ``last_step`` (those after the checkpoint are
+    recomputed); a partial last line (a crash mid-write) or an unreadable record is dropped."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
