@@ -2,10 +2,11 @@
 libraries (ASDL's K-FAC, nngeometry's KFAC matrix), on the same model and batches.
 
 Every contender trains its own copy of one initialized model on the same batches, in one
-process, with rounds interleaved (SGD, K-FAC, EKFAC, ..., ASDL, SGD, ...) so machine load hits
-them alike. A round is ``--inv-update-freq`` steps (the natural gradient: ``--ng-steps``), so it
-holds exactly one inverse/eigenbasis refresh and ``inv/cov`` statistics steps; the round with the
-median total per-step time is reported, after ``--warmup-steps`` untimed steps. The *refresh
+process, taking turns step by step (SGD, K-FAC, EKFAC, ..., ASDL, SGD, ...) so drifting machine
+load hits them alike. A round is ``--inv-update-freq`` steps (the natural gradient:
+``--ng-steps``), so it holds exactly one inverse/eigenbasis refresh and ``inv/cov`` statistics
+steps; the round with the median total per-step time is reported, after ``--warmup-steps``
+untimed steps. The *refresh
 step* (statistics + refresh + step) is reported on its own, as a multiple of SGD's step.
 
 The K-FAC contenders use the same settings: MC Fisher (one sample), statistics every
@@ -296,17 +297,24 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device)
         contender.cg_iters.clear()
         contender.refresh_ms.clear()
     for round_index in range(args.rounds):
+        # within a round the methods take turns step by step, so drifting machine load (a
+        # shared CPU) hits them alike; a round's per-step mean is one sample
+        timed = [(c, args.warmup_steps + round_index * c.window) for c in contenders]
+        sums: dict[str, dict[str, float]] = {c.name: defaultdict(float) for c in contenders}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for offset in range(max(c.window for c in contenders)):
+            for contender, start in timed:
+                if offset < contender.window:
+                    step_ms = run_steps(contender, batch, start + offset, 1,
+                                        args.inv_update_freq)
+                    for key, value in step_ms.items():
+                        sums[contender.name][key] += value / contender.window
         for contender in contenders:
-            start = args.warmup_steps + round_index * contender.window
+            contender.rounds.append(dict(sums[contender.name]))
             if device.type == "cuda":
-                torch.cuda.synchronize()
-                resident = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            contender.rounds.append(run_steps(contender, batch, start, contender.window,
-                                              args.inv_update_freq))
-            if device.type == "cuda":
-                peaks[contender.name].append((torch.cuda.max_memory_allocated() - resident)
-                                             / 2**20)
+                peaks[contender.name].append(torch.cuda.max_memory_allocated() / 2**20)
     rows = [summarize(c, model_name, peaks.get(c.name)) for c in contenders]
     sgd = next((r for r in rows if r["optimizer"] == "sgd"), None)
     if sgd is not None:  # extra cost over SGD, also in units of SGD's step time
@@ -389,7 +397,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device,
         "refreshes the inverses (median over rounds).",
         "",
         "| model | method | total ms | x SGD | refresh step (x SGD) | statistics | "
-        f"decomposition | preconditioning | state MB |{' step peak MB |' if gpu else ''} notes |",
+        f"decomposition | preconditioning | state MB |{' peak MB |' if gpu else ''} notes |",
         f"|---|---|---:|---:|---:|---:|---:|---:|---:|{'---:|' if gpu else ''}---|",
     ]
     for r in rows:

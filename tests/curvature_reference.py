@@ -46,7 +46,7 @@ def captured(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor,
         backward_sampled(capture, outputs, task, mc_samples,
                          torch.Generator().manual_seed(seed), retain_last=False)
     else:
-        torch.autograd.grad(task.loss(outputs, targets), capture.weights(), allow_unused=True)
+        torch.autograd.grad(task.loss(outputs, targets), capture.layer_outputs(), allow_unused=True)
     return capture
 
 

@@ -12,7 +12,7 @@ from ngexp.curvature.capture import TRAINING
 from ngexp.curvature.kronecker import eigenbasis_moments
 from ngexp.curvature.tasks import Classification
 from ngexp.optim.ekfac import EKFAC
-from ngexp.optim.kronecker import eigenbasis_precondition as precondition
+from ngexp.optim.kronecker import LayerGradient, eigenbasis_precondition
 from tests.curvature_reference import (
     capture_factors,
     captured,
@@ -34,6 +34,11 @@ def conv_net() -> tuple[nn.Module, Tensor, Tensor]:
 def train_step(model: nn.Module, pre: EKFAC, opt: torch.optim.Optimizer, x: Tensor,
                y: Tensor) -> None:
     documented_step(model, pre, opt, TASK, x, y)
+
+
+def precondition(grad: Tensor, basis_a: Tensor, basis_g: Tensor, scale: Tensor) -> Tensor:
+    """The eigenbasis preconditioning of a bias-free gradient matrix ``(groups, d_out, d_in)``."""
+    return eigenbasis_precondition(LayerGradient(grad, None), basis_a, basis_g, scale)
 
 
 def test_eigenbasis_round_trip_with_unit_scaling_returns_the_input() -> None:

@@ -86,6 +86,40 @@ def test_step_equals_dense_damped_kronecker_inverse(damping_mode: str) -> None:
         torch.testing.assert_close(step[0].double().flatten(), expected, rtol=2e-4, atol=1e-6)
 
 
+def test_factored_path_equals_the_direct_product_and_yields_to_changed_gradients() -> None:
+    """On the CPU, (D G^-1)^T ([X|1] A^-1) replaces G^-1 M A^-1 for a wide Linear layer at a
+    small batch -- the same direction; a masked or clipped .grad takes the direct path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 3))
+    x, y = torch.randn(8, 40), torch.randint(0, 3, (8,))
+    directions = {}
+    for case in ("factored", "direct", "scaled"):
+        pre = KFAC(copy.deepcopy(model), fisher_type="empirical", kl_clip=None)
+        if case == "direct":  # what a GPU does
+            pre._factored_direction = lambda *a: None
+        TASK.loss(pre.model(x), y).backward()
+        if case == "scaled":  # e.g. gradient clipping between backward and pre.step()
+            for p in pre.model.parameters():
+                p.grad.mul_(0.5)
+        calls: list[Tensor | None] = []
+
+        def recorded(*args, calls=calls, original=pre._factored_direction):
+            calls.append(original(*args))
+            return calls[-1]
+
+        pre._factored_direction = recorded
+        pre.step()
+        directions[case] = [p.grad.clone() for p in pre.model.parameters()]
+        used = [c is not None for c in calls]
+        assert used == {"factored": [True, False], "direct": [False, False],
+                        "scaled": [False, False]}[case], case  # layer 2: 3x31, not cheaper
+    assert pre._cheaper == {"0": True, "2": False} and pre.capture.active  # every step
+    for ours, direct in zip(directions["factored"], directions["direct"], strict=True):
+        torch.testing.assert_close(ours, direct, rtol=1e-4, atol=1e-6)
+    for half, direct in zip(directions["scaled"], directions["direct"], strict=True):
+        torch.testing.assert_close(half, 0.5 * direct, rtol=1e-4, atol=1e-6)
+
+
 def test_pi_ratio() -> None:
     a = torch.diag(torch.tensor([4.0, 2.0]))[None]
     g = torch.diag(torch.tensor([0.5, 0.1, 0.3]))[None]
@@ -119,7 +153,7 @@ def test_mc_passes_leave_the_training_gradient() -> None:
     TASK.loss(reference(x), y).backward()
     for param, expected in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(param.grad, expected.grad)
-    assert pre.capture.pass_kinds == [SAMPLED] * 3  # the training pass is not recorded
+    assert pre.capture.pass_kinds == [SAMPLED] * 3 + [TRAINING]  # three MC passes, then training
 
 
 def reference_grads(x: Tensor, y: Tensor) -> list[nn.Parameter]:
@@ -176,8 +210,10 @@ def test_uncovered_parameters_get_the_plain_momentum_step(caplog: pytest.LogCapt
 # ---------------------------------------------------------------------------- schedules
 def test_statistics_every_cov_update_freq_steps_and_factor_average() -> None:
     model = net()
+    # eigen mode: the layers are captured only on statistics steps (factored mode on the CPU
+    # captures every step for its factored preconditioning)
     pre, opt = kfac(model, cov_update_freq=3, inv_update_freq=3, stat_decay=0.5,
-                    fisher_type="empirical")
+                    fisher_type="empirical", damping_mode="eigen")
     captured, factors = [], []
     for step in range(7):
         x, y = data(step)

@@ -4,9 +4,9 @@ estimator of :mod:`ngexp.curvature` reads.
 Each supported module is seen as ``groups`` independent affine maps ``s = [W | b] [a; 1]`` from
 input rows ``a`` to output rows ``s``: for ``nn.Linear`` a row is the last dimension of a
 ``(B, *, D)`` input; for ``nn.Conv2d`` (stride, padding incl. ``same``/reflect/circular,
-dilation, groups) it is the input patch of one output position, extracted with ``unfold`` (KFC,
-Grosse & Martens 2016), one block per channel group. A module applied several times in one
-forward (the LSTM's ``W_h`` once per time step) has one input per *call*.
+dilation, groups) it is the input patch of one output position (KFC, Grosse & Martens 2016),
+taken from strided views of the input, one block per channel group. A module applied several
+times in one forward (the LSTM's ``W_h`` once per time step) has one input per *call*.
 
 While :attr:`Capture.active`, each call of a hooked module (grad enabled, outside ``torch.func``
 transforms and, when ``training_only``, in training mode) stores its input and puts a tensor
@@ -131,17 +131,20 @@ class LayerIO:
         return grad.reshape(batch, -1, 1, grad.shape[-1]).float()
 
     def _patches(self, x: Tensor) -> Tensor:
-        """Unfolded conv input ``(B, L, groups, fan_in)``, channel-major like the weight."""
+        """Conv input patches ``(B, L, groups, fan_in)``, channel-major like the weight: strided
+        views of the (padded) input, then one copy into that layout (cheaper than ``unfold``
+        followed by a transpose)."""
         conv = self.module
         assert isinstance(conv, nn.Conv2d)
-        padding: Any = conv.padding
-        if conv.padding_mode != "zeros" or isinstance(padding, str):  # pad as Conv2d.forward does
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or any(conv.padding):
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
-        cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
-                        stride=conv.stride)  # (B, C_in * kh * kw, L)
-        return cols.view(x.shape[0], self.groups, self.fan_in, -1).permute(0, 3, 1, 2)
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+        windows = windows[..., ::dh, ::dw]  # (B, C, H_out, W_out, kh, kw)
+        batch, _, height, width = windows.shape[:4]
+        return windows.permute(0, 2, 3, 1, 4, 5).reshape(batch, height * width, self.groups,
+                                                           self.fan_in)
 
 
 def supported_layers(model: nn.Module) -> list[LayerIO]:
@@ -153,18 +156,17 @@ def supported_layers(model: nn.Module) -> list[LayerIO]:
 class Capture:
     """Hooks on ``model`` and its supported layers; see the module docstring.
 
-    ``layers`` defaults to :func:`supported_layers`; ``keep_outputs`` also keeps each call's
-    output tensor (for estimators that differentiate with respect to it).
+    ``layers`` defaults to :func:`supported_layers`. Each call's output tensor is kept too
+    (:meth:`layer_outputs`), for backward passes that need gradients only there.
     """
 
     def __init__(self, model: nn.Module, *, layers: list[LayerIO] | None = None,
-                 training_only: bool = True, keep_outputs: bool = False) -> None:
+                 training_only: bool = True) -> None:
         self.model = model
         self.layers = supported_layers(model) if layers is None else layers
         self.active = False
         self.watch_model = False
         self.training_only = training_only
-        self.keep_outputs = keep_outputs
         #: Kind of each recorded pass, in order.
         self.pass_kinds: list[str] = []
         #: The watched forward's positional arguments (detached) and output.
@@ -197,8 +199,9 @@ class Capture:
     def captured_inputs(self) -> bool:
         return any(layer.inputs for layer in self.layers)
 
-    def weights(self) -> list[Tensor]:
-        return [layer.module.weight for layer in self.layers]
+    def layer_outputs(self) -> list[Tensor]:
+        """The output of every call of every layer in the captured forward."""
+        return [output for layer in self.layers for output in layer.outputs]
 
     # ------------------------------------------------------------------ control
     def clear(self) -> None:
@@ -282,8 +285,7 @@ class Capture:
             return
         call = len(layer.inputs)
         layer.inputs.append(args[0].detach())
-        if self.keep_outputs:
-            layer.outputs.append(output)
+        layer.outputs.append(output)
         if output.requires_grad:
             self._pending.append((layer, call, output))
 
@@ -295,11 +297,13 @@ class Capture:
 def backward_sampled(capture: Capture, outputs: Tensor, task: Task, samples: int,
                      generator: torch.Generator | None, retain_last: bool) -> None:
     """Record ``samples`` passes of the loss on targets drawn from the model's predictive
-    distribution at ``outputs`` (float32 loss, parameter gradients discarded); the graph is kept
-    after the last one when ``retain_last``."""
-    weights = capture.weights()
+    distribution at ``outputs`` (float32 loss); the graph is kept after the last one when
+    ``retain_last``. Each pass differentiates with respect to the layer outputs only, so no
+    parameter gradient is computed (nor touched)."""
+    layer_outputs = [output for output in capture.layer_outputs() if output.requires_grad]
     for sample in range(samples):
         sampled = task.sample_targets(outputs, generator)
         with capture.sampling():
-            torch.autograd.grad(task.loss(outputs.float(), sampled), weights, allow_unused=True,
+            torch.autograd.grad(task.loss(outputs.float(), sampled), layer_outputs,
+                                allow_unused=True,
                                 retain_graph=retain_last or sample < samples - 1)

@@ -54,7 +54,7 @@ def diagonal_ggn(model: nn.Module, task: Task, batches: Iterable[tuple[Tensor, T
     ``layers`` (name -> Linear/Conv2d of ``model``), keyed by parameter name
     (``"<name>.weight"``). Run it with the model in eval mode so that examples are independent."""
     capture = Capture(model, layers=[LayerIO(name, module) for name, module in layers.items()],
-                      training_only=False, keep_outputs=True)
+                      training_only=False)
     capture.active = True
     diagonal = {layer.name: at_least_float32(torch.zeros_like(layer.module.weight))
                 for layer in capture.layers}

@@ -50,7 +50,11 @@ CHUNK_ELEMENTS = 2**25
 
 
 def _gram(rows: Tensor) -> Tensor:
-    """``sum_rows r r^T`` per group: ``(B, P, groups, d) -> (groups, d, d)``."""
+    """``sum_rows r r^T`` per group: ``(B, P, groups, d) -> (groups, d, d)`` (one 2-D product
+    for a single group)."""
+    if rows.shape[2] == 1:
+        flat = rows.reshape(-1, rows.shape[-1])
+        return (flat.T @ flat)[None]
     flat = rows.flatten(0, 1).transpose(0, 1)  # (groups, B*P, d)
     return flat.mT @ flat
 
@@ -74,6 +78,17 @@ def input_moment(layer: LayerIO, x: Tensor, reduce: bool) -> tuple[Tensor, int]:
     return moment, rows
 
 
+def output_moment(layer: LayerIO, grad: Tensor, reduce: bool) -> Tensor:
+    """``sum_rows g g^T (groups, out_dim, out_dim)`` of one call's output gradient; a
+    convolution's as a sum of per-example products over its positions (no transposed copy)."""
+    if isinstance(layer.module, nn.Conv2d) and not reduce:
+        batch, out = grad.shape[0], layer.out_dim
+        per_example = grad.reshape(batch * layer.groups, out, -1).float()
+        return (per_example @ per_example.mT).view(batch, layer.groups, out, out).sum(0)
+    rows = layer.grad_rows(grad)
+    return _gram(rows.sum(1, keepdim=True) if reduce else rows)
+
+
 def kronecker_factors(layer: LayerIO, passes: list[int], num_terms: int,
                       kfac_approx: str = "expand") -> tuple[Tensor, Tensor]:
     """Batch estimates ``A (groups, in_dim, in_dim)`` and ``G (groups, out_dim, out_dim)`` of
@@ -89,8 +104,7 @@ def kronecker_factors(layer: LayerIO, passes: list[int], num_terms: int,
     g_sum = torch.zeros(layer.groups, layer.out_dim, layer.out_dim, device=device)
     for index in passes:
         for grad in layer.grads[index].values():
-            g = layer.grad_rows(grad)
-            g_sum += _gram(g.sum(1, keepdim=True) if reduce else g)
+            g_sum += output_moment(layer, grad, reduce)
     # g = N * grad, so (1/N) sum g g^T = N sum grad grad^T
     return a_sum / max(rows, 1), g_sum * (num_terms / max(len(passes), 1))
 
@@ -176,7 +190,7 @@ def kronecker_diagonal(
                 if fisher_type == "mc":
                     backward_sampled(capture, outputs, task, mc_samples, generator, False)
                 else:
-                    torch.autograd.grad(task.loss(outputs, targets), capture.weights(),
+                    torch.autograd.grad(task.loss(outputs, targets), capture.layer_outputs(),
                                         allow_unused=True)
             yield task.num_terms(targets), capture.passes(PASS_KIND[fisher_type])
 

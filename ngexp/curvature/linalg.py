@@ -98,8 +98,8 @@ def damped_inverses(
 ) -> tuple[list[Tensor], Tensor]:
     """``(F_i + d_i I)^-1`` for stacks ``factors[i] (k_i, n_i, n_i)`` of symmetric positive
     semi-definite matrices and dampings ``dampings[i] (k_i, 1)`` (> 0), by Cholesky; stacks of
-    equal ``n`` are factorized together. A matrix whose factorization fails in float32 and in
-    float64, or whose inverse is not finite, keeps ``previous[i]`` (the identity when ``None``).
+    equal ``n`` are factorized together. A matrix that is not finite, or whose factorization
+    fails in float32 and in float64, keeps ``previous[i]`` (the identity when ``None``).
     Returns the inverses (float32) and the number of kept matrices as a 0-dim tensor."""
     results: list[Tensor | None] = [None] * len(factors)
     kept = torch.zeros((), dtype=torch.long, device=factors[0].device)
@@ -110,32 +110,39 @@ def damped_inverses(
         size = factors[indices[0]].shape[-1]
         eye = torch.eye(size, device=factors[indices[0]].device)
         stack = torch.cat([factors[i].float() + dampings[i][..., None] * eye for i in indices])
-        inverse = _cholesky_inverse_with_retry(stack, [names[i] for i in indices])
-        old = torch.cat([previous[i] if previous[i] is not None
-                         else eye.expand_as(factors[i]) for i in indices])
-        ok = torch.isfinite(stack).flatten(1).all(-1) & torch.isfinite(inverse).flatten(1).all(-1)
-        inverse = torch.where(ok[:, None, None], inverse, old)
-        kept = kept + (~ok).sum()
+        inverse, bad = _cholesky_inverse_with_retry(stack, [names[i] for i in indices])
+        if bad is not None:
+            old = torch.cat([previous[i] if previous[i] is not None
+                             else eye.expand_as(factors[i]) for i in indices])
+            inverse = torch.where(bad[:, None, None], old, inverse)
+            kept = kept + bad.sum()
         sizes = [factors[i].shape[0] for i in indices]
         for i, part in zip(indices, inverse.split(sizes), strict=True):
             results[i] = part
     return results, kept  # type: ignore[return-value]
 
 
-def _cholesky_inverse_with_retry(stack: Tensor, names: list[str]) -> Tensor:
-    """Inverses of the positive definite ``(k, n, n)`` stack, float32; a matrix whose float32
-    Cholesky fails is redone in float64, one that fails there too comes back as NaN."""
+def _cholesky_inverse_with_retry(stack: Tensor, names: list[str]) -> tuple[Tensor, Tensor | None]:
+    """Inverses of the positive definite ``(k, n, n)`` stack (float32) and the mask of matrices
+    without one (not finite, or no Cholesky factorization in float32 nor float64; ``None``
+    when all succeeded). The one host sync of a refresh reads whether anything failed."""
     lower, info = torch.linalg.cholesky_ex(stack)
-    failed = info != 0
+    finite = torch.isfinite(stack.sum((-2, -1)))
+    failed = (info != 0) & finite
     inverse = torch.cholesky_inverse(lower)
-    if not bool(failed.any()):  # the refresh's one host sync
-        return inverse
-    lower64, info64 = torch.linalg.cholesky_ex(stack[failed].double())
-    retried = torch.cholesky_inverse(lower64).float()
-    retried[info64 != 0] = float("nan")
-    inverse[failed] = retried
-    log.info("Cholesky failed in float32 for %s; retried in float64", ", ".join(names))
-    return inverse
+    if not bool((failed | ~finite).any()):
+        return inverse, None
+    if bool(failed.any()):
+        lower64, info64 = torch.linalg.cholesky_ex(stack[failed].double())
+        inverse[failed] = torch.cholesky_inverse(lower64).float()
+        failed_again = torch.zeros_like(failed)
+        failed_again[failed] = info64 != 0
+        log.info("Cholesky failed in float32 for %s; retried in float64", ", ".join(names))
+        if bool(failed_again.any()):
+            log.warning("Cholesky failed in float64 for %s; keeping the previous inverse",
+                        ", ".join(names))
+        return inverse, ~finite | failed_again
+    return inverse, ~finite
 
 
 class CGResult(NamedTuple):

@@ -29,6 +29,7 @@ from ngexp.curvature.capture import LayerIO
 from ngexp.curvature.kronecker import PASS_KIND, eigenbasis_moments
 from ngexp.optim.kronecker import (
     KroneckerPreconditioner,
+    LayerGradient,
     eigenbasis_precondition,
     kronecker_eigenvalues,
 )
@@ -86,7 +87,8 @@ class EKFAC(KroneckerPreconditioner):
                                              self._num_terms)
                 self._average(state, "s", moments, decay)
 
-    def _precondition(self, layer: LayerIO, state: dict[str, Tensor], grad: Tensor) -> Tensor:
+    def _precondition(self, layer: LayerIO, state: dict[str, Tensor],
+                      grad: LayerGradient) -> Tensor:
         return eigenbasis_precondition(grad, state["U_A"], state["U_G"],
                                        state["s"] + self._damping)
 

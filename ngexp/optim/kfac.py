@@ -8,6 +8,13 @@ factors ``A`` and ``G`` (refreshed every ``inv_update_freq`` steps), per ``dampi
   sqrt((tr(A) / dim A) / (tr(G) / dim G))`` (``pi = 1`` with ``pi_correction=false``). The
   damped inverses come from Cholesky factorizations (no eigendecomposition), recomputed at
   each refresh and whenever the damping changes; a step costs two matrix products per layer.
+  On the CPU, a Linear layer whose batch has fewer rows than pays off is preconditioned in
+  factored form: the gradient of one training pass is ``M = D^T [X | 1]`` (output gradients
+  ``D (B, d_out)``, inputs ``X (B, d_in - 1)``), so ``V = (D G_d^-1)^T ([X | 1] A_d^-1)`` costs
+  ``B (d_out^2 + d_in^2 + d_out d_in)`` instead of ``d_out d_in (d_out + d_in)`` (3x less for
+  the MLP's 512 x 785 layer at batch 128). It is used only when ``.grad`` is verifiably that
+  product (two random probes agree to 1e-4 relative): masked, clipped or otherwise changed
+  gradients take the direct path.
 - ``eigen`` (damping in the Kronecker eigenbasis): ``V = U_G ((U_G^T M U_A) / (lambda_G
   lambda_A^T + damping)) U_A^T`` from ``A = U_A diag(lambda_A) U_A^T``, ``G = U_G diag(lambda_G)
   U_G^T``, i.e. ``(G (x) A + damping I)^-1`` exactly.
@@ -23,12 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ngexp.curvature.capture import LayerIO
+from ngexp.curvature.capture import TRAINING, LayerIO
 from ngexp.curvature.linalg import damped_inverses
 from ngexp.optim.kronecker import (
     KroneckerPreconditioner,
+    LayerGradient,
     eigenbasis_precondition,
     kronecker_eigenvalues,
+    matmul,
 )
 from ngexp.optim.training import base_optimizer
 from ngexp.options import check_choice, checked, configurable
@@ -62,6 +71,15 @@ class KFAC(KroneckerPreconditioner):
                  pi_correction: bool = True, **options: Any) -> None:
         self.damping_mode, self.pi_correction = damping_mode, pi_correction
         super().__init__(model, **options)
+        #: Whether a layer's factored preconditioning pays off at the batch last seen.
+        self._cheaper: dict[str, bool] = {}
+        #: Fixed random probes ``(d_in, 2)`` per layer for the factored path's check.
+        self._probes: dict[str, Tensor] = {}
+
+    @property
+    def _captures_every_step(self) -> bool:
+        return (self.damping_mode == "factored" and self._damping.device.type == "cpu"
+                and any(self._cheaper.values()))
 
     def _refreshed(self, state: dict[str, Tensor]) -> bool:
         return ("A_inv" if self.damping_mode == "factored" else "U_A") in state
@@ -107,11 +125,48 @@ class KFAC(KroneckerPreconditioner):
             state = self.state[layer.name]
             state["A_inv"], state["G_inv"] = inverses[2 * index], inverses[2 * index + 1]
 
-    def _precondition(self, layer: LayerIO, state: dict[str, Tensor], grad: Tensor) -> Tensor:
+    def _precondition(self, layer: LayerIO, state: dict[str, Tensor],
+                      grad: LayerGradient) -> Tensor:
         if self.damping_mode == "eigen":
             denominator = kronecker_eigenvalues(state) + self._damping
             return eigenbasis_precondition(grad, state["U_A"], state["U_G"], denominator)
-        return state["G_inv"] @ grad @ state["A_inv"]
+        factored = self._factored_direction(layer, state, grad)
+        if factored is not None:
+            return factored
+        return matmul(state["G_inv"], grad.times(state["A_inv"]))
+
+    def _factored_direction(self, layer: LayerIO, state: dict[str, Tensor],
+                            grad: LayerGradient) -> Tensor | None:
+        """``(D G_d^-1)^T ([X | 1] A_d^-1)`` when it is cheaper and ``.grad`` is ``D^T [X |
+        1]`` (module docstring), else ``None``."""
+        if (self._damping.device.type != "cpu" or not isinstance(layer.module, nn.Linear)
+                or len(layer.inputs) != 1 or layer.inputs[0].dim() != 2):
+            return None
+        rows, out, size = layer.inputs[0].shape[0], layer.out_dim, layer.in_dim
+        cheaper = rows * (out * out + size * size + out * size) < 0.7 * out * size * (out + size)
+        self._cheaper[layer.name] = cheaper
+        passes = self.capture.passes(TRAINING)
+        if not cheaper or len(passes) != 1 or 0 not in layer.grads[passes[0]]:
+            return None
+        inputs, output_grads = layer.inputs[0].float(), layer.grads[passes[0]][0].float()
+        probes = self._probes.get(layer.name)
+        if probes is None:
+            generator = torch.Generator().manual_seed(len(self._probes))
+            probes = self._probes[layer.name] = torch.randn(size, 2, generator=generator)
+        fan_in = layer.fan_in
+        expected = grad.weight[0] @ probes[:fan_in]
+        projected = inputs @ probes[:fan_in]
+        if grad.bias is not None:
+            expected = expected + grad.bias[0][:, None] * probes[fan_in]
+            projected = projected + probes[fan_in]
+        error = (expected - output_grads.T @ projected).norm()
+        if not bool(error <= 1e-4 * expected.norm()):  # the CPU: no device to wait for
+            return None
+        a_inv, g_inv = state["A_inv"][0], state["G_inv"][0]
+        right = inputs @ a_inv[:fan_in]
+        if layer.has_bias:
+            right = right + a_inv[fan_in]
+        return ((output_grads @ g_inv).T @ right)[None]
 
     def _curvature_quadratic(self, state: dict[str, Tensor], delta: Tensor) -> Tensor:
         """``vec(D)^T (G (x) A) vec(D) = <D, G D A>``."""

@@ -85,12 +85,79 @@ def check_kronecker(damping: Any, damping_schedule: str, damping_decay: float,
     check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
 
 
-def eigenbasis_precondition(grad: Tensor, basis_a: Tensor, basis_g: Tensor,
+def matmul(left: Tensor, right: Tensor) -> Tensor:
+    """``left @ right`` for stacks ``(groups, n, k) @ (groups, k, m)``, as one 2-D product when
+    there is a single group (faster than a batched product of one)."""
+    if left.shape[0] == 1 and right.shape[0] == 1:
+        return (left[0] @ right[0])[None]
+    return left @ right
+
+
+@dataclass(frozen=True)
+class LayerGradient:
+    """A layer's gradient ``[dW | db]`` kept in its two parts (no concatenated copy): ``weight
+    (groups, d_out, fan_in)`` and ``bias (groups, d_out)`` or ``None``, float32."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    @classmethod
+    def of(cls, layer: LayerIO) -> LayerGradient | None:
+        """The ``.grad`` of ``layer`` (``None`` without a weight gradient; a missing bias
+        gradient counts as zero)."""
+        weight, bias = layer.module.weight, layer.module.bias
+        if weight.grad is None:
+            return None
+        weight_grad = weight.grad.reshape(layer.groups, layer.out_dim, layer.fan_in).float()
+        bias_grad = None
+        if bias is not None:
+            bias_grad = (bias.grad.reshape(layer.groups, layer.out_dim).float()
+                         if bias.grad is not None
+                         else weight_grad.new_zeros(layer.groups, layer.out_dim))
+        return cls(weight_grad, bias_grad)
+
+    def times(self, matrix: Tensor) -> Tensor:
+        """``[dW | db] @ matrix`` for ``matrix (groups, d_in, k)``: ``(groups, d_out, k)``."""
+        fan_in = self.weight.shape[-1]
+        product = matmul(self.weight, matrix[:, :fan_in])
+        if self.bias is None:
+            return product
+        if product.shape[0] == 1:  # in place, one pass: product += db (x) matrix[fan_in]
+            product[0].addr_(self.bias[0], matrix[0, fan_in])
+            return product
+        return product.baddbmm_(self.bias[:, :, None], matrix[:, fan_in, None, :])
+
+    def dot(self, direction: Tensor) -> Tensor:
+        """``<[dW | db], direction>`` for ``direction (groups, d_out, d_in)`` (0-dim)."""
+        fan_in = self.weight.shape[-1]
+        value = torch.mul(direction[..., :fan_in], self.weight).sum()
+        if self.bias is not None:
+            value = value + torch.mul(direction[..., fan_in], self.bias).sum()
+        return value
+
+
+def write_direction(layer: LayerIO, direction: Tensor) -> None:
+    """Copy ``direction (groups, d_out, d_in)`` into the ``.grad`` of the layer's weight and
+    bias, in place (their memory layout, e.g. channels_last, is kept)."""
+    weight_grad = layer.module.weight.grad
+    assert weight_grad is not None
+    part = direction[..., :layer.fan_in]
+    if weight_grad.is_contiguous():
+        weight_grad.view(layer.groups, layer.out_dim, layer.fan_in).copy_(part)
+    else:
+        weight_grad.copy_(part.reshape(weight_grad.shape))
+    bias = layer.module.bias
+    if bias is not None and bias.grad is not None:
+        bias.grad.copy_(direction[..., layer.fan_in].reshape(bias.shape))
+
+
+def eigenbasis_precondition(grad: LayerGradient, basis_a: Tensor, basis_g: Tensor,
                             denominator: Tensor) -> Tensor:
-    """``U_G ((U_G^T M U_A) / D) U_A^T`` for ``M = grad (groups, d_out, d_in)``, eigenbases
-    ``basis_a (groups, d_in, d_in)``, ``basis_g (groups, d_out, d_out)`` and ``D`` shaped like
-    ``M``: the inverse of ``U diag(D) U^T``, ``U = U_G (x) U_A``, applied to ``vec(M)``."""
-    return basis_g @ ((basis_g.mT @ grad @ basis_a) / denominator) @ basis_a.mT
+    """``U_G ((U_G^T M U_A) / D) U_A^T`` for ``M = [dW | db] (groups, d_out, d_in)``,
+    eigenbases ``basis_a (groups, d_in, d_in)``, ``basis_g (groups, d_out, d_out)`` and ``D``
+    shaped like ``M``: the inverse of ``U diag(D) U^T``, ``U = U_G (x) U_A``, on ``vec(M)``."""
+    rotated = matmul(basis_g.mT, grad.times(basis_a)) / denominator
+    return matmul(matmul(basis_g, rotated), basis_a.mT)
 
 
 def kronecker_eigenvalues(state: dict[str, Tensor]) -> Tensor:
@@ -171,16 +238,14 @@ class KroneckerPreconditioner(Preconditioner):
         """Fill ``.grad`` from ``loss``; on statistics steps with ``fisher_type="mc"`` first
         record ``mc_samples`` backward passes of losses on targets sampled from the model."""
         self._begin_backward(loss, targets)
-        if self.fisher_type == "mc" and self.capture.captured_inputs:
+        if (self.fisher_type == "mc" and self.capture.captured_inputs
+                and self._stats_due(self.steps)):
             outputs = self.capture.model_output if outputs is None else outputs
             if outputs is None:
                 raise RuntimeError(f"{type(self).__name__}.backward(loss): the forward of this "
                                    f"step was not seen; pass backward(loss, outputs)")
             backward_sampled(self.capture, outputs, self.task, self.mc_samples,
                              self._generator, retain_last=True)
-            with self.capture.ignoring():
-                loss.backward()
-            return
         loss.backward()
 
     def curvature(self) -> dict[str, dict[str, Tensor]]:
@@ -249,12 +314,19 @@ class KroneckerPreconditioner(Preconditioner):
         """Whether the forward of step ``step`` must capture inputs and output gradients."""
         return self._stats_due(step)
 
+    @property
+    def _captures_every_step(self) -> bool:
+        """Whether layer inputs and output gradients are needed on every step, not only for
+        statistics (K-FAC's factored preconditioning on the CPU)."""
+        return False
+
     def _adapting(self, step: int) -> bool:
         return self.damping_schedule == "adaptive" and step % self.adapt_interval == 0
 
     def _arm(self, step: int) -> None:
-        self.capture.active = self._captures(step)
-        self.capture.watch_model = self.capture.active or self._adapting(step)
+        captures = self._captures(step)
+        self.capture.active = captures or self._captures_every_step
+        self.capture.watch_model = captures or self._adapting(step)
 
     def _scheduled_damping(self, step: int) -> float:
         if self.damping_schedule == "exponential":
@@ -263,7 +335,7 @@ class KroneckerPreconditioner(Preconditioner):
         return float(value_at(self.damping, step))
 
     # ------------------------------------------------------------------ the step
-    def _directions(self) -> tuple[dict[Tensor, Tensor], list[KLBlock]]:
+    def _precondition_grads(self) -> list[KLBlock]:
         step = self.steps
         self._check_statistics()
         if self.capture.model_output is not None:  # watched on every capturing step
@@ -285,27 +357,23 @@ class KroneckerPreconditioner(Preconditioner):
         self._damping_changed = False
         if self._adapting(step):
             self._start_adaptive()
-        directions: dict[Tensor, Tensor] = {}
         blocks: list[KLBlock] = []
         for layer in with_factors:
-            grad = layer.gradient_matrix()
+            grad = LayerGradient.of(layer)
             if grad is None:
                 continue
             direction = self._precondition(layer, self.state[layer.name], grad)
-            weight_direction, bias_direction = layer.split(direction)
-            directions[layer.module.weight] = weight_direction
-            if layer.module.bias is not None:
-                directions[layer.module.bias] = bias_direction
-            blocks.append((layer.params, (direction * grad).sum()))
+            blocks.append((layer.params, grad.dot(direction)))
+            write_direction(layer, direction)
         self.capture.clear()
-        return directions, blocks
+        return blocks
 
     def _check_statistics(self) -> None:
         """Raise when this step cannot precondition: no statistics ever, or a statistics step
         whose Monte-Carlo passes are missing."""
         capture = self.capture
         if (self.fisher_type == "mc" and capture.captured_inputs and capture.passes(TRAINING)
-                and not capture.passes(SAMPLED)):
+                and not capture.passes(SAMPLED) and self._stats_due(self.steps)):
             raise RuntimeError(f"{type(self).__name__}(fisher_type='mc') needs "
                                f"pre.backward(loss) instead of loss.backward() on statistics "
                                f"steps (it back-propagates sampled targets); or use "
@@ -330,15 +398,17 @@ class KroneckerPreconditioner(Preconditioner):
 
     def _average(self, state: dict[str, Tensor], key: str, batch: Tensor, decay: float) -> None:
         """``state[key] <- decay * state[key] + (1 - decay) * batch``; a first (or non-finite)
-        old value is replaced, a non-finite batch estimate is skipped -- without host syncs."""
+        old value is replaced, a non-finite batch estimate is skipped -- without host syncs.
+        Finiteness is read off the sums (a NaN or inf entry makes the sum non-finite; so does,
+        conservatively, an overflowing one)."""
         if key not in state:
             state[key] = batch
             return
         old = state[key]
-        good = torch.isfinite(batch).all()
+        good, old_good = torch.isfinite(batch.sum()), torch.isfinite(old.sum())
         self._skipped_statistics += ~good
-        blended = torch.where(torch.isfinite(old).all(), torch.lerp(batch, old, decay), batch)
-        state[key] = torch.where(good, blended, old)
+        state[key] = torch.lerp(torch.where(good, batch, old), torch.where(old_good, old, batch),
+                                decay)
 
     # ------------------------------------------------------------------ subclass terms
     def _refresh_eigenbases(self, layers: list[LayerIO]) -> None:
@@ -370,8 +440,9 @@ class KroneckerPreconditioner(Preconditioner):
     def _update_scaling(self, refreshed: bool) -> None:
         """Update terms that change between refreshes (default: none)."""
 
-    def _precondition(self, layer: LayerIO, state: dict[str, Tensor], grad: Tensor) -> Tensor:
-        """The direction ``(groups, d_out, d_in)`` for ``grad = [dW | db]``."""
+    def _precondition(self, layer: LayerIO, state: dict[str, Tensor],
+                      grad: LayerGradient) -> Tensor:
+        """The direction ``(groups, d_out, d_in)`` for the layer's gradient ``[dW | db]``."""
         raise NotImplementedError
 
     def _curvature_quadratic(self, state: dict[str, Tensor], delta: Tensor) -> Tensor:

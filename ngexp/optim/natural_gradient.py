@@ -104,7 +104,7 @@ class NaturalGradient(Preconditioner):
     def _arm(self, step: int) -> None:
         self.capture.watch_model = True
 
-    def _directions(self) -> tuple[dict[Tensor, Tensor], list[KLBlock]]:
+    def _precondition_grads(self) -> list[KLBlock]:
         capture = self.capture
         if not capture.model_args or capture.model_output is None:
             raise RuntimeError("NaturalGradient.step(): no batch was seen; run the hooked model "
@@ -122,14 +122,14 @@ class NaturalGradient(Preconditioner):
         grad = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         self._cg = self._solve(params, grad, capture.model_args, example_grads)
         capture.clear()
-        directions: dict[Tensor, Tensor] = {}
+        stepped = []
         for (name, p), d in zip(self.params.items(), self._cg.x.split([p.numel() for p in params]),
                                 strict=True):
             self.solutions[name] = d.view_as(p).clone()
             if p.grad is not None:
-                directions[p] = self.solutions[name]
-        blocks = [(list(directions), torch.dot(self._cg.x, grad))] if directions else []
-        return directions, blocks
+                p.grad.copy_(self.solutions[name])
+                stepped.append(p)
+        return [(stepped, torch.dot(self._cg.x, grad))] if stepped else []
 
     def _solve(self, params: list[Tensor], grad: Tensor, args: tuple[Any, ...],
                example_grads: Tensor | None) -> CGResult:

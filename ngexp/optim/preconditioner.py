@@ -29,8 +29,8 @@ optimizer steps warns once.
 ``step()`` with no statistics ever captured raises naming the missing call; an optimizer step
 after a training forward without ``pre.step()`` warns once.
 
-Subclasses implement :meth:`_directions` (``{param: V}`` from the current ``.grad``) and may
-extend :meth:`backward`, :meth:`state_dict`, :meth:`load_state_dict`, :meth:`reset`,
+Subclasses implement :meth:`_precondition_grads` (replace ``.grad`` by the directions ``V``)
+and may extend :meth:`backward`, :meth:`state_dict`, :meth:`load_state_dict`, :meth:`reset`,
 :meth:`log_metrics`.
 """
 
@@ -124,9 +124,7 @@ class Preconditioner:
     def step(self) -> None:
         """Replace the ``.grad`` of the preconditioned parameters by their directions."""
         self._warn_unused_kl()
-        directions, blocks = self._directions()
-        for param, direction in directions.items():
-            param.grad.copy_(direction)
+        blocks = self._precondition_grads()
         bound = None if self.kl_clip is None else value_at(self.kl_clip, self.steps)
         if bound is not None and blocks:
             self._pending_kl = (bound, blocks)
@@ -169,9 +167,9 @@ class Preconditioner:
         _remove_handles(self._hooks)
 
     # ------------------------------------------------------------------ for subclasses
-    def _directions(self) -> tuple[dict[Tensor, Tensor], list[KLBlock]]:
-        """Directions ``{param: V}`` of the preconditioned parameters (shaped like them) and
-        the KL blocks ``(params, <V, M>)``; read ``.grad`` for ``M``."""
+    def _precondition_grads(self) -> list[KLBlock]:
+        """Replace the ``.grad`` ``M`` of the preconditioned parameters by their directions
+        ``V``; return the KL blocks ``(params, <V, M>)``."""
         raise NotImplementedError
 
     def _arm(self, step: int) -> None:
