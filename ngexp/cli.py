@@ -41,6 +41,25 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
+#: The kind of example (``DataSpec.kind``) each data schema yields.
+DATA_SCHEMA_KINDS = {"image": "image", "synthetic": "image", "sequence": "sequence",
+                     "text": "tokens"}
+
+
+def fitting_data(kinds: Iterable[str]) -> list[str]:
+    """The ``data=`` options whose examples are of one of ``kinds``."""
+    from omegaconf import OmegaConf
+
+    found = []
+    for option in options("data"):
+        defaults = OmegaConf.load(conf_dir() / "data" / f"{option}.yaml").get("defaults", [])
+        schemas = [str(d).split("/")[3].split("@")[0] for d in defaults
+                   if str(d).startswith("/schema/data/")]
+        if schemas and DATA_SCHEMA_KINDS.get(schemas[0]) in set(kinds):
+            found.append(option)
+    return found
+
+
 def default_choices() -> dict[str, str]:
     from omegaconf import OmegaConf
 
@@ -197,7 +216,7 @@ def run_hydra(args: list[str]) -> int:
     from omegaconf import DictConfig, open_dict
 
     from ngexp.config import register_all, validate
-    from ngexp.errors import UserError
+    from ngexp.errors import IncompatibleData, UserError
     from ngexp.train.engine import RunInterrupted, RunWriteError, train
     from ngexp.train.rundir import GROUPS as RUN_GROUPS
 
@@ -219,6 +238,12 @@ def run_hydra(args: list[str]) -> int:
                 raise
             print(f"ngexp: error: {error}", file=sys.stderr)
             raise SystemExit(1) from None
+        except IncompatibleData as error:
+            message = (f"model={choices.get('model')} does not fit data={choices.get('data')}: "
+                       f"{error}; data sets that fit: {', '.join(fitting_data(error.kinds))}")
+            if multirun:
+                raise UserError(message) from None
+            raise SystemExit(error_line(message)) from None
         except UserError as error:
             if multirun:
                 raise

@@ -30,7 +30,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ngexp.errors import OptionError
-from ngexp.options import REGISTRY, Spec, check, check_choice, check_integer, check_positive
+from ngexp.options import (
+    REGISTRY,
+    Spec,
+    check,
+    check_choices,
+    check_integer,
+    check_positive,
+    choice_field,
+)
 
 #: Packages whose import registers schemas (each ``__init__`` imports its option modules).
 SCHEMA_PACKAGES = ("ngexp.data", "ngexp.models", "ngexp.optim", "ngexp.train", "ngexp.prune")
@@ -49,13 +57,13 @@ class TrainerConfig:
     eval_every: int = 0  # steps between evaluations; 0 = at the end of each epoch
     log_every: int = 50  # steps between train/ metric records
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16: autocast
     compile: bool = False
     channels_last: bool = False
     grad_clip: float | None = None  # global-norm clipping threshold
     checkpoint_every: int = 1  # epochs between checkpoints (and always at the end)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    progress: str = "auto"  # auto | rich | plain | none
+    progress: str = choice_field("auto", ("auto", "rich", "plain", "none"))
 
     def __post_init__(self) -> None:
         check_integer("trainer.epochs", self.epochs, 1)
@@ -66,10 +74,9 @@ class TrainerConfig:
         check_integer("trainer.log_every", self.log_every, 1)
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
               "trainer.device", self.device, "one of auto, cpu, cuda, cuda:N")
-        check_choice("trainer.precision", self.precision, ("fp32", "bf16"))
+        check_choices(self, "trainer")
         check_positive("trainer.grad_clip", self.grad_clip, allow_none=True)
         check_integer("trainer.checkpoint_every", self.checkpoint_every, 1)
-        check_choice("trainer.progress", self.progress, ("auto", "rich", "plain", "none"))
 
 
 @dataclass
@@ -100,6 +107,8 @@ def config_type(annotation: Any) -> Any:
     if annotation in PRIMITIVES or annotation is Any:
         return annotation
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return type(args[0])
     if origin in (typing.Union, types.UnionType):
         rest = [arg for arg in args if arg is not type(None)]
         if len(rest) == 1 and len(args) == 2 and config_type(rest[0]) is not Any:
@@ -174,8 +183,28 @@ NON_SEMANTIC_KEYS = (
 
 
 def validate(cfg: DictConfig) -> None:
-    """Instantiate every schema dataclass so each ``__post_init__`` range check runs."""
+    """Reject keys no schema declares (``+trainer.epoch=3``, ``+foo=1``: Hydra's ``+`` appends
+    them past the schemas), then instantiate every schema dataclass so each ``__post_init__``
+    range check runs."""
+    check_keys(cfg)
     OmegaConf.to_object(cfg)
+
+
+def check_keys(node: DictConfig, path: str = "") -> None:
+    """Raise :class:`OptionError` for the first key of a schema-typed node that is not one of
+    its schema's fields (``hydra`` is Hydra's own)."""
+    schema_type = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema_type):
+        fields = [f.name for f in dataclasses.fields(schema_type)]
+        for key in node:
+            if key not in fields and not (key == "hydra" and not path):
+                valid = ", ".join(name for name in fields if not name.startswith("_"))
+                raise OptionError(f"{path + '.' if path else ''}{key}: {key!r} is not a key of "
+                                  f"{path or 'the run config'}; valid keys: {valid}")
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not (key == "hydra" and not path):
+            check_keys(child, f"{path}.{key}" if path else str(key))
 
 
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:

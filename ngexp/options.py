@@ -4,7 +4,8 @@ A class or function becomes configurable in two steps, both in the module that d
 
 - ``@checked(fn)``: ``fn(**arguments)`` validates the arguments (it takes the names it checks and
   ``**_`` for the rest) and raises a one-line ``ValueError`` (:func:`check`); it runs on every
-  call, so Python users get the same errors as the command line.
+  call, so Python users get the same errors as the command line. A parameter annotated
+  ``Literal["a", "b"]`` is checked against its choices without a line in ``fn``.
 - ``@configurable(group, name)``: the *signature* is the one source of the option names, types
   and defaults. :mod:`ngexp.config` builds the Hydra schema ``schema/<group>/<name>`` from it
   (so ``conf/<group>/<option>.yaml`` only selects and documents a preset), and validating a
@@ -21,9 +22,11 @@ curvature, optimizer and model layers can declare options without depending on H
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -89,17 +92,20 @@ def check_integer(key: str, value: Any, minimum: int, *, allow_none: bool = Fals
 _CHECKS: dict[Callable[..., Any], Check] = {}
 
 
-def checked(fn: Check) -> Callable[[T], T]:
-    """Run ``fn(**arguments)`` whenever the decorated function or class is called."""
+def checked(fn: Check | None = None) -> Callable[[T], T]:
+    """Run the ``Literal`` choice checks of the signature and ``fn(**arguments)`` whenever the
+    decorated function or class is called."""
 
     def decorate(target: T) -> T:
-        _CHECKS[target] = fn  # type: ignore[index]
+        function = target.__init__ if isinstance(target, type) else target  # type: ignore[misc]
+        full = with_literal_checks(function, fn)
+        _CHECKS[target] = full  # type: ignore[index]
         if isinstance(target, type):
             init = target.__init__
 
             @functools.wraps(init)
             def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
-                fn(**bound_arguments(init, (self, *args), kwargs))
+                full(**bound_arguments(init, (self, *args), kwargs))
                 init(self, *args, **kwargs)
 
             target.__init__ = checked_init  # type: ignore[misc]
@@ -107,13 +113,33 @@ def checked(fn: Check) -> Callable[[T], T]:
 
         @functools.wraps(target)  # type: ignore[arg-type]
         def checked_call(*args: Any, **kwargs: Any) -> Any:
-            fn(**bound_arguments(target, args, kwargs))  # type: ignore[arg-type]
+            full(**bound_arguments(target, args, kwargs))  # type: ignore[arg-type]
             return target(*args, **kwargs)  # type: ignore[operator]
 
-        _CHECKS[checked_call] = fn
+        _CHECKS[checked_call] = full
         return checked_call  # type: ignore[return-value]
 
     return decorate
+
+
+def with_literal_checks(function: Callable[..., Any], fn: Check | None) -> Check:
+    """``fn`` preceded by the choice checks of ``function``'s ``Literal`` parameters (their
+    annotations are resolved at the first call, when every name they use exists)."""
+    literals: dict[str, tuple[Any, ...]] | None = None
+
+    def run(**arguments: Any) -> None:
+        nonlocal literals
+        if literals is None:
+            hints = typing.get_type_hints(inspect.unwrap(function))
+            literals = {name: values for name, hint in hints.items()
+                        if (values := literal_values(hint)) is not None}
+        for name, values in literals.items():
+            if name in arguments and arguments[name] is not None:
+                check_choice(name, arguments[name], values)
+        if fn is not None:
+            fn(**arguments)
+
+    return run
 
 
 def bound_arguments(function: Callable[..., Any], args: tuple[Any, ...],
@@ -131,14 +157,49 @@ def bound_arguments(function: Callable[..., Any], args: tuple[Any, ...],
     return values
 
 
+def literal_values(annotation: Any) -> tuple[Any, ...] | None:
+    """The choices of a ``Literal[...]`` annotation (also inside ``X | None``), else ``None``."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            values = literal_values(arg)
+            if values is not None:
+                return values
+    return None
+
+
+def choice_field(default: Any, choices: tuple[Any, ...]) -> Any:
+    """A dataclass field with fixed ``choices`` (read by :func:`check_choices` and by tools that
+    enumerate settings, e.g. the option-matrix test)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def check_choices(instance: Any, prefix: str) -> None:
+    """Check every :func:`choice_field` of a dataclass ``instance``; keys ``<prefix>.<name>``."""
+    for item in dataclasses.fields(instance):
+        if "choices" in item.metadata:
+            check_choice(f"{prefix}.{item.name}", getattr(instance, item.name),
+                         item.metadata["choices"])
+
+
 @dataclass(frozen=True)
 class Option:
-    """One option: its name, type annotation (resolved) and default (``inspect.Parameter.empty``
-    when required)."""
+    """One option: its name, type annotation (resolved), default (``inspect.Parameter.empty``
+    when required) and fixed choices (a ``Literal`` annotation or a :func:`choice_field`; bools
+    have two)."""
 
     name: str
     annotation: Any
     default: Any
+    choices: tuple[Any, ...] | None = None
+
+    @classmethod
+    def of(cls, name: str, annotation: Any, default: Any) -> Option:
+        choices = literal_values(annotation)
+        if choices is None and annotation is bool:
+            choices = (False, True)
+        return cls(name, annotation, default, choices)
 
 
 @dataclass(frozen=True)
@@ -178,13 +239,19 @@ class Spec:
                 if (parameter.name in BUILD_ARGUMENTS or parameter.name in seen
                         or parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)):
                     continue
-                seen[parameter.name] = Option(parameter.name, hints.get(parameter.name, Any),
-                                              parameter.default)
+                seen[parameter.name] = Option.of(parameter.name,
+                                                 hints.get(parameter.name, Any),
+                                                 parameter.default)
         options = list(seen.values())
         if self.extends is not None:
             options += [o for o in self.extends.options() if o.name not in seen]
-        return [Option(o.name, o.annotation, self.defaults[o.name]) if o.name in self.defaults
-                else o for o in options]
+        if self.dataclass_schema is not None:
+            options = [Option(f.name, f.type, f.default, f.metadata.get("choices")
+                              or (Option.of(f.name, f.type, None).choices))
+                       for f in dataclasses.fields(self.dataclass_schema)
+                       if not f.name.startswith("_")]
+        return [dataclasses.replace(o, default=self.defaults[o.name])
+                if o.name in self.defaults else o for o in options]
 
     def checks(self) -> list[Check]:
         found = [_CHECKS[owner] for owner in self.chain() if owner in _CHECKS]

@@ -18,6 +18,7 @@ from torchvision.models.vgg import make_layers as tv_vgg_layers
 from torchvision.transforms import Normalize
 
 import ngexp.models
+from ngexp.config import register_all
 from ngexp.data.spec import DataSpec
 from ngexp.models import build_model
 from ngexp.models.autoencoder import Autoencoder
@@ -50,6 +51,7 @@ OPTIONS = (
 @functools.cache
 def compose_model(option: str, *overrides: str) -> DictConfig:
     """``cfg.model`` as a run composes it: the option YAML over its registered schema."""
+    register_all()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose(overrides=[f"+model={option}", *overrides]).model
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import typing
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,7 +23,8 @@ from ngexp.data.spec import DataSpec
 from ngexp.errors import UserError
 from ngexp.options import check, check_choice, check_integer, checked, configurable
 
-IMAGE_DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn")
+ImageDataset = Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "svhn"]
+IMAGE_DATASETS: tuple[str, ...] = typing.get_args(ImageDataset)
 NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -121,10 +124,8 @@ def channel_stats(inputs: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
     return tuple(per_channel.mean(1).tolist()), tuple(per_channel.std(1).tolist())
 
 
-def check_image_data(name: str, subset: int | None, val_size: int, val_seed: int,
-                     **options: object) -> None:
+def check_image_data(subset: int | None, val_size: int, val_seed: int, **options: object) -> None:
     """Checks of the options image and sequence data sets share (``random_crop`` when given)."""
-    check_choice("name", name, IMAGE_DATASETS)
     check_integer("subset", subset, 1, allow_none=True)
     check_integer("val_size", val_size, 0)
     check_integer("val_seed", val_seed, 0)
@@ -147,7 +148,7 @@ def prepare_splits(train: Split, test: Split, subset: int | None, val_size: int,
 
 @configurable("data", "image")
 @checked(check_image_data)
-def image_data(name: str, root: str | None = None, download: bool = False,
+def image_data(name: ImageDataset, root: str | None = None, download: bool = False,
                subset: int | None = None, val_size: int = 0, val_seed: int = 0,
                normalize: bool = True, random_crop: int = 0, hflip: bool = False) -> DataBundle:
     """The :class:`DataBundle` of an image data set (on the CPU). ``subset`` keeps the first N

@@ -18,17 +18,27 @@ training values (applied by the model).
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ngexp.data.bundle import DataBundle, Split
-from ngexp.data.images import NUM_CLASSES, check_image_data, load_image_splits, prepare_splits
+from ngexp.data.images import (
+    NUM_CLASSES,
+    ImageDataset,
+    check_image_data,
+    load_image_splits,
+    prepare_splits,
+)
 from ngexp.data.spec import DataSpec
 from ngexp.options import check_choice, check_integer, checked, configurable
 
 #: Values of ``data.order``.
-ORDERS = ("pixel", "row")
+Order = Literal["pixel", "row"]
+ORDERS: tuple[str, ...] = typing.get_args(Order)
 
 
 def pixel_permutation(num_pixels: int, seed: int) -> Tensor:
@@ -55,17 +65,16 @@ def downsample_images(images: Tensor, size: int) -> Tensor:
     return F.adaptive_avg_pool2d(images, size)
 
 
-def check_sequence_data(order: str, downsample: int | None, permute_seed: int | None,
+def check_sequence_data(downsample: int | None, permute_seed: int | None,
                         **options: object) -> None:
     check_image_data(**options)  # type: ignore[arg-type]
-    check_choice("order", order, ORDERS)
     check_integer("downsample", downsample, 1, allow_none=True)
     check_integer("permute_seed", permute_seed, 0, allow_none=True)
 
 
 @configurable("data", "sequence")
 @checked(check_sequence_data)
-def sequence_data(name: str, order: str = "pixel", downsample: int | None = None,
+def sequence_data(name: ImageDataset, order: Order = "pixel", downsample: int | None = None,
                   permute_seed: int | None = None, root: str | None = None,
                   download: bool = False, subset: int | None = None, val_size: int = 0,
                   val_seed: int = 0, normalize: bool = True) -> DataBundle:

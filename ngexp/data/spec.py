@@ -28,6 +28,20 @@ class DataSpec:
     std: tuple[float, ...] = (1.0,)
 
     @property
+    def kind(self) -> str:
+        """What one example is: ``image`` (C, H, W), ``sequence`` (T, D), ``tokens`` (T,) ids of
+        a language model, or ``vector`` (D,)."""
+        if self.task == "language_model":
+            return "tokens"
+        return {3: "image", 2: "sequence"}.get(len(self.input_shape), "vector")
+
+    def describe(self) -> str:
+        """``images of shape (1, 28, 28)``: the kind and shape of the examples, for messages."""
+        noun = {"image": "images", "sequence": "sequences", "tokens": "token ids",
+                "vector": "vectors"}[self.kind]
+        return f"{noun} of shape {self.input_shape}"
+
+    @property
     def in_channels(self) -> int:
         return self.input_shape[0]
 

@@ -10,23 +10,25 @@ binary cross-entropy summed over pixels (:class:`ngexp.curvature.tasks.Reconstru
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor, nn
 
 from ngexp.data.spec import DataSpec
-from ngexp.models.layers import ACTIVATIONS, dense_stack, init_weights, sparse_init_
-from ngexp.options import check, check_choice, checked, configurable
+from ngexp.models.layers import (
+    Activation,
+    dense_stack,
+    init_weights,
+    require_data,
+    sparse_init_,
+)
+from ngexp.options import check, checked, configurable
 
-INITS = ("sparse", "xavier")
 
-
-def check_autoencoder(encoder_widths: Sequence[int], activation: str, init: str,
-                      **_: object) -> None:
+def check_autoencoder(encoder_widths: Sequence[int], **_: object) -> None:
     check(len(encoder_widths) >= 1 and all(isinstance(w, int) and w >= 1
                                            for w in encoder_widths),
           "encoder_widths", list(encoder_widths), "a non-empty list of integers >= 1")
-    check_choice("activation", activation, tuple(ACTIVATIONS))
-    check_choice("init", init, INITS)
 
 
 @configurable("model", "autoencoder")
@@ -50,10 +52,11 @@ class Autoencoder(nn.Module):
         self,
         spec: DataSpec,
         encoder_widths: Sequence[int] = (1000, 500, 250, 30),
-        activation: str = "sigmoid",
-        init: str = "sparse",
+        activation: Activation = "sigmoid",
+        init: Literal["sparse", "xavier"] = "sparse",
     ) -> None:
         super().__init__()
+        require_data(spec, "the autoencoder", ("image", "sequence", "vector"))
         *hidden, code = encoder_widths
         self.encoder = dense_stack(spec.input_dim, hidden, code, activation)
         self.decoder = dense_stack(code, hidden[::-1], spec.input_dim, activation)

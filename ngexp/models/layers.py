@@ -8,13 +8,14 @@ parameter-free input layers here run before them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngexp.data.spec import DataSpec
+from ngexp.errors import IncompatibleData
 from ngexp.options import check_choice
 
 K = TypeVar("K")
@@ -30,6 +31,9 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
 }
+
+#: The names of :data:`ACTIVATIONS`, for annotations (``activation: Activation``).
+Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 
 #: Activations initialized with Kaiming's rule (He et al. 2015); the others with Xavier's.
 RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "silu")
@@ -91,6 +95,13 @@ class PadTo(nn.Module):
 
     def extra_repr(self) -> str:
         return f"padding={self.padding}"
+
+
+def require_data(spec: DataSpec, model: str, kinds: tuple[str, ...]) -> None:
+    """Raise :class:`IncompatibleData` unless examples of ``spec`` are of one of ``kinds``
+    (:attr:`DataSpec.kind`); ``model`` names the model in the message."""
+    if spec.kind not in kinds:
+        raise IncompatibleData(model, spec.name, spec.describe(), kinds)
 
 
 def input_layers(spec: DataSpec, min_size: int | None = None) -> nn.Sequential:

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
 
 from ngexp.data.spec import DataSpec
 from ngexp.models.layers import (
-    ACTIVATIONS,
+    Activation,
     choose,
     dense_stack,
     init_weights,
     input_layers,
     make_activation,
+    require_data,
 )
-from ngexp.options import check_choice, checked, configurable
+from ngexp.options import checked, configurable
 
 POOLS: dict[str, type[nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
 
-def check_lenet5(activation: str, pool: str, **_: object) -> None:
-    check_choice("activation", activation, tuple(ACTIVATIONS))
-    check_choice("pool", pool, tuple(POOLS))
-
-
 @configurable("model", "lenet5")
-@checked(check_lenet5)
+@checked()
 class LeNet5(nn.Module):
     """conv5x5(6) -> pool -> conv5x5(16) -> pool -> 120 -> 84 -> classes on 32x32 inputs.
 
@@ -35,8 +33,10 @@ class LeNet5(nn.Module):
     linear output layer with softmax cross-entropy instead of the Euclidean RBF units.
     """
 
-    def __init__(self, spec: DataSpec, activation: str = "relu", pool: str = "max") -> None:
+    def __init__(self, spec: DataSpec, activation: Activation = "relu",
+                 pool: Literal["max", "avg"] = "max") -> None:
         super().__init__()
+        require_data(spec, "LeNet-5", ("image",))
         pool_layer = choose(POOLS, "model.pool", pool)
         self.input = input_layers(spec, min_size=32)
         self.features = nn.Sequential(

@@ -7,14 +7,19 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ngexp.data.spec import DataSpec
-from ngexp.models.layers import ACTIVATIONS, dense_stack, init_weights, input_layers
-from ngexp.options import check, check_choice, checked, configurable
+from ngexp.models.layers import (
+    Activation,
+    dense_stack,
+    init_weights,
+    input_layers,
+    require_data,
+)
+from ngexp.options import check, checked, configurable
 
 
-def check_mlp(widths: Sequence[int], activation: str, **_: object) -> None:
+def check_mlp(widths: Sequence[int], **_: object) -> None:
     check(all(isinstance(w, int) and w >= 1 for w in widths), "widths", list(widths),
           "a list of integers >= 1")
-    check_choice("activation", activation, tuple(ACTIVATIONS))
 
 
 @configurable("model", "mlp")
@@ -30,10 +35,11 @@ class MLP(nn.Module):
         self,
         spec: DataSpec,
         widths: Sequence[int] = (512, 256),
-        activation: str = "relu",
+        activation: Activation = "relu",
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
+        require_data(spec, "MLP", ("image", "sequence", "vector"))
         self.input = input_layers(spec)
         self.layers = dense_stack(
             spec.input_dim, list(widths), spec.num_classes, activation, batch_norm

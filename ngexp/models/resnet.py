@@ -19,15 +19,16 @@ work unpadded (28 -> 14 -> 7 (-> 4) spatially).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngexp.data.spec import DataSpec
-from ngexp.models.layers import init_weights, input_layers
-from ngexp.options import check, check_choice, checked, configurable
+from ngexp.models.layers import init_weights, input_layers, require_data
+from ngexp.options import check, checked, configurable
 
-SHORTCUTS = ("A", "B")
+Shortcut = Literal["A", "B"]
 
 #: Blocks per stage of the pre-activation ResNets by depth.
 PREACT_BLOCKS: dict[int, tuple[int, ...]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -111,6 +112,7 @@ class ResNet(nn.Module):
         shortcut: str,
     ) -> None:
         super().__init__()
+        require_data(spec, "the ResNet", ("image",))
         block = PreActBlock if preact else BasicBlock
         self.input = input_layers(spec)
         stem: list[nn.Module] = [conv3x3(spec.in_channels, widths[0])]
@@ -134,28 +136,22 @@ class ResNet(nn.Module):
         return self.head(self.stages(self.stem(self.input(x))))
 
 
-def check_cifar_resnet(depth: int, shortcut: str, **_: object) -> None:
+def check_cifar_resnet(depth: int, **_: object) -> None:
     check(isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0, "depth", depth,
           "6n + 2 for an integer n >= 1 (20, 32, 44, 56, 110, ...)")
-    check_choice("shortcut", shortcut, SHORTCUTS)
-
-
-def check_preact_resnet(depth: int, shortcut: str, **_: object) -> None:
-    check_choice("depth", depth, tuple(PREACT_BLOCKS))
-    check_choice("shortcut", shortcut, SHORTCUTS)
 
 
 @configurable("model", "resnet")
 @checked(check_cifar_resnet)
-def cifar_resnet(spec: DataSpec, depth: int = 20, shortcut: str = "A") -> ResNet:
+def cifar_resnet(spec: DataSpec, depth: int = 20, shortcut: Shortcut = "A") -> ResNet:
     """ResNet-``depth`` of He et al. (2016a, Sec. 4.2), ``depth = 6n + 2``."""
     n = (depth - 2) // 6
     return ResNet(spec, (n, n, n), (16, 32, 64), preact=False, shortcut=shortcut)
 
 
 @configurable("model", "preact_resnet")
-@checked(check_preact_resnet)
-def preact_resnet(spec: DataSpec, depth: int = 18, shortcut: str = "B") -> ResNet:
+@checked()
+def preact_resnet(spec: DataSpec, depth: Literal[18, 34] = 18, shortcut: Shortcut = "B") -> ResNet:
     """Pre-activation ResNet-18/34 of He et al. (2016b) with a CIFAR stem."""
     return ResNet(spec, PREACT_BLOCKS[depth], (64, 128, 256, 512), preact=True, shortcut=shortcut)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor, nn
 
 from ngexp.data.spec import DataSpec
-from ngexp.models.layers import choose, dense_stack, init_weights, input_layers
-from ngexp.options import check, check_choice, checked, configurable
+from ngexp.models.layers import choose, dense_stack, init_weights, input_layers, require_data
+from ngexp.options import check, checked, configurable
 
 #: Convolution widths by depth, "M" = 2x2 max pooling (configurations A, B, D, E of Table 1).
 VGG_LAYERS: dict[int, tuple[int | str, ...]] = {
@@ -20,8 +21,7 @@ VGG_LAYERS: dict[int, tuple[int | str, ...]] = {
 }
 
 
-def check_vgg(depth: int, head_widths: Sequence[int], **_: object) -> None:
-    check_choice("depth", depth, tuple(VGG_LAYERS))
+def check_vgg(head_widths: Sequence[int], **_: object) -> None:
     check(all(isinstance(w, int) and w >= 1 for w in head_widths), "head_widths",
           list(head_widths), "a list of integers >= 1")
 
@@ -44,11 +44,12 @@ class VGG(nn.Module):
     def __init__(
         self,
         spec: DataSpec,
-        depth: int = 16,
+        depth: Literal[11, 13, 16, 19] = 16,
         batch_norm: bool = False,
         head_widths: Sequence[int] = (),
     ) -> None:
         super().__init__()
+        require_data(spec, "VGG", ("image",))
         self.input = input_layers(spec, min_size=32)
         layers: list[nn.Module] = []
         in_channels = spec.in_channels

@@ -25,7 +25,7 @@ Statistics, damping schedules: :mod:`ngexp.optim.kronecker`; KL clipping and the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -40,13 +40,7 @@ from ngexp.optim.kronecker import (
     matmul,
 )
 from ngexp.optim.training import base_optimizer
-from ngexp.options import check_choice, checked, configurable
-
-DAMPING_MODES = ("factored", "eigen")
-
-
-def check_kfac(damping_mode: str, **_: Any) -> None:
-    check_choice("damping_mode", damping_mode, DAMPING_MODES)
+from ngexp.options import checked, configurable
 
 
 def pi_ratio(a: Tensor, g: Tensor) -> Tensor:
@@ -59,7 +53,7 @@ def pi_ratio(a: Tensor, g: Tensor) -> Tensor:
 
 
 @configurable("optimizer", "kfac", extends=base_optimizer, defaults={"lr": 0.03, "momentum": 0.9})
-@checked(check_kfac)
+@checked()
 class KFAC(KroneckerPreconditioner):
     """K-FAC preconditioner: ``KFAC(model, damping=..., ...)``, then any ``torch.optim``
     optimizer steps the preconditioned gradients (:mod:`ngexp.optim.preconditioner`).
@@ -67,7 +61,8 @@ class KFAC(KroneckerPreconditioner):
     :class:`~ngexp.optim.kronecker.KroneckerPreconditioner` and
     :class:`~ngexp.optim.preconditioner.Preconditioner`."""
 
-    def __init__(self, model: nn.Module, *, damping_mode: str = "factored",
+    def __init__(self, model: nn.Module, *,
+                 damping_mode: Literal["factored", "eigen"] = "factored",
                  pi_correction: bool = True, **options: Any) -> None:
         self.damping_mode, self.pi_correction = damping_mode, pi_correction
         super().__init__(model, **options)

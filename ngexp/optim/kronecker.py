@@ -35,26 +35,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ngexp.curvature.capture import SAMPLED, TRAINING, LayerIO, backward_sampled
-from ngexp.curvature.kronecker import (
-    FISHER_TYPES,
-    KFAC_APPROXIMATIONS,
-    PASS_KIND,
-    kronecker_factors,
-)
+from ngexp.curvature.kronecker import PASS_KIND, kronecker_factors
 from ngexp.curvature.linalg import neutral_eigen, robust_eigh
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
 from ngexp.optim.preconditioner import KLBlock, Preconditioner
-from ngexp.options import check, check_choice, check_integer, check_range, checked, is_number
+from ngexp.options import check, check_integer, check_range, checked, is_number
 
 log = logging.getLogger("ngexp")
 
-DAMPING_SCHEDULES = ("constant", "exponential", "adaptive")
+DampingSchedule = Literal["constant", "exponential", "adaptive"]
+FisherType = Literal["mc", "empirical"]
+KFACApprox = Literal["expand", "reduce"]
 #: State keys of a layer that :meth:`KroneckerPreconditioner.curvature` reports.
 CURVATURE_KEYS = ("A", "G", "A_inv", "G_inv", "U_A", "U_G", "lambda_A", "lambda_G", "pi", "s")
 
@@ -65,7 +62,6 @@ def check_kronecker(damping: Any, damping_schedule: str, damping_decay: float,
                     inv_update_freq: Any, fisher_type: str, mc_samples: int, kfac_approx: str,
                     **_: Any) -> None:
     check_hyperparameter("damping", damping)
-    check_choice("damping_schedule", damping_schedule, DAMPING_SCHEDULES)
     check(damping_schedule == "constant" or is_number(damping), "damping", damping,
           f"a number when damping_schedule={damping_schedule}")
     check_range("damping_decay", damping_decay, 0, 1, closed="(]")
@@ -78,11 +74,9 @@ def check_kronecker(damping: Any, damping_schedule: str, damping_decay: float,
     check_range("stat_decay", stat_decay, 0, 1, closed="[)")
     check_hyperparameter("cov_update_freq", cov_update_freq, integer=True)
     check_hyperparameter("inv_update_freq", inv_update_freq, integer=True)
-    check_choice("fisher_type", fisher_type, FISHER_TYPES)
     check(isinstance(mc_samples, int) and mc_samples >= 1
           and (fisher_type == "mc" or mc_samples == 1), "mc_samples", mc_samples,
           "an integer >= 1 (and 1 unless fisher_type=mc)")
-    check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
 
 
 def matmul(left: Tensor, right: Tensor) -> Tensor:
@@ -185,11 +179,12 @@ class KroneckerPreconditioner(Preconditioner):
     the quadratic form of their curvature (:meth:`_curvature_quadratic`)."""
 
     def __init__(self, model: nn.Module, *, damping: Hyperparameter = 0.1,
-                 damping_schedule: str = "constant", damping_decay: float = 0.5,
+                 damping_schedule: DampingSchedule = "constant", damping_decay: float = 0.5,
                  damping_decay_steps: int = 1000, damping_min: float = 1e-6,
                  damping_max: float = 1e3, adapt_interval: int = 5, stat_decay: float = 0.95,
                  cov_update_freq: Hyperparameter = 10, inv_update_freq: Hyperparameter = 100,
-                 fisher_type: str = "mc", mc_samples: int = 1, kfac_approx: str = "expand",
+                 fisher_type: FisherType = "mc", mc_samples: int = 1,
+                 kfac_approx: KFACApprox = "expand",
                  **options: Any) -> None:
         super().__init__(model, **options)
         self.damping, self.damping_schedule = damping, damping_schedule

@@ -34,7 +34,7 @@ training forward, the empirical Fisher's output gradients from its backward.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +53,6 @@ from ngexp.optim.preconditioner import KLBlock, Preconditioner
 from ngexp.optim.training import base_optimizer
 from ngexp.options import (
     check,
-    check_choice,
     check_integer,
     check_nonnegative,
     check_range,
@@ -66,8 +65,6 @@ def check_natural_gradient(damping: Any, curvature: str, fisher_type: str, cg_it
                            cg_tol: float, warm_start_decay: float,
                            curvature_batch_size: int | None, **_: Any) -> None:
     check_hyperparameter("damping", damping)
-    check_choice("curvature", curvature, ("fisher", "ggn"))
-    check_choice("fisher_type", fisher_type, ("exact", "empirical"))
     check(curvature == "fisher" or fisher_type == "exact", "fisher_type", fisher_type,
           "exact when curvature=ggn")
     check_integer("cg_iters", cg_iters, 1)
@@ -84,7 +81,8 @@ class NaturalGradient(Preconditioner):
     ``NaturalGradient(model, damping=..., cg_iters=..., ...)``."""
 
     def __init__(self, model: nn.Module, *, damping: Hyperparameter = 1e-2,
-                 curvature: str = "fisher", fisher_type: str = "exact", cg_iters: int = 20,
+                 curvature: Literal["fisher", "ggn"] = "fisher",
+                 fisher_type: Literal["exact", "empirical"] = "exact", cg_iters: int = 20,
                  cg_tol: float = 1e-3, warm_start_decay: float = 0.95,
                  curvature_batch_size: int | None = None, **options: Any) -> None:
         super().__init__(model, **options)

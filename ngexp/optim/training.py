@@ -15,7 +15,7 @@ gets its torch optimizer from :func:`base_optimizer` (``optimizer.base=sgd|adam|
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,19 +23,15 @@ from torch import Tensor
 from ngexp.optim.preconditioner import Preconditioner
 from ngexp.options import (
     check,
-    check_choice,
     check_nonnegative,
     check_positive,
     check_range,
     checked,
 )
 
-BASES = ("sgd", "adam", "rmsprop")
-
 
 def check_base(base: str, lr: float, momentum: float, nesterov: bool, weight_decay: float,
                **_: Any) -> None:
-    check_choice("base", base, BASES)
     check_positive("lr", lr)
     check_range("momentum", momentum, 0, 1, closed="[)")
     check(not nesterov or (base == "sgd" and momentum > 0), "nesterov", nesterov,
@@ -44,8 +40,8 @@ def check_base(base: str, lr: float, momentum: float, nesterov: bool, weight_dec
 
 
 @checked(check_base)
-def base_optimizer(params: Iterable[Tensor], base: str = "sgd", lr: float = 0.03,
-                   momentum: float = 0.9, nesterov: bool = False,
+def base_optimizer(params: Iterable[Tensor], base: Literal["sgd", "adam", "rmsprop"] = "sgd",
+                   lr: float = 0.03, momentum: float = 0.9, nesterov: bool = False,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """The torch optimizer that steps a preconditioner's directions: ``sgd`` (heavy-ball or
     Nesterov momentum), ``adam`` (``momentum`` is beta1, beta2 = 0.999) or ``rmsprop``

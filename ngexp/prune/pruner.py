@@ -27,7 +27,15 @@ import torch
 from ngexp.callbacks import Callback, Trainer
 from ngexp.curvature.kronecker import FISHER_TYPES
 from ngexp.errors import UserError
-from ngexp.options import check, check_choice, schema
+from ngexp.options import (
+    check,
+    check_choices,
+    check_integer,
+    check_nonnegative,
+    check_range,
+    choice_field,
+    schema,
+)
 from ngexp.prune.criteria import CRITERIA, needs_data, saliencies
 from ngexp.prune.masks import Masks, prunable_layers, unwrap
 from ngexp.prune.report import output_positions, sparsity_report
@@ -51,17 +59,17 @@ class PruneConfig:
     """
 
     _target_: str = "ngexp.prune.pruner.Pruner"
-    criterion: str = "magnitude"
-    structure: str = "unstructured"
-    scope: str = "global"
+    criterion: str = choice_field("magnitude", tuple(CRITERIA))
+    structure: str = choice_field("unstructured", ("unstructured", "filter"))
+    scope: str = choice_field("global", ("global", "layerwise"))
     target_sparsity: float = 0.9
     steps: int = 1
-    step_schedule: str = "linear"
+    step_schedule: str = choice_field("linear", ("linear", "exponential"))
     locality_penalty: float = 0.0
     num_examples: int = 1000
     batch_size: int = 250
-    fisher_type: str = "mc"
-    schedule: str = "oneshot"
+    fisher_type: str = choice_field("mc", FISHER_TYPES)
+    schedule: str = choice_field("oneshot", ("oneshot", "iterative", "gradual"))
     finetune_epochs: int = 1
     rate_per_round: float = 0.2
     round_epochs: int = 1
@@ -75,32 +83,21 @@ class PruneConfig:
     exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        check_choice("prune.criterion", self.criterion, tuple(CRITERIA))
-        check_choice("prune.structure", self.structure, ("unstructured", "filter"))
-        check_choice("prune.scope", self.scope, ("global", "layerwise"))
-        check(0 <= self.target_sparsity < 1, "prune.target_sparsity", self.target_sparsity,
-              "a number in [0, 1)")
-        check(self.steps >= 1, "prune.steps", self.steps, "an integer >= 1")
-        check_choice("prune.step_schedule", self.step_schedule, ("linear", "exponential"))
-        check(self.locality_penalty >= 0, "prune.locality_penalty", self.locality_penalty,
-              "a number >= 0")
-        check(self.num_examples >= 1, "prune.num_examples", self.num_examples, "an integer >= 1")
-        check(self.batch_size >= 1, "prune.batch_size", self.batch_size, "an integer >= 1")
-        check_choice("prune.fisher_type", self.fisher_type, FISHER_TYPES)
-        check_choice("prune.schedule", self.schedule, ("oneshot", "iterative", "gradual"))
-        check(self.finetune_epochs >= 0, "prune.finetune_epochs", self.finetune_epochs,
-              "an integer >= 0")
-        check(0 < self.rate_per_round < 1, "prune.rate_per_round", self.rate_per_round,
-              "a number in (0, 1)")
-        check(self.round_epochs >= 1, "prune.round_epochs", self.round_epochs, "an integer >= 1")
-        check(self.start_epoch >= 0, "prune.start_epoch", self.start_epoch, "an integer >= 0")
-        check(0 <= self.initial_sparsity <= self.target_sparsity, "prune.initial_sparsity",
-              self.initial_sparsity,
-              f"a number in [0, prune.target_sparsity={self.target_sparsity}]")
-        check(self.start_step >= 0, "prune.start_step", self.start_step, "an integer >= 0")
+        check_choices(self, "prune")
+        check_range("prune.target_sparsity", self.target_sparsity, 0, 1, closed="[)")
+        check_integer("prune.steps", self.steps, 1)
+        check_nonnegative("prune.locality_penalty", self.locality_penalty)
+        check_integer("prune.num_examples", self.num_examples, 1)
+        check_integer("prune.batch_size", self.batch_size, 1)
+        check_integer("prune.finetune_epochs", self.finetune_epochs, 0)
+        check_range("prune.rate_per_round", self.rate_per_round, 0, 1, closed="()")
+        check_integer("prune.round_epochs", self.round_epochs, 1)
+        check_integer("prune.start_epoch", self.start_epoch, 0)
+        check_range("prune.initial_sparsity", self.initial_sparsity, 0, self.target_sparsity)
+        check_integer("prune.start_step", self.start_step, 0)
         check(self.end_step is None or self.end_step > self.start_step, "prune.end_step",
               self.end_step, f"null or an integer > prune.start_step={self.start_step}")
-        check(self.frequency >= 1, "prune.frequency", self.frequency, "an integer >= 1")
+        check_integer("prune.frequency", self.frequency, 1)
 
 
 class Pruner(Callback):

@@ -17,9 +17,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import pickle
 import random
-from collections.abc import Callable
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,13 +94,13 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(stream)`` into ``.<name>.tmp`` beside ``path``, fsync, rename over ``path``; the
-    temporary file is removed when anything fails."""
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``.<name>.tmp`` beside ``path``, fsync, rename over ``path``; the
+    temporary file is removed when anything fails (a full disk raises ``OSError``)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with tmp.open("wb") as stream:
-            write(stream)
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
@@ -109,16 +111,19 @@ def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` with its digest beside it (module docstring). Saving
-    ``last.pt`` first moves the current one (and its digest) to ``previous.pt``."""
+    ``last.pt`` first moves the current one (and its digest) to ``previous.pt``. The state is
+    serialized in memory first, so a full disk surfaces as an ``OSError`` of the write."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.name == LAST and path.is_file():
         previous = path.with_name(PREVIOUS)
         os.replace(path, previous)
         if digest_path(path).is_file():
             os.replace(digest_path(path), digest_path(previous))
-    _write_synced(path, lambda stream: torch.save(state, stream))
-    line = f"{sha256_of(path)}  {path.name}\n".encode()
-    _write_synced(digest_path(path), lambda stream: stream.write(line))
+    _write_synced(path, data)
+    _write_synced(digest_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
 
 
 def verify(path: Path) -> str | None:
@@ -140,9 +145,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     would need to run code raises :class:`UserError`."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip or torch errors of a foreign or crafted file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a loadable ngexp checkpoint ({reason[:200]})") from None
+    except pickle.UnpicklingError as error:
+        if zipfile.is_zipfile(path) and "weights_only" in str(error).lower():
+            raise UserError(f"{path} holds objects that would run code when loaded; ngexp loads "
+                            f"checkpoints with weights_only=True and refuses it") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint") from None
+    except Exception as error:  # zip or torch errors of a truncated or foreign file
+        raise UserError(f"{path} is not a readable PyTorch checkpoint "
+                        f"({type(error).__name__})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} is not an ngexp checkpoint (holds {type(state).__name__})")
     return state
