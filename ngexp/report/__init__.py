@@ -3,28 +3,48 @@
 Each row groups the completed runs that share the values of the ``--by`` keys (default: the
 config keys that tell the runs apart) and shows one metric as mean ± sample std (ddof=1) over
 them; a single run shows its value alone. Failed, interrupted, running, stale and unfinished
-runs get one row each with their status and are never mixed into a mean.
+runs get one row each with their status and are never mixed into a mean; so do unreadable runs
+(a file that is not UTF-8, JSON or YAML, or a value of the wrong type), with what is wrong.
+
+Output: ``--out``, else ``report/`` in the scanned directory (with several paths, in their
+deepest common directory, or in the first one's when they share none but the root).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 
 from ngexp.errors import UserError
 from ngexp.metrics import LOWER_IS_BETTER
-from ngexp.report.aggregate import aggregate, auto_keys, check_keys, default_metric, metric_names
+from ngexp.report.aggregate import (
+    Row,
+    aggregate,
+    auto_keys,
+    check_keys,
+    default_metric,
+    metric_names,
+)
 from ngexp.report.scan import Run, find_run_dirs, load_run
-from ngexp.report.tables import console_table, markdown, write_csv
+from ngexp.report.tables import RUN_DIRS, console_table, markdown, write_csv
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line ``ngexp: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"ngexp: error: {message} (see ngexp report --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ngexp report",
         description="Aggregate run directories (searched recursively; sweep dirs' run_dir.txt "
                     "pointers followed) into a table and plots.")
@@ -40,8 +60,9 @@ def parser() -> argparse.ArgumentParser:
                       help=f"each run's best value: min for {'/'.join(LOWER_IS_BETTER)} "
                            "metrics, max otherwise")
     p.set_defaults(best=False)
-    p.add_argument("--out", type=Path, default=Path("report"),
-                   help="folder for report.md, report.csv and the plots (default: ./report)")
+    p.add_argument("--out", type=Path,
+                   help="folder for report.md, report.csv and the plots (default: report/ in "
+                        "the scanned directory; with several, in their common directory)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG figures")
     return p
 
@@ -51,7 +72,7 @@ def main(argv: list[str]) -> int:
     try:
         report(args, argv)
     except (UserError, OSError) as error:
-        print(f"ngexp report: {error}", file=sys.stderr)
+        print(f"ngexp: error: {error}", file=sys.stderr)
         return 2
     return 0
 
@@ -69,27 +90,55 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
     rows = aggregate(runs, keys, metric, args.best)
 
     states = Counter(run.state for run in runs)
-    counts = ", ".join(f"{n} {state}" for state, n in states.most_common())
+    counts = ", ".join(f"{n} {state}" for state, n in
+                       sorted(states.items(), key=lambda item: (-item[1], item[0])))
     how = f"best (min for {'/'.join(LOWER_IS_BETTER)}, else max)" if args.best else "final"
     intro = [f"`ngexp report {' '.join(argv)}`", "",
              f"{len(runs)} runs ({counts}) from " + ", ".join(f"`{p}`" for p in args.paths),
              *provenance(runs), "",
              f"Metric: `{metric}`, the {how} value of each run; a row shows mean ± sample std "
              "(ddof=1) over its runs, a single run its value alone. Runs that did not complete "
-             "have a row each and are never averaged in."]
-    args.out.mkdir(parents=True, exist_ok=True)
-    plots = []
-    if not args.no_plots:
-        from ngexp.report.plots import plot_all
-
-        plots = plot_all(rows, keys, metric, args.best, args.out)
-    (args.out / "report.md").write_text(markdown(rows, keys, metric, args.best, intro, plots))
-    write_csv(args.out / "report.csv", rows, keys, metric)
+             "have a row each and are never averaged in.", "",
+             f"report.csv has every value at full precision; its `{RUN_DIRS}` column lists "
+             "each row's run directories (`;`-separated) relative to this folder."]
+    out = (args.out or default_out(args.paths)).resolve()
+    try:
+        written = write_report(out, rows, keys, metric, args.best, intro, plots=not args.no_plots)
+    except OSError as error:
+        raise UserError(f"cannot write the report to {out}: {error.strerror or error}; "
+                        "choose another folder with --out") from None
 
     console = Console()
     console.print(console_table(rows, keys, metric, args.best, f"{len(runs)} runs: {counts}"))
-    written = ", ".join(p.name for p in [Path("report.md"), Path("report.csv"), *plots])
-    console.print(f"wrote {written} to {args.out}", highlight=False)
+    console.print(f"wrote {', '.join(p.name for p in written)} to", highlight=False,
+                  soft_wrap=True)
+    print(out, flush=True)  # whole, on its own line, for copying
+
+
+def default_out(paths: Sequence[str]) -> Path:
+    """``report/`` in the deepest directory that holds all ``paths`` (a file's directory for
+    a file), or in the first path's when they share none but the file system root."""
+    folders = [path if path.is_dir() else path.parent for path in
+               (Path(p).resolve() for p in paths)]
+    common = Path(os.path.commonpath(folders))
+    if len(folders) > 1 and common == Path(common.anchor):
+        common = folders[0]
+    return common / "report"
+
+
+def write_report(out: Path, rows: Sequence[Row], keys: Sequence[str], metric: str, best: bool,
+                 intro: Sequence[str], plots: bool) -> list[Path]:
+    """report.md, report.csv and (with ``plots``) the figures in ``out``; their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if plots:
+        from ngexp.report.plots import plot_all
+
+        figures = plot_all(rows, keys, metric, best, out)
+    (out / "report.md").write_text(markdown(rows, keys, metric, best, intro, figures),
+                                   encoding="utf-8")
+    write_csv(out / "report.csv", rows, keys, metric)
+    return [out / "report.md", out / "report.csv", *figures]
 
 
 def provenance(runs: list[Run]) -> list[str]:

@@ -16,13 +16,11 @@ import numpy as np
 
 from ngexp.config import NON_SEMANTIC_KEYS
 from ngexp.metrics import lower_is_better
-from ngexp.report.scan import Run
+from ngexp.report.scan import AXES, Run
 
 #: Preference order of the default metric (the first one any run logged).
 DEFAULT_METRICS = ("test/acc", "test/loss", "val/acc", "val/loss", "train/acc", "train/loss",
                    "train/mse")
-#: Record fields that are axes, not metrics.
-AXES = ("epoch", "step", "time")
 SPARSITY = "prune/sparsity"
 
 
@@ -58,10 +56,10 @@ def auto_keys(runs: Sequence[Run]) -> list[str]:
     keys = sorted({k for run in runs for k in run.config
                    if k not in ignored and not k.startswith("hydra.")})
 
-    def varies(key: str) -> bool:
+    def varies(key: str) -> bool:  # runs without a readable config.yaml do not count
         group = key.split(".")[0]
         seen: dict[Any, set[Any]] = {}
-        for run in runs:
+        for run in (run for run in runs if run.config):
             bucket = key_value(run, group) if group in varying else None
             seen.setdefault(bucket, set()).add(key_value(run, key))
         return any(len(values) > 1 for values in seen.values())
@@ -97,7 +95,7 @@ def default_metric(available: Sequence[str]) -> str:
 def run_value(run: Run, metric: str, best: bool = False) -> float | None:
     """The run's final value of ``metric`` (``summary.json`` "final", else the last record),
     or with ``best`` its best recorded value: min for loss-like metrics, max otherwise."""
-    values = [float(r[metric]) for r in run.records if isinstance(r.get(metric), (int, float))]
+    values = [float(r[metric]) for r in run.records if metric in r]  # numbers (scan.py)
     if best:
         finite = [v for v in values if math.isfinite(v)]
         if finite:
@@ -182,10 +180,11 @@ def sort_key(value: Any) -> tuple[int, Any]:
 
 
 def show(value: Any) -> str:
+    """A key value as written in the config, floats without an exponent (1e-08 -> 0.00000001)."""
     if value is None:
         return "none"
     if isinstance(value, float):
-        return f"{value:g}"
+        return np.format_float_positional(value, trim="-")
     if isinstance(value, tuple):
         return "[" + ", ".join(map(show, value)) + "]"
     return str(value)
@@ -201,8 +200,7 @@ def label(keys: Sequence[str], key: Sequence[Any]) -> str:
 def series(run: Run, metric: str, axis: str) -> tuple[np.ndarray, np.ndarray]:
     """(x, y): the finite values of ``metric`` against ``axis`` (epoch, step or time)."""
     points = [(r[axis], r[metric]) for r in run.records
-              if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])
-              and isinstance(r.get(axis), (int, float))]
+              if metric in r and axis in r and math.isfinite(r[metric])]
     xy = np.asarray(points, dtype=float).reshape(-1, 2)
     return xy[:, 0], xy[:, 1]
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,14 +121,18 @@ def _sparsity(plt: Any, rows: Sequence[Row], keys: Sequence[str], metric: str, b
 
 
 def _legend(ax: Any) -> None:
-    """Inside up to 12 entries, outside up to :data:`MAX_LEGEND`, beyond that a note only."""
-    entries = len(ax.get_legend_handles_labels()[1])
-    if entries > MAX_LEGEND:
-        ax.text(0.01, 0.01, f"{entries} lines: legend left out, see report.md",
+    """Inside up to 12 entries; below the axes up to :data:`MAX_LEGEND` (in two columns for
+    labels up to 60 characters; the figure grows to hold it); beyond that a note only."""
+    labels = ax.get_legend_handles_labels()[1]
+    if len(labels) > MAX_LEGEND:
+        ax.text(0.01, 0.01, f"{len(labels)} lines: legend left out, see report.md",
                 transform=ax.transAxes, fontsize="small")
-    elif entries > 12:
-        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    elif entries:
+    elif len(labels) > 12:
+        columns = 2 if max(map(len, labels)) <= 60 else 1
+        width, height = ax.figure.get_size_inches()
+        ax.figure.set_size_inches(width, height + 0.16 * math.ceil(len(labels) / columns))
+        ax.figure.legend(fontsize="x-small", loc="outside lower center", ncols=columns)
+    elif labels:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
 

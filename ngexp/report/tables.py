@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,34 +12,56 @@ from rich.table import Table
 
 from ngexp.report.aggregate import Row, show
 
-STYLES = {"failed": "red", "stale": "yellow", "interrupted": "yellow", "unfinished": "yellow",
-          "running": "cyan"}
+STYLES = {"failed": "red", "unreadable": "red", "stale": "yellow", "interrupted": "yellow",
+          "unfinished": "yellow", "running": "cyan"}
+#: Significant digits of a metric value in the table.
+DIGITS = 4
+#: Column of report.csv with the rows' run directories.
+RUN_DIRS = "run_dirs_relative_to_csv"
 
 
-def number(value: float, like: float | None = None) -> str:
-    """4 decimals, or 4 significant digits in exponent form for very small or large values;
-    ``like`` picks the form by another value (a std is written in its mean's form)."""
-    scale = value if like is None else like
+def places(value: float, digits: int = DIGITS) -> int:
+    """Decimals that show ``value`` with ``digits`` significant digits (none for an integer
+    part that long already)."""
+    if value == 0 or not math.isfinite(value):
+        return 0
+    return max(0, digits - 1 - math.floor(math.log10(abs(value))))
+
+
+def number(value: float, decimals: int | None = None) -> str:
+    """Fixed point, never an exponent: 4 significant digits (``0.8300``, ``245.3``, ``10440``,
+    ``0.0001234``) or ``decimals`` places."""
     if not math.isfinite(value):
         return str(value)
-    if math.isfinite(scale) and scale != 0 and not 1e-3 <= abs(scale) < 1e4:
-        return f"{value:.3e}"
-    return f"{value:.4f}"
+    return f"{value:.{places(value) if decimals is None else decimals}f}"
 
 
 def duration(seconds: float | None) -> str:
+    """``3.7s``, ``42s``, ``1m 23s``, ``2h 05m``, ``3d 04h``."""
     if seconds is None:
         return "-"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
+    if seconds < 9.95:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
 def value_cell(row: Row) -> str:
-    """``mean ± std``; a single value alone; ``-`` when no run logged the metric."""
+    """``mean ± std`` (the std to the mean's decimals, or to its first significant digit up to
+    2 places more); a single value alone; ``-`` when no run logged the metric."""
     if row.mean is None:
         return "-"
-    return number(row.mean) + (f" ± {number(row.std, row.mean)}" if row.std is not None else "")
+    if row.std is None:
+        return number(row.mean)
+    decimals = places(row.mean)
+    std_decimals = min(max(decimals, places(row.std, 1)), decimals + 2)
+    return f"{number(row.mean, decimals)} ± {number(row.std, std_decimals)}"
 
 
 def count_cell(row: Row) -> str:
@@ -85,24 +108,19 @@ def markdown(rows: Sequence[Row], keys: Sequence[str], metric: str, best: bool,
 
 
 def write_csv(path: Path, rows: Sequence[Row], keys: Sequence[str], metric: str) -> None:
-    """One line per row, full precision; ``std`` is empty for a single value."""
+    """One line per row, full precision; ``std`` is empty for a single value; the run
+    directories ``;``-separated, relative to the CSV's folder (valid as long as the report
+    folder moves together with the runs)."""
+    folder = path.parent.resolve()
     with path.open("w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow([*keys, "status", "n", "n_metric", "seeds", f"{metric}_mean",
-                         f"{metric}_std", "wall_time_s", "run_dirs"])
+                         f"{metric}_std", "wall_time_s", RUN_DIRS])
         for row in rows:
             writer.writerow([*map(show, row.key), row.status, row.n, len(row.values),
                              " ".join(map(str, row.seeds)), _raw(row.mean), _raw(row.std),
                              _raw(row.wall_time),
-                             ";".join(_relative(run.path) for run in row.runs)])
-
-
-def _relative(path: Path) -> str:
-    """``path`` relative to the working directory when inside it (portable results)."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+                             ";".join(os.path.relpath(run.path, folder) for run in row.runs)])
 
 
 def _raw(value: float | None) -> str:
