@@ -13,7 +13,7 @@ from torch import Tensor
 from ngexp.data.bundle import DataBundle
 from ngexp.data.sequences import sequence_data
 from ngexp.data.spec import DataSpec
-from ngexp.models.bnlstm import BNLSTM
+from ngexp.models.bnlstm import BNLSTM, StepwiseBatchNorm
 
 SPEC = DataSpec("toy", (6, 3), 4, mean=(0.3,), std=(0.7,))
 HIDDEN = 5
@@ -31,7 +31,8 @@ def make_model(bn: str, spec: DataSpec = SPEC, **kwargs) -> BNLSTM:
 def reference(model: BNLSTM, x: Tensor, h0: Tensor) -> tuple[Tensor, list[dict[str, Tensor]]]:
     """The LSTM equations one step at a time with explicit statistics.
 
-    Returns the logits and, per step, the batch mean/variance that training mode uses."""
+    Returns the logits and, per step, the batch mean/variance that training mode uses (with
+    shared statistics in training, the input term's are pooled over batch and time)."""
     H = model.hidden_size
     if model.language_model:
         x = F.one_hot(x, model.input_map.in_features).double()
@@ -40,15 +41,22 @@ def reference(model: BNLSTM, x: Tensor, h0: Tensor) -> tuple[Tensor, list[dict[s
     w_x, w_h, b = model.input_map.weight, model.recurrent_map.weight, model.bias
     h, c = h0, torch.zeros_like(h0)
     hs, stats = [], []
+    pooled_x = None
+    if model.training and model.bn_x is not None and model.bn_x.shared:
+        z_x = x @ w_x.T
+        pooled_x = z_x.mean((0, 1)), z_x.var((0, 1), unbiased=False)
 
     def bn(z: Tensor, module, t: int, key: str, record: dict) -> Tensor:
         if module is None:
             return z
         if model.training:
-            mean = z.mean(0)
-            var = ((z - mean) ** 2).mean(0)
+            if key == "x" and pooled_x is not None:
+                mean, var = pooled_x
+            else:
+                mean = z.mean(0)
+                var = ((z - mean) ** 2).mean(0)
         else:
-            k = min(t, int(module.trained_steps) - 1)
+            k = 0 if module.shared else min(t, int(module.trained_steps) - 1)
             mean, var = module.running_mean[k], module.running_var[k]
         record[key] = (mean.detach(), var.detach())
         beta = module.bias if module.bias is not None else 0.0
@@ -60,7 +68,10 @@ def reference(model: BNLSTM, x: Tensor, h0: Tensor) -> tuple[Tensor, list[dict[s
                                                              "x", record) + b
         f, i, o, g = pre[:, :H], pre[:, H:2 * H], pre[:, 2 * H:3 * H], pre[:, 3 * H:]
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(bn(c, model.bn_c, t, "c", record))
+        cell = bn(c, model.bn_c, t, "c", record)
+        if model.cell_bias is not None:
+            cell = cell + model.cell_bias
+        h = torch.sigmoid(o) * torch.tanh(cell)
         hs.append(h)
         stats.append(record)
     head = model.head
@@ -69,14 +80,27 @@ def reference(model: BNLSTM, x: Tensor, h0: Tensor) -> tuple[Tensor, list[dict[s
     return h @ head.weight.T + head.bias, stats
 
 
+def pooled(stats: list[dict[str, Tensor]], key: str, n: int) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased variance over batch and time from per-step batch statistics of
+    ``n`` examples (law of total variance)."""
+    means = torch.stack([step[key][0] for step in stats])
+    second = torch.stack([step[key][1] + step[key][0] ** 2 for step in stats]).mean(0)
+    mean = means.mean(0)
+    count = n * len(stats)
+    return mean, (second - mean ** 2) * count / (count - 1)
+
+
 def grads(model: BNLSTM, out: Tensor) -> list[Tensor]:
     weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     return torch.autograd.grad((out * weights).sum(), list(model.parameters()))
 
 
-@pytest.mark.parametrize("bn", ["all", "input", "none"])
-def test_training_mode_matches_equations(bn: str) -> None:
-    model = make_model(bn, h0_noise_std=0.5)
+@pytest.mark.parametrize(("bn", "options"), [
+    ("all", {}), ("input", {}), ("none", {}), ("none", {"cell_shift": True}),
+    ("input", {"cell_shift": True}), ("all", {"shared_statistics": True}),
+    ("input", {"shared_statistics": True})])
+def test_training_mode_matches_equations(bn: str, options: dict) -> None:
+    model = make_model(bn, h0_noise_std=0.5, **options)
     x = torch.rand(8, 6, 3, dtype=torch.float64)
     torch.manual_seed(1)
     out = model(x)
@@ -145,6 +169,101 @@ def test_frozen_running_statistics() -> None:
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
 
 
+def norms(model: BNLSTM) -> list[tuple[str, StepwiseBatchNorm]]:
+    return [(key, module) for key, module in (("x", model.bn_x), ("h", model.bn_h),
+                                              ("c", model.bn_c)) if module is not None]
+
+
+@pytest.mark.parametrize("bn", ["all", "input"])
+def test_shared_statistics_pool_batch_and_time(bn: str) -> None:
+    """The ablation of Sec. 3: one population row moved towards the batch statistics pooled over
+    batch and time (the input term also normalized with them in training), used at every
+    evaluation step."""
+    model = make_model(bn, h0_noise_std=0.0, bn_momentum=0.25, shared_statistics=True)
+    x = torch.rand(8, 6, 3, dtype=torch.float64)
+    model(x)
+    _, stats = reference(model, x, torch.zeros(8, HIDDEN, dtype=torch.float64))
+    for key, module in norms(model):
+        if key == "x":  # the reference's input statistics are pooled already
+            mean, var = stats[0]["x"][0], stats[0]["x"][1] * 48 / 47
+        else:
+            mean, var = pooled(stats, key, 8)
+        assert module.running_mean.shape == (1, mean.shape[0])
+        torch.testing.assert_close(module.running_mean[0], 0.25 * mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(module.running_var[0], 0.75 + 0.25 * var, rtol=0, atol=1e-12)
+    model.eval()
+    x_test = torch.rand(5, 9, 3, dtype=torch.float64)  # longer than training: the same row
+    expected, _ = reference(model, x_test, torch.zeros(5, HIDDEN, dtype=torch.float64))
+    torch.testing.assert_close(model(x_test), expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_training_set_population_statistics(shared: bool) -> None:
+    """``population_stats=training_set``: averages of the minibatch statistics over training
+    batches (unbiased variances), until ``population_examples`` examples are read; the initial
+    state as in evaluation (no noise drawn)."""
+    model = make_model("all", h0_noise_std=0.5, population_stats="training_set",
+                       population_examples=20, shared_statistics=shared)
+    model.eval()
+    batches = [torch.rand(8, 6, 3, dtype=torch.float64) for _ in range(4)]
+    rng = torch.get_rng_state()
+    assert model.estimate_population_statistics(iter(batches)) == 3  # 24 >= 20 examples
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not model.training and model.bn_h.momentum == 0.1 and model.estimated
+    model.train()
+    per_batch = [reference(model, x, torch.zeros(8, HIDDEN, dtype=torch.float64))[1]
+                 for x in batches[:3]]
+    model.eval()
+    for key, module in norms(model):
+        if not shared:
+            estimates = [(torch.stack([step[key][0] for step in stats]),
+                          torch.stack([step[key][1] for step in stats]) * 8 / 7)
+                         for stats in per_batch]
+        elif key == "x":
+            estimates = [(stats[0]["x"][0][None], stats[0]["x"][1][None] * 48 / 47)
+                         for stats in per_batch]
+        else:
+            estimates = [tuple(value[None] for value in pooled(stats, key, 8))
+                         for stats in per_batch]
+        mean = torch.stack([estimate[0] for estimate in estimates]).mean(0)
+        var = torch.stack([estimate[1] for estimate in estimates]).mean(0)
+        torch.testing.assert_close(module.running_mean, mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(module.running_var, var, rtol=0, atol=1e-12)
+        assert int(module.trained_steps) == 6
+    x_test = torch.rand(5, 6, 3, dtype=torch.float64)
+    expected, _ = reference(model, x_test, torch.zeros(5, HIDDEN, dtype=torch.float64))
+    torch.testing.assert_close(model(x_test), expected, rtol=0, atol=1e-9)
+    # a training forward makes the estimate stale: evaluation says so
+    model.train()
+    model(batches[0])
+    model.eval()
+    with pytest.warns(UserWarning, match="estimate_population_statistics was not called"):
+        model(x_test)
+
+
+def test_moving_averages_ignore_estimation() -> None:
+    model = make_model("all", h0_noise_std=0.0)
+    model(torch.rand(8, 6, 3, dtype=torch.float64))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    assert model.estimate_population_statistics([torch.rand(8, 6, 3, dtype=torch.float64)]) == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_h0_noise_always_also_in_evaluation() -> None:
+    model = make_model("all", h0_noise_std=0.5, h0_noise="always")
+    model(torch.rand(8, 6, 3, dtype=torch.float64))
+    model.eval()
+    x = torch.rand(5, 6, 3, dtype=torch.float64)
+    torch.manual_seed(2)
+    out = model(x)
+    torch.manual_seed(2)
+    expected, _ = reference(model, x, 0.5 * torch.randn(5, HIDDEN, dtype=torch.float64))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+    noiseless, _ = reference(model, x, torch.zeros(5, HIDDEN, dtype=torch.float64))
+    assert (out - noiseless).abs().max() > 1e-3
+
+
 def test_language_model_outputs_every_step() -> None:
     spec = DataSpec("chars", (7,), 9, "language_model")
     model = make_model("all", spec=spec, h0_noise_std=0.0)
@@ -185,13 +304,59 @@ def test_linear_maps_called_once_and_once_per_step() -> None:
     assert seen == {"x": [(4, 6, 3)], "h": [(4, HIDDEN)] * 6}
 
 
+def backward_gradient_elements(model: BNLSTM, inputs: Tensor) -> int:
+    """Elements of all gradients one backward computes: the outputs of every autograd node."""
+    total = 0
+
+    def count(grad_inputs: tuple[Tensor | None, ...], _: object) -> None:
+        nonlocal total
+        total += sum(grad.numel() for grad in grad_inputs if grad is not None)
+
+    out = model(inputs)
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        node.register_hook(count)
+        stack.extend(child for child, _ in node.next_functions)
+    out.sum().backward()
+    return total
+
+
+@pytest.mark.parametrize(("bn", "options", "language_model"), [
+    ("all", {}, False), ("input", {}, False), ("none", {}, False),
+    ("all", {"shared_statistics": True}, False), ("input", {}, True)])
+def test_backward_cost_is_linear_in_steps(bn: str, options: dict, language_model: bool) -> None:
+    """Twice the steps, twice the gradient elements (indexing one step of the input term per
+    step back-propagated a whole (B, T, 4H) gradient each: a ratio near 4 here)."""
+    if language_model:
+        spec = DataSpec("chars", (400,), 3, "language_model")
+        batch = [torch.randint(0, 3, (4, steps)) for steps in (200, 400)]
+    else:
+        spec = DataSpec("toy", (400, 3), 4)
+        batch = [torch.rand(4, steps, 3) for steps in (200, 400)]
+    model = BNLSTM(spec, hidden_size=2, bn=bn, **options)
+    short, long = (backward_gradient_elements(model, inputs) for inputs in batch)
+    assert long / short == pytest.approx(2.0, abs=0.05)
+
+
 def test_bad_config_values() -> None:
     with pytest.raises(ValueError, match="model.bn='layer' is invalid: expected one of all"):
         OmegaConf.to_object(compose("model=bnlstm", "model.bn=layer"))
     with pytest.raises(ValueError, match="hidden_size=0"):
         BNLSTM(DataSpec("seq", (28, 28), 10), hidden_size=0)
-    with pytest.raises(Exception, match="needs sequences"):
+    with pytest.raises(Exception, match="needs sequence or tokens data"):
         BNLSTM(DataSpec("img", (1, 28, 28), 10))
+    for key, value, expected in [("population_stats", "dataset", "expected one of moving_average"),
+                                 ("h0_noise", "never", "expected one of train, always")]:
+        with pytest.raises(ValueError, match=f"model.{key}='{value}' is invalid: {expected}"):
+            OmegaConf.to_object(compose("model=bnlstm", f"model.{key}={value}"))
+    with pytest.raises(ValueError, match="cell_shift=True is invalid: expected false with bn=all"):
+        BNLSTM(SPEC, bn="all", cell_shift=True)
+    with pytest.raises(ValueError, match="population_examples=0 is invalid"):
+        BNLSTM(SPEC, population_examples=0)
 
 
 def train_and_test(data: DataBundle, steps: int = 200) -> float:
