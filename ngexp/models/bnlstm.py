@@ -330,12 +330,12 @@ class BNLSTM(nn.Module):
         used = seen = 0
         try:
             for inputs in batches:
-                if seen >= self.population_examples:
-                    break
                 for bn in norms:  # a cumulative average: momentum 1 / (k + 1) for batch k
                     bn.momentum = 1.0 / (used + 1)
                 self.run(inputs, noise=self.h0_noise == "always")
                 used, seen = used + 1, seen + len(inputs)
+                if seen >= self.population_examples:
+                    break
             self.estimated = used > 0
         finally:
             for bn, value in zip(norms, momentum, strict=True):
