@@ -232,7 +232,7 @@ def run_hydra(args: list[str]) -> int:
             with open_dict(cfg):
                 cfg.trainer.device = assign_device(runtime.job.num)
         try:
-            summary = train(cfg, choices, Console(), job_dir)
+            summary = train(cfg, choices, Console(soft_wrap=True), job_dir)
         except RunWriteError as error:  # the run ended failed(io: ...); its summary says so
             if multirun:
                 raise

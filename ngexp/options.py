@@ -202,6 +202,21 @@ class Option:
         return cls(name, annotation, default, choices)
 
 
+def dataclass_options(cls: type) -> list[Option]:
+    """The options of a config dataclass: its fields (``_target_`` left out), with choices from
+    :func:`choice_field` metadata or ``Literal``/``bool`` types."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for item in dataclasses.fields(cls):
+        if item.name.startswith("_"):
+            continue
+        option = Option.of(item.name, hints.get(item.name, Any), item.default)
+        if "choices" in item.metadata:
+            option = dataclasses.replace(option, choices=item.metadata["choices"])
+        found.append(option)
+    return found
+
+
 @dataclass(frozen=True)
 class Spec:
     """How the options of ``target`` are found; see the module docstring."""
@@ -246,10 +261,7 @@ class Spec:
         if self.extends is not None:
             options += [o for o in self.extends.options() if o.name not in seen]
         if self.dataclass_schema is not None:
-            options = [Option(f.name, f.type, f.default, f.metadata.get("choices")
-                              or (Option.of(f.name, f.type, None).choices))
-                       for f in dataclasses.fields(self.dataclass_schema)
-                       if not f.name.startswith("_")]
+            options = dataclass_options(self.dataclass_schema)
         return [dataclasses.replace(o, default=self.defaults[o.name])
                 if o.name in self.defaults else o for o in options]
 

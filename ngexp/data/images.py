@@ -7,6 +7,7 @@ set can also come through torchvision (``data.download=true`` fetches it).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import typing
@@ -86,8 +87,11 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Split, Spl
     return splits[0], splits[1]
 
 
+@functools.lru_cache(maxsize=2)
 def load_image_splits(name: str, root: str | None, download: bool) -> tuple[Split, Split]:
-    """Train and test splits: inputs float32 in [0, 1] of shape (N, C, H, W), int64 labels."""
+    """Train and test splits: inputs float32 in [0, 1] of shape (N, C, H, W), int64 labels.
+    The last two data sets read stay cached (runs of a sweep in one process read each once);
+    callers must not modify the tensors in place."""
     check_choice("name", name, IMAGE_DATASETS)
     roots = [Path(root)] if root is not None else default_roots(name)
     if name in ("fashion_mnist", "mnist"):

@@ -34,7 +34,7 @@ def synthetic_data(name: str = "synthetic", shape: Sequence[int] = (3, 32, 32),
         return Split(torch.rand(n, *shape, generator=generator),
                      torch.randint(num_classes, (n,), generator=generator))
 
-    channels = shape[0]
+    channels = shape[0] if len(shape) == 3 else 1  # per channel for images, one for sequences
     spec = DataSpec(name, tuple(shape), num_classes, "classification", (0.5,) * channels,
                     (0.2887,) * channels)  # moments of U(0, 1)
     return DataBundle(spec, split(num_train), split(num_test), None,

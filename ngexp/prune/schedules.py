@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from ngexp.errors import OptionError
+
 
 def locality_ladder(current: float, target: float, steps: int, kind: str) -> list[float]:
     """Sparsities after each of ``steps`` steps from ``current`` to ``target`` (last = target).
@@ -29,7 +31,7 @@ def locality_ladder(current: float, target: float, steps: int, kind: str) -> lis
     if kind == "exponential":
         ratio = (1 - target) / (1 - current)
         return [1 - (1 - current) * ratio ** (k / steps) for k in range(1, steps + 1)]
-    raise ValueError(f"prune.step_schedule={kind!r} is invalid: expected one of linear, "
+    raise OptionError(f"prune.step_schedule={kind!r} is invalid: expected one of linear, "
                      f"exponential")
 
 
@@ -65,9 +67,10 @@ def pruning_events(schedule: str, *, target: float, steps_per_epoch: int, total_
     if schedule == "gradual":
         end = finetune_start if end_step is None else end_step
         if end <= start_step:
-            raise ValueError(f"prune.end_step={end} is invalid: expected a step after "
-                             f"prune.start_step={start_step}")
+            raise OptionError(f"prune.end_step={end} is invalid: expected a step after "
+                              f"prune.start_step={start_step} (training has {total_steps} steps; "
+                              f"the default end is where the last prune.finetune_epochs start)")
         steps = list(range(start_step, end, frequency)) + [end]
         return {t: cubic_sparsity(t, initial_sparsity, target, start_step, end) for t in steps}
-    raise ValueError(f"prune.schedule={schedule!r} is invalid: expected one of oneshot, "
+    raise OptionError(f"prune.schedule={schedule!r} is invalid: expected one of oneshot, "
                      f"iterative, gradual")

@@ -11,6 +11,7 @@ with the host.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import random
 import resource
@@ -95,7 +96,7 @@ class Engine:
     def __init__(self, cfg: DictConfig, choices: Mapping[str, str | None], run_dir: Path,
                  console: Console | None = None) -> None:
         self.cfg, self.choices, self.run_dir = cfg, dict(choices), run_dir
-        self.console = console or Console(stderr=False)
+        self.console = console or Console(soft_wrap=True)
         # A plain dataclass, read once: DictConfig attribute access costs ~20 us per read, which
         # the per-step path would pay several times per step.
         self.trainer = trainer = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
@@ -103,8 +104,10 @@ class Engine:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        if trainer.deterministic:
-            torch.use_deterministic_algorithms(True)
+        # set either way: an earlier run in this process (a sweep) must not leak its choice
+        torch.use_deterministic_algorithms(trainer.deterministic)
+        if trainer.deterministic and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS's deterministic mode
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
 
         bundle: DataBundle = instantiate(cfg.data, _partial_=True)()
@@ -493,7 +496,7 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
     model and optimizer together). Then the run directory's lock is taken before anything in it
     changes: a live run is never renamed (``force=true``, ``resume=false``) nor written to.
     """
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     run_dir = rundir.run_directory(cfg, choices)
     if not cfg.force and skip_finished(run_dir, console):
         return None
