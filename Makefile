@@ -33,7 +33,7 @@ train: data
 	$(VENV)/bin/ngexp train
 
 test: data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: data
 	$(PY) -m pytest -q -m slow

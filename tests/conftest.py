@@ -12,6 +12,13 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: Under pytest-xdist (``make test`` runs 2 workers on 2 cores) each worker and each ``ngexp``
+#: subprocess uses one thread, so the cores are not oversubscribed.
+THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
 CONF = REPO / "conf"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
@@ -30,7 +37,7 @@ def ngexp(*args: str, cwd: Path | None = None, check: bool = True,
           timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``python -m ngexp ARGS`` in a subprocess (plain progress lines, no colours)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1", "COLUMNS": "200"}
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", THREADS)
     result = subprocess.run([sys.executable, "-m", "ngexp", *args], cwd=cwd or REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
