@@ -84,8 +84,8 @@ def build(name: str, shape: tuple[int, int], hidden: int) -> nn.Module:
     """``torch.nn.LSTM`` + head, or ngexp's ``model=name`` preset for sequences of ``shape``."""
     if name == TORCH:
         return TorchLSTM(shape[1], hidden, CLASSES)
-    with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("train", overrides=[f"model={name}", f"model.hidden_size={hidden}"])
+    with initialize_config_dir(str(CONF), version_base=None):  # the model group on its own
+        cfg = compose(f"model/{name}", overrides=[f"model.hidden_size={hidden}"])
     return build_model(cfg.model, DataSpec(f"sequences{shape[0]}", shape, CLASSES))
 
 
