@@ -5,10 +5,11 @@ A training step is forward + cross-entropy + backward + RMSProp step (lr 1e-3, d
 random batch (``--batch-size`` 128 sequences, ``--hidden`` 100 units, 10 classes). Lengths:
 T=28 (row by row, 28 features), 196 (14x14 pixel by pixel) and 784 (28x28 pixel by pixel),
 each with 1 and 2 torch threads. ngexp's models come from their presets
-(``conf/model/<name>.yaml``) through the model builder; every contender steps once per round,
-in turn, so drifting machine load hits them alike. After ``--warmup`` untimed rounds, rounds
-run until ``--budget`` seconds per (threads, T) have passed (at least ``--min-rounds``); the
-median step time of each contender is reported and divided by ``torch.nn.LSTM``'s.
+(``conf/model/<name>.yaml``) through the model builder. Per thread count, every (T, model)
+steps once per round, in turn, so drifting machine load hits all of them alike (the ratios
+between models and between lengths). After ``--warmup`` untimed rounds, rounds run until
+``--budget`` seconds have passed (at least ``--min-rounds``); the median step time of each
+(T, model) is reported and divided by ``torch.nn.LSTM``'s at that T.
 
 Memory: the bytes autograd saves for the backward in one training forward (distinct storages
 seen by ``torch.autograd.graph.saved_tensors_hooks``), i.e. the activation memory on top of
@@ -28,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,14 +66,17 @@ class TorchLSTM(nn.Module):
 @dataclass
 class Contender:
     name: str
+    steps: int
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    x: Tensor
+    y: Tensor
     times: list[float] = field(default_factory=list)
 
-    def step(self, x: Tensor, y: Tensor) -> float:
-        """One timed training step; seconds."""
+    def step(self) -> float:
+        """One timed training step on the contender's batch; seconds."""
         start = time.perf_counter()
-        loss = F.cross_entropy(self.model(x), y)
+        loss = F.cross_entropy(self.model(self.x), self.y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -89,13 +92,18 @@ def build(name: str, shape: tuple[int, int], hidden: int) -> nn.Module:
     return build_model(cfg.model, DataSpec(f"sequences{shape[0]}", shape, CLASSES))
 
 
-def contenders(names: list[str], shape: tuple[int, int], hidden: int) -> list[Contender]:
+def contenders(names: list[str], lengths: list[int], args: argparse.Namespace) -> list[Contender]:
+    """Every model at every length, each with one random batch (the same for all models)."""
     found = []
-    for name in names:
-        torch.manual_seed(0)
-        model = build(name, shape, hidden)
-        found.append(Contender(name, model, torch.optim.RMSprop(model.parameters(), lr=1e-3,
-                                                                alpha=0.9)))
+    for steps in lengths:
+        generator = torch.Generator().manual_seed(steps)
+        x = torch.rand(args.batch_size, *SHAPES[steps], generator=generator)
+        y = torch.randint(0, CLASSES, (args.batch_size,), generator=generator)
+        for name in names:
+            torch.manual_seed(0)
+            model = build(name, SHAPES[steps], args.hidden)
+            optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9)
+            found.append(Contender(name, steps, model, optimizer, x, y))
     return found
 
 
@@ -114,30 +122,32 @@ def saved_megabytes(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return sum(storages.values()) / 2**20
 
 
-def bench(names: list[str], threads: int, steps: int, args: argparse.Namespace) -> dict:
-    """Median step seconds by contender (and saved-tensor MiB) for one (threads, T)."""
+def bench(names: list[str], threads: int, args: argparse.Namespace) -> dict[int, dict]:
+    """By length: median step seconds by model (and saved-tensor MiB at the longest), with
+    every (length, model) stepping once per round, so load drifts hit all of them alike."""
     torch.set_num_threads(threads)
-    shape = SHAPES[steps]
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(args.batch_size, *shape, generator=generator)
-    y = torch.randint(0, CLASSES, (args.batch_size,), generator=generator)
-    found = contenders(names, shape, args.hidden)
+    found = contenders(names, args.lengths, args)
     for _ in range(args.warmup):
         for contender in found:
-            contender.step(x, y)
-    start, rounds = time.perf_counter(), 0
+            contender.step()
+    start, rounds, load = time.perf_counter(), 0, os.getloadavg()[0]
     while rounds < args.min_rounds or time.perf_counter() - start < args.budget:
         for contender in found:
-            contender.times.append(contender.step(x, y))
+            contender.times.append(contender.step())
         rounds += 1
-    result: dict[str, Any] = {"rounds": rounds,
-                              "median": {c.name: statistics.median(c.times) for c in found}}
-    if steps == max(args.lengths):
-        result["saved_mb"] = {c.name: saved_megabytes(c.model, x, y) for c in found}
-    print(f"threads={threads} T={steps}: " + ", ".join(
-        f"{name} {seconds * 1e3:.0f} ms" for name, seconds in result["median"].items())
-        + f" ({rounds} rounds)", flush=True)
-    return result
+    load = (load, os.getloadavg()[0])
+    results: dict[int, dict] = {steps: {"rounds": rounds, "load": load, "median": {}}
+                                for steps in args.lengths}
+    for contender in found:
+        results[contender.steps]["median"][contender.name] = statistics.median(contender.times)
+    longest = [c for c in found if c.steps == max(args.lengths)]
+    results[max(args.lengths)]["saved_mb"] = {c.name: saved_megabytes(c.model, c.x, c.y)
+                                              for c in longest}
+    for steps, result in results.items():
+        print(f"threads={threads} T={steps}: " + ", ".join(
+            f"{name} {seconds * 1e3:.0f} ms" for name, seconds in result["median"].items())
+            + f" ({rounds} rounds)", flush=True)
+    return results
 
 
 # --------------------------------------------------------------------------- report
@@ -170,23 +180,28 @@ def markdown(results: dict[tuple[int, int], dict], names: list[str],
         f"{', '.join(map(str, args.threads))}; torch {torch.__version__}; "
         f"python {platform.python_version()}; {date.today()}  ",
         f"1-min load average of the machine: {load_start:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end (contenders interleaved step by step).  ",
+        f"{os.getloadavg()[0]:.1f} at the end (contenders interleaved step by step; column "
+        "*load*: at the start and end of a thread count's timed rounds; above ~1 on 2 CPUs, "
+        "other jobs compete with the 2-thread rounds).  ",
         f"Batch {args.batch_size}, hidden {args.hidden}, {CLASSES} classes; a step is forward + "
         "cross-entropy + backward + RMSProp step. T=28: 28 features per step (rows), 196 and "
-        f"784: one pixel per step. {args.warmup} warm-up rounds, then the median over rounds "
-        f"(at least {args.min_rounds}, {args.budget:.0f} s per setting). ngexp's models are "
-        "the presets conf/model/{lstm,bnlstm,lstm_bn_input}.yaml (hidden size overridden).",
+        f"784: one pixel per step. Per thread count, every (T, model) steps once per round, in "
+        f"turn; {args.warmup} warm-up round(s), then the median over rounds (at least "
+        f"{args.min_rounds}, {args.budget:.0f} s). ngexp's models are the presets "
+        "conf/model/{lstm,bnlstm,lstm_bn_input}.yaml (hidden size overridden).",
         "",
         "Median ms per training step (in parentheses: / torch.nn.LSTM):",
         "",
-        "| threads | T | " + " | ".join(label(name) for name in names) + " | rounds |",
-        "|---:|---:|" + "---:|" * len(names) + "---:|",
+        "| threads | T | " + " | ".join(label(name) for name in names) + " | rounds | load |",
+        "|---:|---:|" + "---:|" * len(names) + "---:|---|",
     ]
     for (threads, steps), result in results.items():
         base = result["median"][TORCH]
         cells = [f"{result['median'][name] * 1e3:.0f} ({result['median'][name] / base:.2f}x)"
                  for name in names]
-        lines.append(f"| {threads} | {steps} | " + " | ".join(cells) + f" | {result['rounds']} |")
+        load = "{:.1f} -> {:.1f}".format(*result["load"])
+        lines.append(f"| {threads} | {steps} | " + " | ".join(cells)
+                     + f" | {result['rounds']} | {load} |")
     if len(lengths) > 1:
         short = lengths[-2]
         lines += ["", f"Time ratio T={longest} / T={short} (linear in T: {longest / short:.1f}):",
@@ -230,16 +245,16 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds")
     parser.add_argument("--min-rounds", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=45.0,
-                        help="seconds of timed rounds per (threads, T)")
+    parser.add_argument("--budget", type=float, default=150.0,
+                        help="seconds of timed rounds per thread count")
     parser.add_argument("--out", default=None, help="markdown file to write the table to")
     args = parser.parse_args()
     args.lengths = sorted(set(args.lengths))
     register_all()
     names = [TORCH, *args.models]
     load_start = os.getloadavg()[0]
-    results = {(threads, steps): bench(names, threads, steps, args)
-               for threads in args.threads for steps in args.lengths}
+    results = {(threads, steps): result for threads in args.threads
+               for steps, result in bench(names, threads, args).items()}
     command = " ".join(["python scripts/bench_sequences.py", *sys.argv[1:]])
     text = markdown(results, names, args, command, load_start)
     print(text)
