@@ -9,6 +9,7 @@ training step is::
     gradient clipping, preconditioner and optimizer step, lr schedule step
     after_optimizer_step  (e.g. re-apply masks to the weights)
 
+``on_evaluation`` sees the metrics of every evaluation (e.g. early stopping).
 ``on_train_start`` runs at the start of every training session, after a resumed run's state
 (including the callback's own ``load_state_dict``) is restored. Callbacks with state implement
 ``state_dict``/``load_state_dict``; the trainer saves it in every checkpoint under the callback's
@@ -46,6 +47,14 @@ class Trainer(Protocol):
     total_steps: int
     steps_per_epoch: int
 
+    def selection_key(self) -> str:
+        """The metric ``best.pt`` follows (``val/acc``, ``test/acc`` or a loss)."""
+        ...
+
+    def request_stop(self, reason: str) -> None:
+        """End training after the current step, as completed with ``reason``."""
+        ...
+
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Loss and metrics over a whole split (``test``, ``val`` or ``train``)."""
         ...
@@ -74,6 +83,8 @@ class Callback:
     def after_optimizer_step(self, trainer: Trainer) -> None: ...
 
     def on_epoch_end(self, trainer: Trainer) -> None: ...
+
+    def on_evaluation(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
 
     def on_train_end(self, trainer: Trainer) -> None: ...
 

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -18,7 +19,12 @@ COMMANDS = {
     "train": "train one run, or a sweep with -m, composed from the config groups",
     "report": "aggregate run directories into tables (console, Markdown, CSV) and plots",
 }
-GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune", "experiment", "hydra/launcher")
+GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune", "logger", "callbacks", "experiment",
+          "hydra/launcher")
+#: Groups whose value is a list of options (``logger=[tensorboard,csv]``).
+LIST_GROUPS = ("logger", "callbacks")
+#: Launcher presets and the plugin each needs.
+LAUNCHER_PLUGINS = {"joblib": "parallel", "submitit_slurm": "slurm", "submitit_local": "slurm"}
 
 
 def conf_dir() -> Path:
@@ -68,37 +74,110 @@ def default_choices() -> dict[str, str]:
             for key, value in item.items()}
 
 
-def train_help() -> str:
-    from hydra import compose, initialize_config_dir
+def schema_of(group: str, option: str) -> str | None:
+    """The schema a ``conf/<group>/<option>.yaml`` extends."""
     from omegaconf import OmegaConf
 
-    from ngexp.config import register_all
+    for item in OmegaConf.load(conf_dir() / group / f"{option}.yaml").get("defaults", []):
+        if str(item).startswith(f"/schema/{group}/"):
+            return str(item).split("/")[3].split("@")[0]
+    return None
+
+
+def setting_text(name: str, option: Any) -> str:
+    """``lr=0.03`` or ``base={sgd*|adam|rmsprop}`` (default starred) for one option."""
+    import inspect
+
+    default = option.default
+    if option.choices is not None and not all(isinstance(c, bool) for c in option.choices):
+        return f"{name}={{{'|'.join(f'{c}*' if c == default else str(c) for c in option.choices)}}}"
+    if default is inspect.Parameter.empty:
+        return f"{name}=???"
+    shown = "null" if default is None else str(default).lower() if isinstance(default, bool) \
+        else str(list(default)) if isinstance(default, tuple) else str(default)
+    return f"{name}={shown}"
+
+
+def wrapped(items: list[str], indent: str = "    ", width: int = 96) -> list[str]:
+    lines, line = [], indent
+    for item in items:
+        if len(line) + len(item) + 2 > width and line.strip():
+            lines.append(line.rstrip())
+            line = indent
+        line += item + "  "
+    return [*lines, line.rstrip()] if line.strip() else lines
+
+
+def train_help() -> str:
+    """Every group, option and setting, generated from the schemas (nothing listed by hand)."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+
+    from ngexp.config import TrainConfig, TrainerConfig, register_all
+    from ngexp.options import REGISTRY, dataclass_options
 
     register_all()
-    with initialize_config_dir(str(conf_dir()), version_base=None):
-        cfg = compose("train")
     defaults = default_choices()
     lines = ["usage: ngexp train [-m] [GROUP=OPTION ...] [KEY=VALUE ...]", "",
-             "Config groups (GROUP=OPTION; default marked *; prune is off unless chosen):"]
+             "Config groups (GROUP=OPTION; default marked *; prune is off unless chosen; "
+             "logger and callbacks take lists, e.g. logger=[tensorboard,csv]):"]
     for group in GROUPS:
         names = [f"{name}*" if name == defaults.get(group) else name for name in options(group)]
         if group == "hydra/launcher":
             names = ["basic*", *names]
         prefix = "+" if group == "experiment" else ""
         lines.append(f"  {prefix + group + ':':<16} {', '.join(names) or '-'}")
-    lines += ["", "Run settings (KEY=VALUE, defaults shown):"]
-    top = [f"{key}={cfg[key]}" for key in cfg if not OmegaConf.is_dict(cfg[key])
-           and key not in GROUPS]
-    trainer = [f"trainer.{key}={value}" for key, value in cfg.trainer.items()]
-    lines += ["  " + "  ".join(items[i:i + 4]) for items in (top, trainer)
-              for i in range(0, len(items), 4)]
-    lines += ["", "A group option's own keys: "
-              "ngexp train optimizer=kfac --cfg job --package optimizer",
-              "", "Examples:", "  ngexp train optimizer=kfac model=lenet5",
+    lines += ["", "Run settings (KEY=VALUE, defaults shown, choices in {}):"]
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        cfg = compose("train")  # conf/train.yaml sets some run defaults (trainer.epochs ...)
+    top = [setting_text(o.name, dataclasses.replace(o, default=cfg[o.name]))
+           for o in dataclass_options(TrainConfig) if o.name not in GROUPS and o.name != "trainer"]
+    lines += wrapped(top, "  ")
+    lines += wrapped([setting_text(f"trainer.{o.name}",
+                                   dataclasses.replace(o, default=cfg.trainer[o.name]))
+                      for o in dataclass_options(TrainerConfig)], "  ")
+    lines += ["", "Settings of each group's options (GROUP.KEY=VALUE; the option's own values "
+              "may differ from these defaults, see: ngexp train GROUP=OPTION --cfg job):"]
+    for group in GROUPS:
+        for name, spec in REGISTRY.get(group, {}).items():
+            users = [o for o in options(group) if schema_of(group, o) == name]
+            if not users:
+                continue
+            lines.append(f"  {group}={','.join(users)}:")
+            items = [setting_text(f"{group}.{o.name}", o) for o in spec.options()]
+            lines += wrapped(items) if items else ["    (no settings)"]
+    lines += ["", "Examples:", "  ngexp train optimizer=kfac model=lenet5",
+              "  ngexp train optimizer=kfac optimizer.base=adam optimizer.lr=1e-3",
               "  ngexp train -m optimizer=sgd,kfac,ekfac seed=0,1,2",
               "  ngexp train -m +experiment=autoencoder_sgd,autoencoder_kfac,autoencoder_ekfac",
+              "  ngexp train logger=[tensorboard,csv] callbacks=[early_stopping]",
+              "Data are looked for in data.root, $NGEXP_DATA, ./data and Debian's "
+              "/usr/share/datasets.",
               "Hydra's own flags (--cfg, --info, --multirun ...): ngexp train --hydra-help"]
     return "\n".join(lines)
+
+
+def hydra_help() -> str:
+    """Hydra's flags as they apply to ngexp (Hydra's generic help would list internal
+    ``schema/*`` groups)."""
+    return "\n".join([
+        "ngexp train runs on Hydra (https://hydra.cc); the flags and keys that apply:", "",
+        "  -m, --multirun          a sweep: every combination of comma-separated values",
+        "  --cfg job|hydra|all     print the composed config (job: ngexp's) instead of running",
+        "  --package PKG           with --cfg: only that part, e.g. --package optimizer",
+        "  --resolve               with --cfg: resolve interpolations",
+        "  --info [searchpath|defaults|defaults-tree|config|plugins]",
+        "                          how the config was composed",
+        "  hydra.run.dir=DIR       train in DIR instead of <output_root>/<name>/<hash>/seed_<s>",
+        "  hydra.sweep.dir=DIR     where a sweep keeps its job folders (default "
+        "<output_root>/sweeps/<time>)",
+        "  hydra/launcher=parallel|slurm",
+        "                          run a sweep's jobs with joblib or SLURM (pip install "
+        "'ngexp[sweep]')",
+        "  hydra.launcher.KEY=V    the launcher's settings (n_jobs, partition, timeout_min ...)",
+        "", "Every run directory holds .hydra/ (config.yaml, hydra.yaml, overrides.yaml) and "
+        "train.log.", "ngexp's own groups and settings: ngexp train --help"])
 
 
 def top_help() -> str:
@@ -115,6 +194,9 @@ def describe(error: BaseException, overrides: Iterable[str]) -> str:
 
     if isinstance(error, MissingConfigException) and error.missing_cfg_file:
         group, _, option = str(error.missing_cfg_file).rpartition("/")
+        if group == "hydra/launcher" and option in LAUNCHER_PLUGINS:
+            return (f"hydra/launcher={LAUNCHER_PLUGINS[option]} needs Hydra's {option} launcher "
+                    f"plugin: pip install 'ngexp[sweep]'")
         return (f"{group}={option!r} is not an option of '{group}'; choices: "
                 f"{', '.join(sorted(error.options or options(group)))}")
     cause = error.__cause__ or error
@@ -213,7 +295,7 @@ def run_hydra(args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import DictConfig, open_dict
+    from omegaconf import DictConfig, OmegaConf, open_dict
 
     from ngexp.config import register_all, validate
     from ngexp.errors import IncompatibleData, UserError
@@ -226,13 +308,20 @@ def run_hydra(args: list[str]) -> int:
         choices = {group: runtime.runtime.choices.get(group) for group in RUN_GROUPS}
         multirun = runtime.mode == RunMode.MULTIRUN
         job_dir = Path(runtime.runtime.output_dir) if multirun else None
+        hydra_files = {"config.yaml": OmegaConf.to_yaml(cfg),
+                       "hydra.yaml": OmegaConf.to_yaml(runtime),
+                       "overrides.yaml": OmegaConf.to_yaml(list(runtime.overrides.task))}
+        run_dir = None  # hydra.run.dir=DIR given: train there instead of the hashed layout
+        if not multirun and any(o.startswith("hydra.run.dir=") for o in runtime.overrides.hydra):
+            run_dir = Path(runtime.run.dir)
         if multirun and cfg.trainer.device == "auto":  # one GPU per job process
             from ngexp.train.devices import assign_device
 
             with open_dict(cfg):
                 cfg.trainer.device = assign_device(runtime.job.num)
         try:
-            summary = train(cfg, choices, Console(soft_wrap=True), job_dir)
+            summary = train(cfg, choices, Console(soft_wrap=True), job_dir, run_dir=run_dir,
+                            hydra_files=hydra_files)
         except RunWriteError as error:  # the run ended failed(io: ...); its summary says so
             if multirun:
                 raise
@@ -254,6 +343,7 @@ def run_hydra(args: list[str]) -> int:
             raise SystemExit(1)  # a diverged job does not stop a sweep
 
     register_all()
+    configure_logging()
     app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)(task)
     saved = sys.argv
     sys.argv = ["ngexp train", *args]
@@ -268,11 +358,28 @@ def run_hydra(args: list[str]) -> int:
     return 0
 
 
+def configure_logging() -> None:
+    """ngexp's warnings on stderr as ``ngexp: warning: ...``, its info records only in a run's
+    ``train.log``; never through Hydra's ``[HYDRA]`` root handler."""
+    import logging
+
+    log = logging.getLogger("ngexp")
+    log.propagate = False
+    if not any(getattr(h, "ngexp_console", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("ngexp: %(levelname)s: %(message)s"))
+        handler.ngexp_console = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+
+
 def train_command(args: list[str]) -> int:
+    if "--hydra-help" in args:
+        print(hydra_help())
+        return 0
     if "-h" in args or "--help" in args:
         print(train_help())
         return 0
-    args = ["--help" if arg == "--hydra-help" else arg for arg in args]
     if "--help" not in args and not any(arg.startswith(("--cfg", "-c", "--info")) for arg in args):
         overrides = [arg for arg in args if not arg.startswith("-")]
         try:

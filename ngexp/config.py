@@ -48,7 +48,8 @@ PRIMITIVES = (int, float, bool, str)
 
 @dataclass
 class TrainerConfig:
-    """Engine settings. ``max_steps`` (when set) overrides ``epochs``."""
+    """Engine settings. Training ends after ``epochs`` or ``max_steps``, whichever comes
+    first."""
 
     epochs: int = 10
     max_steps: int | None = None
@@ -88,6 +89,8 @@ class TrainConfig:
     data: Any = MISSING
     lr_schedule: Any = MISSING
     prune: Any = None
+    logger: Any = None  # name -> logger node (list-valued group: logger=[tensorboard,csv])
+    callbacks: Any = None  # name -> callback node (callbacks=[early_stopping])
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     output_root: str = "results/runs"

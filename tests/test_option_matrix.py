@@ -30,7 +30,7 @@ from ngexp.config import TrainerConfig, register_all
 from ngexp.options import REGISTRY, Option, dataclass_options
 from tests.conftest import CONF, requires_fashion_mnist
 
-GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune")
+GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune", "logger", "callbacks")
 STEPS = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.eval_batch_size=512",
          "trainer.log_every=1", "trainer.progress=none"]
 SYNTHETIC = ["data=synthetic", "data.shape=[1,16,16]", "data.num_train=64", "data.num_test=16"]
@@ -120,7 +120,10 @@ def run(overrides: list[str], root: Path, capsys: pytest.CaptureFixture) -> tupl
 @requires_fashion_mnist
 @pytest.mark.parametrize("overrides", params())
 def test_runs_three_steps_or_stops_with_one_line(overrides: list[str], tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
+                                                 capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: logger=wandb stays offline
     if not any(o.startswith("data=synthetic") for o in overrides):  # a real data set
         overrides = [*overrides, "data.subset=256"]
     rc, err = run(overrides, tmp_path, capsys)

@@ -14,6 +14,7 @@ import torch
 
 from tests.conftest import (
     REPO,
+    THREADS,
     compose,
     ngexp,
     read_metrics,
@@ -82,7 +83,7 @@ def test_interrupted_pruned_run_resumes_with_its_masks(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, "-m", "ngexp", *args], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
-                                    "OMP_NUM_THREADS": "2"})
+                                    "OMP_NUM_THREADS": THREADS})
     deadline = time.time() + 180
     while time.time() < deadline:  # wait for the event (step 15) and a few steps after it
         found = list(tmp_path.rglob("metrics.jsonl"))

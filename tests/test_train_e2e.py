@@ -11,7 +11,15 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import REPO, ngexp, read_metrics, read_summary, requires_fashion_mnist, run_dirs
+from tests.conftest import (
+    REPO,
+    THREADS,
+    ngexp,
+    read_metrics,
+    read_summary,
+    requires_fashion_mnist,
+    run_dirs,
+)
 
 pytestmark = requires_fashion_mnist
 SHORT = ("data.subset=6000", "trainer.log_every=20", "trainer.progress=plain")
@@ -54,7 +62,8 @@ def test_kill_and_resume_ends_with_identical_weights(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, "-m", "ngexp", *args,
                                 f"output_root={interrupted}"], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                               env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                                    "OMP_NUM_THREADS": THREADS})
     metrics = None
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -10,6 +10,7 @@ with the host.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
@@ -31,7 +32,7 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from ngexp.callbacks import Callback
-from ngexp.config import TrainerConfig
+from ngexp.config import TrainerConfig, semantic_config
 from ngexp.curvature.tasks import Reconstruction, Task, build_task
 from ngexp.data.bundle import DataBundle, epoch_batches, eval_batches
 from ngexp.errors import UserError
@@ -48,11 +49,15 @@ from ngexp.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ngexp.train.loggers import ConsoleProgress, MetricsLogger, summary_table
+from ngexp.train.console import ConsoleProgress, format_duration, format_number, summary_table
+from ngexp.train.loggers import Logger, MetricsFile, RunInfo, build_loggers, flat_hparams
 
 #: Signals that stop a run with a checkpoint (USR2: SLURM's warning before preemption/time-out).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2")
                      if hasattr(signal, name))
+
+
+log = logging.getLogger("ngexp")
 
 
 class RunInterrupted(Exception):
@@ -129,13 +134,16 @@ class Engine:
         if self.steps_per_epoch == 0:
             raise UserError(f"trainer.batch_size={trainer.batch_size} is larger than the "
                             f"{len(self.data.train)} training examples; choose at most that")
-        self.total_steps = trainer.max_steps or trainer.epochs * self.steps_per_epoch
+        # trainer.epochs or trainer.max_steps, whichever comes first
+        self.total_steps = min(trainer.max_steps or math.inf, trainer.epochs * self.steps_per_epoch)
         multiplier = instantiate(cfg.lr_schedule, _partial_=True)(
             total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, multiplier)
-        self.callbacks: list[Callback] = []
+        self.callbacks: list[Callback] = [instantiate(node, _partial_=True)()
+                                          for node in (cfg.get("callbacks") or {}).values()]
         if cfg.get("prune"):
             self.callbacks.append(instantiate(cfg.prune, _partial_=True)())
+        self.loggers: list[Logger] = [MetricsFile(), *build_loggers(cfg.get("logger") or {})]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
         self.step = 0
@@ -143,9 +151,11 @@ class Engine:
         self.permutation: Tensor | None = None
         self.elapsed_before = 0.0
         self.best: dict[str, float] = {}
+        self.best_step: dict[str, int] = {}
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self.stop_signal: int | None = None
+        self.stop_reason: str | None = None
         self._reset_window()
 
     # ----------------------------------------------------------------- public helpers
@@ -191,8 +201,36 @@ class Engine:
         return self.task.finalize(values, count)
 
     def log(self, metrics: Mapping[str, float]) -> None:
-        """Record ``metrics`` at the current step (metrics.jsonl and TensorBoard)."""
-        self.logger.log(self.step, self.step / self.steps_per_epoch, self.elapsed, metrics)
+        """Record ``metrics`` at the current step with every logger (metrics.jsonl first)."""
+        epoch = self.step / self.steps_per_epoch
+        for logger in self.loggers:
+            logger.log(self.step, epoch, self.elapsed, metrics)
+
+    def request_stop(self, reason: str) -> None:
+        """End training after the current step as completed, e.g. early stopping."""
+        self.stop_reason = reason
+
+    def say(self, message: str) -> None:
+        """A line for the console and the run's ``train.log``."""
+        self.console.print(message, highlight=False)
+        log.info(message)
+
+    def run_info(self, resumed_step: int | None) -> RunInfo:
+        """What the loggers know of this run (hyperparameters: every semantic config key and
+        the seed; metrics: the loss and task metrics of each evaluated split)."""
+        hparams = {f"choice/{group}": str(option) for group, option in self.choices.items()}
+        semantic = {key: value for key, value in semantic_config(self.cfg).items()
+                    if key in ("data", "model", "optimizer", "lr_schedule", "prune", "trainer",
+                               "logger", "callbacks")}
+        hparams.update({key: value for key, value in flat_hparams(semantic).items()
+                        if not key.endswith("._target_")})
+        hparams["seed"] = int(self.cfg.seed)
+        splits = [split for split in ("val", "test") if getattr(self.data, split) is not None]
+        metrics = ("train/loss", *(f"{split}/{name}" for split in splits
+                                   for name in ("loss", *self.task.metric_names)))
+        family, config_hash, seed = self.run_dir.parts[-3:]
+        return RunInfo(self.run_dir, family, f"{config_hash}/{seed}", f"{family}/{config_hash}",
+                       Path(self.cfg.output_root), hparams, metrics, resumed_step)
 
     # ----------------------------------------------------------------- training step
     def _to_memory_format(self, inputs: Tensor) -> Tensor:
@@ -267,7 +305,7 @@ class Engine:
         metrics["train/peak_mem_mb"] = self._peak_memory_mb()
         self.last_train = metrics
         self.log(metrics)
-        self.progress.update(self.step, self.epoch, metrics)
+        self.progress.update(self.step, metrics)
         self._reset_window()
 
     def _peak_memory_mb(self) -> float:
@@ -284,16 +322,20 @@ class Engine:
             metrics.update(callback.metrics(self))
         self.last_eval = metrics
         self.log(metrics)
-        self.progress.update(self.step, self.epoch, metrics)
-        key = self._selection_key()
+        self.progress.update(self.step, metrics)
+        key = self.selection_key()
         improved = key in metrics and better(key, metrics[key], self.best.get(key))
         for name, value in metrics.items():
             if name.startswith(("test/", "val/")) and better(name, value, self.best.get(name)):
-                self.best[name] = value
+                self.best[name], self.best_step[name] = value, self.step
         if improved:
             self._save("best.pt")
+        for callback in self.callbacks:
+            callback.on_evaluation(self, metrics)
 
-    def _selection_key(self) -> str:
+    def selection_key(self) -> str:
+        """The metric ``best.pt`` (and by default early stopping) follows: ``val/acc``, or
+        ``test/acc`` without a validation split; the loss for tasks without accuracy."""
         split = "val" if self.data.val is not None else "test"
         metric = "acc" if "acc" in self.task.metric_names else "loss"
         return f"{split}/{metric}"
@@ -311,6 +353,7 @@ class Engine:
             "permutation": self.permutation,
             "elapsed": self.elapsed,
             "best": self.best,
+            "best_step": self.best_step,
             "last_eval": self.last_eval,
         }
 
@@ -326,6 +369,7 @@ class Engine:
         self.permutation = None if permutation is None else permutation.to(self.device)
         self.elapsed_before = state["elapsed"]
         self.best, self.last_eval = state["best"], state["last_eval"]
+        self.best_step = state.get("best_step", {})
 
     def _save(self, name: str) -> None:
         """Write a checkpoint, never one whose weights or optimizer state are not finite."""
@@ -348,6 +392,7 @@ class Engine:
             "wall_time": self.elapsed,
             "final": {**self.last_train, **self.last_eval},
             "best": self.best,
+            "best_step": self.best_step,
             "device": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                        else f"cpu ({platform.processor() or platform.machine()}, "
                             f"{torch.get_num_threads()} threads)"),
@@ -366,33 +411,38 @@ class Engine:
         for problem in resumable.skipped:
             name = problem.split(":", 1)[0]
             aside = rundir.set_aside(folder / name, "corrupt")
-            self.console.print(f"checkpoint {problem}; moved to {aside.name}")
+            self.say(f"checkpoint {problem}; moved to {aside.name}")
         if resumable.state is not None:
             self.load_state_dict(resumable.state)
             rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             source = "" if resumable.path is not None and resumable.path.name == LAST \
                 else f" ({resumable.path.name if resumable.path else ''})"
-            self.console.print(f"resuming from step {self.step}{source}")
+            self.say(f"resuming from step {self.step}{source}")
         elif resumable.skipped:
             rundir.remove_outputs(self.run_dir)
-            self.console.print("no usable checkpoint left: starting over")
+            self.say("no usable checkpoint left: starting over")
 
     def run(self) -> dict[str, Any]:
         """Train to ``total_steps`` (resuming from the newest good checkpoint); a write error
         (disk full, permissions) ends the run as ``failed(io: ...)``."""
+        run_log = attach_run_log(self.run_dir / "train.log")
         resumed = any((self.run_dir / "checkpoints").glob("*.pt"))
         if resumed:
             self._resume()
         self.session_start = time.perf_counter()
         handlers: dict[int, Any] = {}
-        self.progress = ConsoleProgress(self.console, self.trainer.progress,
-                                        self.total_steps, self.step)
+        started: list[Logger] = []
+        self.progress = ConsoleProgress(self.console, self.trainer.progress, self.total_steps,
+                                        self.step, self.steps_per_epoch)
         try:
-            self.logger = MetricsLogger(self.run_dir, purge_step=self.step if resumed else None)
+            info = self.run_info(self.step if resumed else None)
+            for logger in self.loggers:
+                logger.start(info)
+                started.append(logger)
             rundir.write_summary(self.run_dir, self._summary("running"))
             handlers = {sig: signal.signal(sig, self._handle_signal) for sig in STOP_SIGNALS}
             self._loop()
-            status, reason = "completed", None
+            status, reason = "completed", self.stop_reason
         except FloatingPointError as error:
             status, reason = "failed", str(error)
         except RunInterrupted:
@@ -401,13 +451,13 @@ class Engine:
             status, reason = "failed", f"io: {describe_os_error(error)}"
         except Exception as error:
             status, reason = "failed", f"{type(error).__name__}: {error}"
-            self._finish(status, reason)
+            self._finish(status, reason, started, run_log)
             raise
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.progress.close()
-        summary = self._finish(status, reason)
+        summary = self._finish(status, reason, started, run_log)
         if status == "interrupted":
             previous = handlers.get(self.stop_signal)  # e.g. submitit's requeue on USR2
             if callable(previous) and previous is not signal.default_int_handler:
@@ -418,37 +468,51 @@ class Engine:
                                 f"kept: run the same command again once that is fixed")
         return summary
 
-    def _finish(self, status: str, reason: str | None) -> dict[str, Any]:
-        """Write hparams, close the logs and write the summary -- as far as the disk lets."""
+    def _finish(self, status: str, reason: str | None, started: list[Logger],
+                run_log: logging.Handler) -> dict[str, Any]:
+        """End the loggers' sessions, write the summary and show it -- as far as the disk
+        lets."""
         summary = self._summary(status, reason)
         try:
-            if status == "completed":
-                hparams = {f"choice/{k}": str(v) for k, v in self.choices.items()}
-                hparams.update(lr=float(self.cfg.optimizer.lr), seed=self.cfg.seed,
-                               batch_size=self.trainer.batch_size)
-                self.logger.log_hparams(hparams, {k: v for k, v in self.last_eval.items()
-                                                  if k.startswith(("test/", "val/"))})
-        except OSError:
-            pass  # the summary below still says how the run ended
+            for logger in started:
+                try:
+                    logger.finish(status, reason)
+                except OSError:
+                    pass  # the summary below still says how the run ended
         finally:
-            logger = getattr(self, "logger", None)
-            if logger is not None:
+            for logger in self.loggers:
                 logger.close()
         try:
             rundir.write_summary(self.run_dir, summary)
         except OSError as error:
-            self.console.print(f"could not write {self.run_dir / 'summary.json'}: "
-                               f"{describe_os_error(error)}")
-        self.console.print(summary_table("summary", {
-            "status": f"{status}({reason})" if reason else status, "step": self.step,
-            "wall time (s)": self.elapsed, **self.last_eval, "run dir": str(self.run_dir)}))
+            self.say(f"could not write {self.run_dir / 'summary.json'}: "
+                     f"{describe_os_error(error)}")
+        self.console.print(summary_table(self._summary_rows(status, reason)))
+        self.say(f"run dir: {self.run_dir}")
+        detach_run_log(run_log)
         return summary
+
+    def _summary_rows(self, status: str, reason: str | None) -> dict[str, Any]:
+        rows: dict[str, Any] = {
+            "status": f"{status}({reason})" if reason else status,
+            "step": f"{self.step:,} / {self.total_steps:,}",
+            "epoch": f"{self.step / self.steps_per_epoch:.2f}",
+            "wall time": format_duration(self.elapsed),
+        }
+        if "train/loss" in self.last_train:
+            rows["train/loss"] = self.last_train["train/loss"]
+        rows.update(self.last_eval)
+        key = self.selection_key()
+        if key in self.best:
+            rows[f"best {key}"] = (f"{format_number(self.best[key], key)} "
+                                   f"(step {self.best_step.get(key, '?')})")
+        return rows
 
     def _loop(self) -> None:
         trainer = self.trainer
         for callback in self.callbacks:
             callback.on_train_start(self)
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and self.stop_reason is None:
             self.epoch = self.step // self.steps_per_epoch
             start = self.step % self.steps_per_epoch
             if start == 0 or self.permutation is None:
@@ -458,6 +522,7 @@ class Engine:
                                                  self.permutation, start, self.data.augment,
                                                  self.generator):
                 self.train_step(inputs, targets)
+                self.progress.advance(self.step)
                 if self.step % trainer.log_every == 0:
                     self._flush_window()
                 if trainer.eval_every and self.step % trainer.eval_every == 0:
@@ -467,9 +532,14 @@ class Engine:
                     self._check_finite()
                     self._save("last.pt")
                     raise RunInterrupted()
+                if self.stop_reason is not None:  # e.g. early stopping after an evaluation
+                    self._flush_window()
+                    self._save("last.pt")
+                    break
                 if self.step >= self.total_steps:
                     break
-            if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
+            if self.stop_reason is None and (self.step % self.steps_per_epoch == 0
+                                             or self.step >= self.total_steps):
                 self._end_epoch()
         for callback in self.callbacks:
             callback.on_train_end(self)
@@ -483,13 +553,30 @@ class Engine:
         if not trainer.eval_every or finished and self.step % trainer.eval_every:
             self._eval_and_log()
         epochs_done = math.ceil(self.step / self.steps_per_epoch)
-        if finished or epochs_done % trainer.checkpoint_every == 0:
+        if finished or self.stop_reason is not None or epochs_done % trainer.checkpoint_every == 0:
             self._save("last.pt")
         self.window_start = time.perf_counter()  # evaluation is not training time
 
 
+def attach_run_log(path: Path) -> logging.Handler:
+    """Copy the ``ngexp`` log (and the engine's lines, :meth:`Engine.say`) to ``path``."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    return handler
+
+
+def detach_run_log(handler: logging.Handler) -> None:
+    log.removeHandler(handler)
+    handler.close()
+
+
 def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console | None = None,
-          job_dir: Path | None = None) -> dict[str, Any] | None:
+          job_dir: Path | None = None, *, run_dir: Path | None = None,
+          hydra_files: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """Run (or skip, or resume) the run of ``cfg``; returns its summary (``None`` if skipped).
 
     Bad input fails before anything is written (building the :class:`Engine` validates data,
@@ -497,7 +584,7 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
     changes: a live run is never renamed (``force=true``, ``resume=false``) nor written to.
     """
     console = console or Console(soft_wrap=True)
-    run_dir = rundir.run_directory(cfg, choices)
+    run_dir = run_dir or rundir.run_directory(cfg, choices)
     if not cfg.force and skip_finished(run_dir, console):
         return None
     engine = Engine(cfg, choices, run_dir, console)
@@ -524,6 +611,8 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
             if not any((run_dir / "checkpoints").glob("*.pt")):
                 rundir.remove_outputs(run_dir)  # a run that died before its first checkpoint
             rundir.save_config(run_dir, cfg)
+            for name, text in (hydra_files or {}).items():  # Hydra's own record of the job
+                rundir.atomic_write_text(run_dir / ".hydra" / name, text)
         except OSError as error:
             raise RunWriteError(f"{run_dir}: {describe_os_error(error)}") from None
         console.print(f"run dir: {run_dir}")
