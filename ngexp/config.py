@@ -41,7 +41,8 @@ from ngexp.options import (
 )
 
 #: Packages whose import registers schemas (each ``__init__`` imports its option modules).
-SCHEMA_PACKAGES = ("ngexp.data", "ngexp.models", "ngexp.optim", "ngexp.train", "ngexp.prune")
+SCHEMA_PACKAGES = ("ngexp.data", "ngexp.models", "ngexp.optim", "ngexp.train", "ngexp.prune",
+                   "ngexp.instruments")
 #: Types OmegaConf stores as they are.
 PRIMITIVES = (int, float, bool, str)
 
