@@ -7,16 +7,24 @@
 - :mod:`~ngexp.instruments.gradients`: per-example gradient norms and the gradient noise scale
   B_simple (Rochette et al. 2019; McCandlish et al. 2018), from the curvature core's capture.
 
-They depend on :mod:`ngexp.curvature`, :mod:`ngexp.prune`, :mod:`ngexp.data` and
-:mod:`ngexp.models` only, never on :mod:`ngexp.train`, :mod:`ngexp.optim` or :mod:`ngexp.cli`.
+:mod:`~ngexp.instruments.callbacks` runs them during training (config group ``callbacks``:
+``tangent_alignment``, ``filter_sparsity``, ``gradient_noise``; importing this package registers
+their schemas) and logs them under ``dynamics/``.
+
+They depend on :mod:`ngexp.curvature`, :mod:`ngexp.prune`, :mod:`ngexp.data`,
+:mod:`ngexp.models` and the callback interface :mod:`ngexp.callbacks` only, never on
+:mod:`ngexp.train`, :mod:`ngexp.optim` or :mod:`ngexp.cli`.
 """
 
 from __future__ import annotations
 
+from ngexp.instruments.callbacks import FilterSparsity, GradientNoise, TangentAlignment
 from ngexp.instruments.filters import (
     FilterState,
     conv_norm_pairs,
     dead_filter_masks,
+    dead_flops,
+    dense_flops,
     filter_metrics,
     filter_sparsity,
 )
@@ -30,11 +38,16 @@ from ngexp.instruments.tangent import (
 )
 
 __all__ = [
+    "FilterSparsity",
     "FilterState",
+    "GradientNoise",
     "GradientProbe",
+    "TangentAlignment",
     "TangentKernels",
     "conv_norm_pairs",
     "dead_filter_masks",
+    "dead_flops",
+    "dense_flops",
     "filter_metrics",
     "filter_sparsity",
     "gradient_metrics",

@@ -141,17 +141,27 @@ def filter_sparsity(model: nn.Module, inputs: Tensor, *, scale_threshold: float 
     return states
 
 
+def dense_flops(model: nn.Module, example: Tensor) -> int:
+    """FLOPs per example of every Linear/Conv2d of ``model`` on ``example (1, ...)``, dense
+    (``2 * weights * output positions``, :func:`~ngexp.prune.report.output_positions`)."""
+    modules = dict(model.named_modules())
+    return sum(2 * modules[name].weight.numel() * count
+               for name, count in output_positions(model, example).items())
+
+
+def dead_flops(states: list[FilterState], criterion: str = "either") -> int:
+    """FLOPs per example of the filters of ``states`` dead by ``criterion``."""
+    return sum(int(state.dead(criterion).sum()) * state.filter_flops for state in states)
+
+
 def filter_metrics(model: nn.Module, inputs: Tensor, states: list[FilterState]) -> dict[str, float]:
     """``filters/`` scalars: per conv (``filters/<conv>/...``) and over all convs, the fractions
     of filters dead by ``scale`` (of the convs with a BN), by ``activation`` and ``either``;
     ``dead_flops`` (per example, either criterion) and ``dead_flops_fraction`` of the dense
     Linear/Conv2d FLOPs of :func:`~ngexp.prune.report.output_positions` at ``inputs[:1]``."""
-    positions = output_positions(model, inputs[:1])
-    modules = dict(model.named_modules())
-    dense = sum(2 * modules[name].weight.numel() * count for name, count in positions.items())
+    dense = dense_flops(model, inputs[:1])
     values: dict[str, float] = {}
     totals = {key: 0 for key in ("scale", "scale_filters", "activation", "either", "filters")}
-    dead_flops = 0
     for state in states:
         filters = len(state.activation_dead)
         counts = {criterion: int(state.dead(criterion).sum()) for criterion in CRITERIA}
@@ -164,12 +174,12 @@ def filter_metrics(model: nn.Module, inputs: Tensor, states: list[FilterState]) 
         totals["activation"] += counts["activation"]
         totals["either"] += counts["either"]
         totals["filters"] += filters
-        dead_flops += counts["either"] * state.filter_flops
     values["filters/scale"] = totals["scale"] / max(totals["scale_filters"], 1)
     values["filters/activation"] = totals["activation"] / max(totals["filters"], 1)
     values["filters/either"] = totals["either"] / max(totals["filters"], 1)
-    values["filters/dead_flops"] = float(dead_flops)
-    values["filters/dead_flops_fraction"] = dead_flops / max(dense, 1)
+    flops = dead_flops(states)
+    values["filters/dead_flops"] = float(flops)
+    values["filters/dead_flops_fraction"] = flops / max(dense, 1)
     return values
 
 
