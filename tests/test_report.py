@@ -574,3 +574,80 @@ def test_large_values_and_minutes_in_the_table(tmp_path: Path,
     assert line in (root / "report" / "report.md").read_text()
     printed = capsys.readouterr().out
     assert "10460 ± 28" in printed and "1m 23s" in printed and "e+0" not in printed
+
+
+# ---------------------------------------------------------------------------- dynamics
+def add_dynamics(run_dir: Path, values: dict[str, list[float]], steps: list[int]) -> None:
+    """Append one ``dynamics/`` record per step (``values[metric][i]`` at ``steps[i]``)."""
+    with (run_dir / "metrics.jsonl").open("a") as stream:
+        for i, step in enumerate(steps):
+            record = {"step": step, "epoch": step / 100, "time": step / 10,
+                      **{metric: series[i] for metric, series in values.items()}}
+            stream.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture
+def dynamics_runs(tmp_path: Path) -> Path:
+    """sgd: 3 seeds, kfac: 2 seeds, dynamics/tangent/cka (whole model) and a per-layer CKA at
+    steps 0, 100, 200; seed 0 of sgd re-logs step 200 (a resume after a crash)."""
+    root = tmp_path / "runs"
+    for optimizer, seeds in (("sgd", 3), ("kfac", 2)):
+        for seed in range(seeds):
+            run = make_run(root, optimizer, seed, [0.8, 0.85])
+            base = 0.1 * seed + (0.2 if optimizer == "kfac" else 0.0)
+            add_dynamics(run, {"dynamics/tangent/cka": [base, base + 0.3, base + 0.5],
+                               "dynamics/tangent/fc1/cka": [base, base, base + 0.1],
+                               "dynamics/grad/b_simple_avg": [1.0, 10.0, 100.0 + seed]},
+                         [0, 100, 200])
+            if optimizer == "sgd" and seed == 0:
+                add_dynamics(run, {"dynamics/tangent/cka": [0.5]}, [200])
+    return root
+
+
+def test_dynamics_figures_table_and_csv(dynamics_runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main([str(dynamics_runs), "--out", str(out)]) == 0
+    for metric in ("dynamics/tangent/cka", "dynamics/tangent/fc1/cka",
+                   "dynamics/grad/b_simple_avg"):
+        figure = out / "dynamics" / f"{metric.replace('/', '-')}_vs_step.png"
+        assert figure.read_bytes().startswith(PNG) and figure.stat().st_size > 5000
+    text = (out / "report.md").read_text()
+    assert "## Dynamics" in text
+    # sgd final cka: seeds 0, 1, 2 -> 0.5 (the re-logged value), 0.6, 0.7
+    assert ("| [`dynamics/tangent/cka`](dynamics/dynamics-tangent-cka_vs_step.png) | sgd | "
+            "0.1000 ± 0.1000 (step 0) | 0.6000 ± 0.1000 (step 200) | 3 |") in text
+    assert ("| [`dynamics/tangent/cka`](dynamics/dynamics-tangent-cka_vs_step.png) | kfac | "
+            "0.2500 ± 0.0707 (step 0) | 0.7500 ± 0.0707 (step 200) | 2 |") in text
+    assert "![dynamics-tangent-cka_vs_step](dynamics/dynamics-tangent-cka_vs_step.png)" in text
+    assert "![dynamics-tangent-fc1-cka_vs_step]" not in text  # per layer: linked, not inline
+    rows = {(r["quantity"], r["optimizer"]): r for r in read_csv(out / "dynamics.csv")}
+    b_simple = rows["dynamics/grad/b_simple_avg", "sgd"]
+    assert float(b_simple["last_mean"]) == pytest.approx(101.0, rel=1e-12)
+    assert float(b_simple["last_std"]) == pytest.approx(1.0, rel=1e-12)
+    assert b_simple["first_steps"] == "0" and b_simple["last_steps"] == "200"
+    assert rows["dynamics/tangent/fc1/cka", "kfac"]["first_std"] != ""
+    assert float(rows["dynamics/tangent/cka", "sgd"]["last_mean"]) == pytest.approx(0.6)
+
+
+def test_dynamics_selection_and_no_plots(dynamics_runs: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    assert main([str(dynamics_runs), "--out", str(model), "--dynamics", "model"]) == 0
+    assert {p.name for p in (model / "dynamics").iterdir()} == {
+        "dynamics-tangent-cka_vs_step.png", "dynamics-grad-b_simple_avg_vs_step.png"}
+    assert "fc1" not in (model / "report.md").read_text()
+    none = tmp_path / "none"
+    assert main([str(dynamics_runs), "--out", str(none), "--dynamics", "none"]) == 0
+    assert not (none / "dynamics").exists() and not (none / "dynamics.csv").exists()
+    assert "## Dynamics" not in (none / "report.md").read_text()
+    bare = tmp_path / "bare"
+    assert main([str(dynamics_runs), "--out", str(bare), "--no-plots"]) == 0
+    text = (bare / "report.md").read_text()
+    assert "| `dynamics/tangent/cka` | sgd |" in text and not (bare / "dynamics").exists()
+    assert (bare / "dynamics.csv").is_file()
+
+
+def test_runs_without_dynamics_have_no_dynamics_section(runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plain"
+    assert main([str(runs), "--out", str(out)]) == 0
+    assert "## Dynamics" not in (out / "report.md").read_text()
+    assert not (out / "dynamics").exists() and not (out / "dynamics.csv").exists()

@@ -287,6 +287,9 @@ class GradientNoise(Callback):
         if not self.armed or self.probe is None:
             return
         self.armed = False
+        if not self.probe.capture.captured_inputs:  # a compiled forward runs no module hooks
+            raise UserError(f"callbacks=[{self.name}] saw no layer of the training forward; "
+                            f"it needs the eager model: use trainer.compile=false")
         start = time.perf_counter()
         values = gradient_metrics(self.probe.read())
         self.weight = self.decay * self.weight + 1.0

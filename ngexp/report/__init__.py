@@ -6,6 +6,9 @@ them; a single run shows its value alone. Failed, interrupted, running, stale an
 runs get one row each with their status and are never mixed into a mean; so do unreadable runs
 (a file that is not UTF-8, JSON or YAML, or a value of the wrong type), with what is wrong.
 
+The ``dynamics/`` quantities of the instrument callbacks get a figure each against step and a
+table of their first and last values (:mod:`ngexp.report.dynamics`; ``--dynamics`` selects).
+
 Output: ``--out``, else ``report/`` in the scanned directory (with several paths, in their
 deepest common directory, or in the first one's when they share none but the root).
 """
@@ -24,6 +27,7 @@ from rich.console import Console
 
 from ngexp.errors import UserError
 from ngexp.metrics import LOWER_IS_BETTER
+from ngexp.report import dynamics
 from ngexp.report.aggregate import (
     Row,
     aggregate,
@@ -64,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
                    help="folder for report.md, report.csv and the plots (default: report/ in "
                         "the scanned directory; with several, in their common directory)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG figures")
+    p.add_argument("--dynamics", choices=dynamics.SELECTIONS, default="all",
+                   help="dynamics/ quantities of the instrument callbacks to plot against step "
+                        "and tabulate: all (default), model (whole-model ones, no per-layer "
+                        "quantities) or none")
     return p
 
 
@@ -88,6 +96,7 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
     if message := check_keys(runs, keys):
         raise UserError(message)
     rows = aggregate(runs, keys, metric, args.best)
+    summaries = dynamics.summarize(rows, dynamics.select(available, args.dynamics))
 
     states = Counter(run.state for run in runs)
     counts = ", ".join(f"{n} {state}" for state, n in
@@ -103,7 +112,8 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
              "each row's run directories (`;`-separated) relative to this folder."]
     out = (args.out or default_out(args.paths)).resolve()
     try:
-        written = write_report(out, rows, keys, metric, args.best, intro, plots=not args.no_plots)
+        written = write_report(out, rows, keys, metric, args.best, intro, summaries,
+                               plots=not args.no_plots)
     except OSError as error:
         raise UserError(f"cannot write the report to {out}: {error.strerror or error}; "
                         "choose another folder with --out") from None
@@ -127,18 +137,28 @@ def default_out(paths: Sequence[str]) -> Path:
 
 
 def write_report(out: Path, rows: Sequence[Row], keys: Sequence[str], metric: str, best: bool,
-                 intro: Sequence[str], plots: bool) -> list[Path]:
-    """report.md, report.csv and (with ``plots``) the figures in ``out``; their paths."""
+                 intro: Sequence[str], summaries: Sequence[dynamics.Summary],
+                 plots: bool) -> list[Path]:
+    """report.md, report.csv, dynamics.csv (with ``summaries``) and (with ``plots``) the
+    figures in ``out``; their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    figures = []
+    figures: list[Path] = []
+    curves: dict[str, Path] = {}
     if plots:
-        from ngexp.report.plots import plot_all
+        from ngexp.report.plots import plot_all, plot_dynamics
 
         figures = plot_all(rows, keys, metric, best, out)
-    (out / "report.md").write_text(markdown(rows, keys, metric, best, intro, figures),
+        curves = plot_dynamics(rows, keys, list(dict.fromkeys(s.metric for s in summaries)),
+                               out)
+    extra = dynamics.markdown_section(summaries, keys, curves)
+    (out / "report.md").write_text(markdown(rows, keys, metric, best, intro, figures, extra),
                                    encoding="utf-8")
     write_csv(out / "report.csv", rows, keys, metric)
-    return [out / "report.md", out / "report.csv", *figures]
+    written = [out / "report.md", out / "report.csv"]
+    if summaries:
+        dynamics.write_csv(out / "dynamics.csv", summaries, keys)
+        written.append(out / "dynamics.csv")
+    return [*written, *figures, *curves.values()]
 
 
 def provenance(runs: list[Run]) -> list[str]:

@@ -198,10 +198,14 @@ def label(keys: Sequence[str], key: Sequence[Any]) -> str:
 
 
 def series(run: Run, metric: str, axis: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y): the finite values of ``metric`` against ``axis`` (epoch, step or time)."""
-    points = [(r[axis], r[metric]) for r in run.records
-              if metric in r and axis in r and math.isfinite(r[metric])]
-    xy = np.asarray(points, dtype=float).reshape(-1, 2)
+    """(x, y): the finite values of ``metric`` against ``axis`` (epoch, step or time), in the
+    order logged, one per step: the last one logged at a step (a run resumed after a crash
+    re-logs what its instrument callbacks logged after the checkpoint)."""
+    points: dict[object, tuple[float, float]] = {}
+    for index, r in enumerate(run.records):
+        if metric in r and axis in r and math.isfinite(r[metric]):
+            points[r.get("step", ("record", index))] = (r[axis], r[metric])
+    xy = np.asarray(list(points.values()), dtype=float).reshape(-1, 2)
     return xy[:, 0], xy[:, 1]
 
 

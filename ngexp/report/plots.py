@@ -7,6 +7,8 @@
   than :data:`LOG_DECADES` decades.
 - ``<metric>_vs_sparsity.png`` (pruning runs only): metric against final sparsity, one line per
   pruning criterion, error bars ± 1 sample std over seeds.
+- ``dynamics/<quantity>_vs_step.png``: each selected ``dynamics/`` quantity of the instrument
+  callbacks against step, drawn like the metric-vs-step figure (:mod:`ngexp.report.dynamics`).
 """
 
 from __future__ import annotations
@@ -19,24 +21,47 @@ from typing import Any
 import numpy as np
 
 from ngexp.report.aggregate import Row, band, label, pruning_curves, series
+from ngexp.report.dynamics import FOLDER
 
 LOG_DECADES = 1.5
 MAX_LEGEND = 30
 X_LABELS = {"epoch": "epoch", "step": "optimizer step", "time": "wall-clock training time"}
+#: Units of metric leaves other than accuracies and losses.
+UNITS = {"seconds": "s", "prune_seconds": "s", "dead_flops": "FLOPs per example"}
 
 
-def plot_all(rows: Sequence[Row], keys: Sequence[str], metric: str, best: bool,
-             out_dir: Path) -> list[Path]:
-    """Write every figure that has data; returns their paths."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_all(rows: Sequence[Row], keys: Sequence[str], metric: str, best: bool,
+             out_dir: Path) -> list[Path]:
+    """Write every figure of ``metric`` that has data; returns their paths."""
+    plt = _pyplot()
     colors = _colors(plt, rows)
     paths = [_curves(plt, rows, keys, metric, axis, colors, out_dir) for axis in X_LABELS]
     paths.append(_sparsity(plt, rows, keys, metric, best, out_dir))
     return [path for path in paths if path is not None]
+
+
+def plot_dynamics(rows: Sequence[Row], keys: Sequence[str], metrics: Sequence[str],
+                  out_dir: Path) -> dict[str, Path]:
+    """One figure against step per metric of ``metrics`` that has data, in ``out_dir /
+    dynamics``; metric -> path."""
+    if not metrics:
+        return {}
+    plt = _pyplot()
+    colors = _colors(plt, rows)
+    folder = out_dir / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    drawn = {metric: _curves(plt, rows, keys, metric, "step", colors, folder)
+             for metric in metrics}
+    return {metric: path for metric, path in drawn.items() if path is not None}
 
 
 def slug(metric: str) -> str:
@@ -48,7 +73,9 @@ def y_label(metric: str, values: np.ndarray) -> str:
     leaf = metric.split("/")[-1]
     if leaf == "acc":
         return f"{metric} ({'fraction correct' if values.max(initial=0) <= 1 else '%'})"
-    return f"{metric} (nats)" if leaf == "loss" else metric
+    if leaf == "loss":
+        return f"{metric} (nats)"
+    return f"{metric} ({UNITS[leaf]})" if leaf in UNITS else metric
 
 
 def _colors(plt: Any, rows: Sequence[Row]) -> dict[tuple[Any, ...], Any]:

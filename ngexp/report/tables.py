@@ -53,15 +53,20 @@ def duration(seconds: float | None) -> str:
 
 
 def value_cell(row: Row) -> str:
+    """The row's :func:`mean_std_cell`."""
+    return mean_std_cell(row.mean, row.std)
+
+
+def mean_std_cell(mean: float | None, std: float | None) -> str:
     """``mean ± std`` (the std to the mean's decimals, or to its first significant digit up to
-    2 places more); a single value alone; ``-`` when no run logged the metric."""
-    if row.mean is None:
+    2 places more); a single value (``std`` ``None``) alone; ``-`` without a value."""
+    if mean is None:
         return "-"
-    if row.std is None:
-        return number(row.mean)
-    decimals = places(row.mean)
-    std_decimals = min(max(decimals, places(row.std, 1)), decimals + 2)
-    return f"{number(row.mean, decimals)} ± {number(row.std, std_decimals)}"
+    if std is None:
+        return number(mean)
+    decimals = places(mean)
+    std_decimals = min(max(decimals, places(std, 1)), decimals + 2)
+    return f"{number(mean, decimals)} ± {number(std, std_decimals)}"
 
 
 def count_cell(row: Row) -> str:
@@ -94,7 +99,10 @@ def console_table(rows: Sequence[Row], keys: Sequence[str], metric: str, best: b
 
 
 def markdown(rows: Sequence[Row], keys: Sequence[str], metric: str, best: bool,
-             intro: Sequence[str], plots: Sequence[Path]) -> str:
+             intro: Sequence[str], plots: Sequence[Path], extra: Sequence[str] = ()) -> str:
+    """report.md: ``intro``, the table, the figures of ``metric`` and the ``extra`` lines (the
+    dynamics section)."""
+
     def line(items: Sequence[str]) -> str:
         return "| " + " | ".join(item.replace("|", "\\|") for item in items) + " |"
 
@@ -104,6 +112,7 @@ def markdown(rows: Sequence[Row], keys: Sequence[str], metric: str, best: bool,
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
+    lines += extra
     return "\n".join(lines) + "\n"
 
 
