@@ -38,7 +38,7 @@ test: data
 test-slow: data
 	$(PY) -m pytest -q -m slow
 
-test-gpu: data
+test-gpu: setup
 	$(PY) -m pytest -q -m gpu
 
 lint: setup

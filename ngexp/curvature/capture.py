@@ -22,13 +22,14 @@ Inactive hooks return at once (no copies, no unfold).
 
 With :attr:`Capture.watch_model`, the model's own arguments and output are kept too, and the
 output gradient of every recorded pass (the natural gradient's empirical Fisher and its
-curvature products need them).
+curvature products need them), and the autocast dtype the forward ran under
+(:func:`autocast_like` replays it, so a loss re-evaluated later compares like with like).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -147,6 +148,18 @@ class LayerIO:
                                                            self.fan_in)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type`` right now, ``None`` when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_like(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """Autocast to ``dtype`` on ``device_type`` (nothing when ``dtype`` is ``None``)."""
+    return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
 def supported_layers(model: nn.Module) -> list[LayerIO]:
     """Every Linear/Conv2d module of ``model`` whose weight requires grad, by module name."""
     return [LayerIO(name, module) for name, module in model.named_modules()
@@ -172,6 +185,8 @@ class Capture:
         #: The watched forward's positional arguments (detached) and output.
         self.model_args: tuple[Any, ...] = ()
         self.model_output: Tensor | None = None
+        #: The autocast dtype of the watched forward (``None``: it ran without autocast).
+        self.model_autocast: torch.dtype | None = None
         #: Output gradients of the recorded passes (with :attr:`watch_model`).
         self.output_grads: list[Tensor] = []
         #: Set by every training-mode forward with grad enabled (whether capturing or not).
@@ -209,7 +224,7 @@ class Capture:
             layer.clear()
         self.pass_kinds.clear()
         self.output_grads.clear()
-        self.model_args, self.model_output = (), None
+        self.model_args, self.model_output, self.model_autocast = (), None, None
         self._recording = False
         self._pending.clear()
 
@@ -261,6 +276,7 @@ class Capture:
         if self.watch_model:
             self.model_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             self.model_output = output
+            self.model_autocast = autocast_dtype(output.device.type)
         if output.requires_grad:  # first, so it runs before a layer hook on the same tensor
             output.register_hook(self._on_output_grad)
         for layer, call, layer_output in self._pending:

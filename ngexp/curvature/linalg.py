@@ -101,48 +101,51 @@ def damped_inverses(
     equal ``n`` are factorized together. A matrix that is not finite, or whose factorization
     fails in float32 and in float64, keeps ``previous[i]`` (the identity when ``None``).
     Returns the inverses (float32) and the number of kept matrices as a 0-dim tensor."""
-    results: list[Tensor | None] = [None] * len(factors)
-    kept = torch.zeros((), dtype=torch.long, device=factors[0].device)
     by_size: dict[int, list[int]] = {}
     for index, factor in enumerate(factors):
         by_size.setdefault(factor.shape[-1], []).append(index)
+    stacks, inverses, failures, finites = [], [], [], []
     for indices in by_size.values():
-        size = factors[indices[0]].shape[-1]
-        eye = torch.eye(size, device=factors[indices[0]].device)
+        eye = torch.eye(factors[indices[0]].shape[-1], device=factors[indices[0]].device)
         stack = torch.cat([factors[i].float() + dampings[i][..., None] * eye for i in indices])
-        inverse, bad = _cholesky_inverse_with_retry(stack, [names[i] for i in indices])
-        if bad is not None:
+        lower, info = torch.linalg.cholesky_ex(stack)
+        stacks.append(stack)
+        inverses.append(torch.cholesky_inverse(lower))
+        finites.append(torch.isfinite(stack.sum((-2, -1))))
+        failures.append((info != 0) & finites[-1])
+    kept = torch.zeros((), dtype=torch.long, device=factors[0].device)
+    # the one host sync of a refresh: did any factorization fail or any factor overflow?
+    if bool(torch.cat([f | ~ok for f, ok in zip(failures, finites, strict=True)]).any()):
+        for group, indices in enumerate(by_size.values()):
+            names_in = [names[i] for i in indices]
+            bad = _retry_in_float64(stacks[group], inverses[group], failures[group], names_in)
+            bad = bad | ~finites[group]
+            eye = torch.eye(factors[indices[0]].shape[-1], device=factors[indices[0]].device)
             old = torch.cat([previous[i] if previous[i] is not None
                              else eye.expand_as(factors[i]) for i in indices])
-            inverse = torch.where(bad[:, None, None], old, inverse)
+            inverses[group] = torch.where(bad[:, None, None], old, inverses[group])
             kept = kept + bad.sum()
+    results: dict[int, Tensor] = {}
+    for indices, inverse in zip(by_size.values(), inverses, strict=True):
         sizes = [factors[i].shape[0] for i in indices]
-        for i, part in zip(indices, inverse.split(sizes), strict=True):
-            results[i] = part
-    return results, kept  # type: ignore[return-value]
+        results.update(zip(indices, inverse.split(sizes), strict=True))
+    return [results[i] for i in range(len(factors))], kept
 
 
-def _cholesky_inverse_with_retry(stack: Tensor, names: list[str]) -> tuple[Tensor, Tensor | None]:
-    """Inverses of the positive definite ``(k, n, n)`` stack (float32) and the mask of matrices
-    without one (not finite, or no Cholesky factorization in float32 nor float64; ``None``
-    when all succeeded). The one host sync of a refresh reads whether anything failed."""
-    lower, info = torch.linalg.cholesky_ex(stack)
-    finite = torch.isfinite(stack.sum((-2, -1)))
-    failed = (info != 0) & finite
-    inverse = torch.cholesky_inverse(lower)
-    if not bool((failed | ~finite).any()):
-        return inverse, None
-    if bool(failed.any()):
-        lower64, info64 = torch.linalg.cholesky_ex(stack[failed].double())
-        inverse[failed] = torch.cholesky_inverse(lower64).float()
-        failed_again = torch.zeros_like(failed)
-        failed_again[failed] = info64 != 0
-        log.info("Cholesky failed in float32 for %s; retried in float64", ", ".join(names))
-        if bool(failed_again.any()):
-            log.warning("Cholesky failed in float64 for %s; keeping the previous inverse",
-                        ", ".join(names))
-        return inverse, ~finite | failed_again
-    return inverse, ~finite
+def _retry_in_float64(stack: Tensor, inverse: Tensor, failed: Tensor, names: list[str]) -> Tensor:
+    """Redo in float64 the inverses of ``stack (k, n, n)`` whose float32 Cholesky ``failed
+    (k,)``, writing them into ``inverse``; returns the mask of those that failed again."""
+    failed_again = torch.zeros_like(failed)
+    if not bool(failed.any()):
+        return failed_again
+    lower64, info64 = torch.linalg.cholesky_ex(stack[failed].double())
+    inverse[failed] = torch.cholesky_inverse(lower64).float()
+    failed_again[failed] = info64 != 0
+    log.info("Cholesky failed in float32 for %s; retried in float64", ", ".join(names))
+    if bool(failed_again.any()):
+        log.warning("Cholesky failed in float64 for %s; keeping the previous inverse",
+                    ", ".join(names))
+    return failed_again
 
 
 class CGResult(NamedTuple):

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ngexp.curvature.capture import SAMPLED, TRAINING, LayerIO, backward_sampled
+from ngexp.curvature.capture import SAMPLED, TRAINING, LayerIO, autocast_like, backward_sampled
 from ngexp.curvature.kronecker import PASS_KIND, kronecker_factors
 from ngexp.curvature.linalg import neutral_eigen, robust_eigh
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
@@ -169,6 +169,8 @@ class AdaptiveStep:
     args: tuple[Any, ...]
     targets: Tensor
     loss: Tensor
+    #: The autocast dtype of the step's forward (the loss after the step is evaluated alike).
+    autocast: torch.dtype | None
 
 
 @checked(check_kronecker)
@@ -454,7 +456,8 @@ class KroneckerPreconditioner(Preconditioner):
         params = [p for p in self.model.parameters() if p.grad is not None]
         self._adaptive = AdaptiveStep({p: p.grad.clone() for p in params},
                                       {p: p.detach().clone() for p in params},
-                                      self.capture.model_args, self._targets, self._loss)
+                                      self.capture.model_args, self._targets, self._loss,
+                                      self.capture.model_autocast)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Levenberg-Marquardt update of the damping from the reduction ratio (Sec. 6.5)."""
@@ -476,8 +479,9 @@ class KroneckerPreconditioner(Preconditioner):
                 delta = layer.matrix(deltas[weight], bias_delta)
                 predicted += 0.5 * self._curvature_quadratic(self.state[layer.name], delta)
             buffers = [buffer.clone() for buffer in self.model.buffers()]
-            outputs = self.model(*adaptive.args)
-            loss_after = self.task.loss(outputs, adaptive.targets).float()
+            with autocast_like(self._damping.device.type, adaptive.autocast):
+                outputs = self.model(*adaptive.args)
+                loss_after = self.task.loss(outputs, adaptive.targets).float()
             for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
                 buffer.copy_(saved)
             self._rho = (loss_after - adaptive.loss.float()) / predicted

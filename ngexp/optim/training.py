@@ -68,6 +68,13 @@ class TrainingOptimizer:
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
+    @property
+    def captures_next_forward(self) -> bool:
+        """Whether the next training forward must run eagerly: its preconditioner's hooks record
+        it (a compiled forward is fine on the other steps)."""
+        capture = None if self.preconditioner is None else self.preconditioner.capture
+        return capture is not None and (capture.active or capture.watch_model)
+
     def backward(self, loss: Tensor, outputs: Tensor, targets: Tensor) -> None:
         if self.preconditioner is None:
             loss.backward()

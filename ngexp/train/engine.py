@@ -124,10 +124,8 @@ class Engine:
         if cfg.init_from:
             load_init_weights(self.model, cfg.init_from)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.task)
-        if trainer.compile and self.optimizer.preconditioner is not None:
-            raise UserError(f"trainer.compile=true does not work with optimizer="
-                            f"{self.choices.get('optimizer')} (its layer hooks need eager mode); "
-                            f"use trainer.compile=false")
+        # Compiled forward passes; the steps whose forward a preconditioner captures (its
+        # statistics, its batch) run the eager model, whose hooks then record.
         self.forward = torch.compile(self.model) if trainer.compile else self.model
 
         self.steps_per_epoch = len(self.data.train) // trainer.batch_size
@@ -252,8 +250,9 @@ class Engine:
         inputs = self._to_memory_format(inputs)
         targets = self.targets_for(inputs, targets)
         self.optimizer.zero_grad()
+        forward = self.model if self.optimizer.captures_next_forward else self.forward
         with self.autocast():
-            outputs = self.forward(inputs)
+            outputs = forward(inputs)
             loss = self.task.loss(outputs, targets)
         self.optimizer.backward(loss, outputs, targets)
         for callback in self.callbacks:
@@ -309,9 +308,14 @@ class Engine:
         self._reset_window()
 
     def _peak_memory_mb(self) -> float:
+        """The peak memory of this logging window, then reset: CUDA's allocated peak, or on
+        the CPU the process's resident peak (Linux lets ``/proc/self/clear_refs`` reset it;
+        elsewhere it is the peak since the process started)."""
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak
+        return resident_peak_mb()
 
     def _eval_and_log(self) -> None:
         metrics: dict[str, float] = {}
@@ -556,6 +560,19 @@ class Engine:
         if finished or self.stop_reason is not None or epochs_done % trainer.checkpoint_every == 0:
             self._save("last.pt")
         self.window_start = time.perf_counter()  # evaluation is not training time
+
+
+def resident_peak_mb() -> float:
+    """The process's peak resident memory in MB since the last call (Linux: ``VmHWM``, reset
+    through ``/proc/self/clear_refs``), else the peak since the process started."""
+    status = Path("/proc/self/status")
+    try:
+        peak = next(int(line.split()[1]) for line in status.read_text().splitlines()
+                    if line.startswith("VmHWM:"))
+        Path("/proc/self/clear_refs").write_text("5")
+        return peak / 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def attach_run_log(path: Path) -> logging.Handler:
