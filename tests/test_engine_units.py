@@ -11,7 +11,7 @@ from ngexp.config import semantic_config, validate
 from ngexp.curvature.tasks import Classification, LanguageModel, Reconstruction
 from ngexp.train import lr_schedule
 from ngexp.train.rundir import config_hash, run_directory
-from tests.conftest import compose
+from tests.conftest import compose, requires_fashion_mnist
 
 
 @pytest.mark.parametrize("task", [Classification(), Reconstruction()])
@@ -76,3 +76,36 @@ def test_every_group_option_composes_and_validates() -> None:
     for group in ("data", "model", "optimizer", "lr_schedule", "prune"):
         for option in sorted((CONF / group).glob("*.yaml")):
             validate(compose(f"{group}={option.stem}"))
+
+
+@requires_fashion_mnist
+def test_population_statistics_are_estimated_from_training_batches_before_each_evaluation(
+        tmp_path, monkeypatch, capsys, recwarn) -> None:
+    """``model.population_stats=training_set``: before every evaluation the engine hands the
+    BN-LSTM the training split in order at the training batch size; it reads
+    ``population_examples`` of them (2 batches here) and evaluation uses no moving average."""
+    from ngexp.cli import main
+    from ngexp.models.bnlstm import BNLSTM
+
+    seen: list[tuple[torch.Tensor, int]] = []
+    estimate = BNLSTM.estimate_population_statistics
+
+    def recording(self, batches):
+        batches = list(batches)
+        used = estimate(self, batches)
+        seen.append((batches[0], used))
+        return used
+
+    monkeypatch.setattr(BNLSTM, "estimate_population_statistics", recording)
+    rc = main(["train", "model=bnlstm", "data=row_fashion_mnist", "data.subset=256",
+               "model.hidden_size=16", "model.population_stats=training_set",
+               "model.population_examples=64", "trainer.batch_size=32", "trainer.epochs=2",
+               "trainer.device=cpu", "trainer.progress=none", f"output_root={tmp_path}"])
+    capsys.readouterr()
+    assert rc == 0 and not [w for w in recwarn if "moving averages" in str(w.message)]
+    assert [used for _, used in seen] == [2, 2]  # one estimate per evaluation (epoch end)
+    data = compose("model=bnlstm", "data=row_fashion_mnist", "data.subset=256").data
+    from hydra.utils import instantiate
+
+    first = instantiate(data, _partial_=True)().train.inputs[:32]
+    assert torch.equal(seen[0][0], first)

@@ -318,6 +318,7 @@ class Engine:
         return resident_peak_mb()
 
     def _eval_and_log(self) -> None:
+        self._estimate_population_statistics()
         metrics: dict[str, float] = {}
         for split in ("val", "test"):
             if getattr(self.data, split) is not None:
@@ -336,6 +337,18 @@ class Engine:
             self._save("best.pt")
         for callback in self.callbacks:
             callback.on_evaluation(self, metrics)
+
+    def _estimate_population_statistics(self) -> None:
+        """For a model that estimates its batch norms' population statistics from training
+        batches before it is evaluated (the BN-LSTM's ``population_stats=training_set``): the
+        training split in order, unaugmented, at the training batch size (the model stops
+        reading when it has seen enough)."""
+        estimate = getattr(self.model, "estimate_population_statistics", None)
+        if estimate is None:
+            return
+        with torch.no_grad():
+            estimate(inputs for inputs, _ in self.train_batches(len(self.data.train),
+                                                                 self.trainer.batch_size))
 
     def selection_key(self) -> str:
         """The metric ``best.pt`` (and by default early stopping) follows: ``val/acc``, or
