@@ -38,7 +38,7 @@ SEQUENCES = ["data=synthetic", "data.shape=[16,16]", "data.num_train=64", "data.
 #: Settings whose other values only make sense on another machine or change nothing to test.
 MACHINE_SETTINGS = {("data", "download")}
 #: Presets too slow for a 2-core CI (a K-FAC refresh of VGG's 4608-dim factors takes minutes).
-SLOW_EXPERIMENTS = ("vgg16_kfac", "vgg16_ekfac")
+SLOW_EXPERIMENTS = ("vgg16_sgd", "vgg16_kfac", "vgg16_ekfac")
 
 
 def schema_of(group: str, option: str) -> str | None:
