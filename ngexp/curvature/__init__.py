@@ -8,6 +8,8 @@ the curvature pruning criteria, per-example gradient statistics).
   diagonals;
 - :mod:`~ngexp.curvature.diagonal`: the exact diagonal GGN (= Fisher here);
 - :mod:`~ngexp.curvature.products`: exact Fisher/GGN-vector products;
+- :mod:`~ngexp.curvature.per_example`: per-example gradient norms and the gradient noise scale
+  from the same capture;
 - :mod:`~ngexp.curvature.linalg`: batched eigendecompositions, Cholesky damped inverses, CG.
 
 It depends on nothing in :mod:`ngexp.optim`, :mod:`ngexp.prune` or :mod:`ngexp.train`.
