@@ -8,8 +8,13 @@ pooled windows of each is reported with their ratio
 (engine / minimal: >= 1 means the engine is no slower). The engine runs with its defaults
 (cosine schedule, metric accumulation, NaN watch, logging every ``--steps`` steps).
 
-    python scripts/bench_engine.py                       # CPU: MLP and LeNet-5 on Fashion-MNIST
-    python scripts/bench_engine.py --gpu                 # + VGG-16 / preact ResNet-18, CIFAR shapes
+On a GPU (``--gpu``: VGG-16 and preact ResNet-18 at CIFAR shapes, synthetic data) each model is
+measured twice: the engine in float32 against the float32 minimal loop (the engine's overhead),
+and the engine's fast path (bf16 autocast, channels_last, ``torch.compile``) against the same
+float32 minimal loop (what a user gains by switching it on).
+
+    python scripts/bench_engine.py          # CPU: MLP and LeNet-5 on Fashion-MNIST
+    python scripts/bench_engine.py --gpu    # CUDA: VGG-16 and preact ResNet-18, CIFAR shapes
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from datetime import date
@@ -31,11 +37,14 @@ from omegaconf import open_dict
 from rich.console import Console
 
 from ngexp.config import register_all
+from ngexp.curvature.tasks import Classification
 from ngexp.models import build_model
-from ngexp.optim import build_optimizer
+from ngexp.optim.build import build_optimizer
 from ngexp.train.engine import Engine
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+#: The models of the GPU cases, with their names in the table.
+GPU_MODELS = {"vgg16": "VGG-16", "preact_resnet18": "preact ResNet-18"}
 
 
 def run_engine(overrides: list[str], steps: int, rounds: int, run_dir: Path) -> list[float]:
@@ -65,7 +74,7 @@ def minimal_rates(overrides: list[str], steps: int, rounds: int) -> list[float]:
     model = build_model(cfg.model, data.spec).to(device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, model)
+    optimizer = build_optimizer(cfg.optimizer, model, Classification()).optimizer  # torch SGD
     inputs, targets, batch = data.train.inputs, data.train.targets, cfg.trainer.batch_size
     rates = []
     for _ in range(rounds + 1):
@@ -88,15 +97,16 @@ def minimal_rates(overrides: list[str], steps: int, rounds: int) -> list[float]:
     return rates[1:]
 
 
-def bench(label: str, overrides: list[str], steps: int, rounds: int) -> dict[str, float | str]:
-    """Engine and minimal loop in ABBA order (windows pooled), so a drift in machine load
-    affects both alike."""
+def bench(label: str, overrides: list[str], fast_path: list[str], steps: int,
+          rounds: int) -> dict[str, float | str]:
+    """Engine (with the ``fast_path`` overrides) and minimal loop in ABBA order (windows
+    pooled), so a drift in machine load affects both alike."""
     engine: list[float] = []
     minimal: list[float] = []
     for order in ("engine", "minimal", "minimal", "engine"):
         if order == "engine":
             with tempfile.TemporaryDirectory() as tmp:
-                engine += run_engine(overrides, steps, rounds, Path(tmp))
+                engine += run_engine(overrides + fast_path, steps, rounds, Path(tmp))
         else:
             minimal += minimal_rates(overrides, steps, rounds)
     ngexp_rate, plain_rate = statistics.median(engine), statistics.median(minimal)
@@ -108,53 +118,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--gpu", action="store_true", help="add the CUDA cases")
-    parser.add_argument("--out", default="results/bench_engine_cpu.md")
+    parser.add_argument("--gpu", action="store_true", help="the CUDA cases instead")
+    parser.add_argument("--device", default="cuda",
+                        help="device of the --gpu cases (cpu: a dry run of this script)")
+    parser.add_argument("--models", nargs="+", default=list(GPU_MODELS),
+                        help=f"models of the --gpu cases (default: {' '.join(GPU_MODELS)})")
+    parser.add_argument("--out", default=None,
+                        help="markdown file; default results/bench_engine_{cpu,gpu}.md")
     args = parser.parse_args()
+    on_cuda = args.gpu and args.device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA device (--device cpu: a dry run on the CPU)")
     register_all()
-    cases = [
-        ("MLP 784-512-256-10, Fashion-MNIST, batch 128", ["model=mlp", "trainer.device=cpu"]),
-        ("LeNet-5, Fashion-MNIST, batch 128", ["model=lenet5", "trainer.device=cpu"]),
+    cases: list[tuple[str, list[str], list[str]]] = [
+        ("MLP 784-512-256-10, Fashion-MNIST, batch 128", ["model=mlp", "trainer.device=cpu"], []),
+        ("LeNet-5, Fashion-MNIST, batch 128", ["model=lenet5", "trainer.device=cpu"], []),
     ]
-    if args.gpu and torch.cuda.is_available():
-        synthetic = ["data=synthetic", "data.shape=[3,32,32]", "trainer.device=cuda"]
-        cases += [
-            ("VGG-16, CIFAR shapes, batch 128, fp32", ["model=vgg16", *synthetic]),
-            ("VGG-16, CIFAR shapes, batch 128, bf16+channels_last",
-             ["model=vgg16", *synthetic, "trainer.precision=bf16", "trainer.channels_last=true"]),
-            ("preact ResNet-18, CIFAR shapes, batch 128, fp32",
-             ["model=preact_resnet18", *synthetic]),
-            ("preact ResNet-18, CIFAR shapes, batch 128, bf16+channels_last",
-             ["model=preact_resnet18", *synthetic, "trainer.precision=bf16",
-              "trainer.channels_last=true"]),
-        ]
+    if args.gpu:
+        synthetic = ["data=synthetic", "data.shape=[3,32,32]", f"trainer.device={args.device}"]
+        fast = ["trainer.precision=bf16", "trainer.channels_last=true", "trainer.compile=true"]
+        cases = [(f"{name}, CIFAR shapes, batch 128, {variant}", [f"model={model}", *synthetic],
+                  fast_path)
+                 for model in args.models for name in [GPU_MODELS.get(model, model)]
+                 for variant, fast_path in (("fp32", []),
+                                            ("engine bf16+channels_last+compile", fast))]
     load = f"{__import__('os').getloadavg()[0]:.1f}"
-    rows = [bench(label, overrides + ["optimizer=sgd"], args.steps, args.rounds)
-            for label, overrides in cases]
+    rows = [bench(label, overrides + ["optimizer=sgd"], fast_path, args.steps, args.rounds)
+            for label, overrides, fast_path in cases]
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    device = torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available() else cpu
+    device = torch.cuda.get_device_name() if on_cuda else cpu
     lines = [
         "# Engine throughput vs a minimal PyTorch loop",
         "",
-        f"Command: `python scripts/bench_engine.py --steps {args.steps} --rounds {args.rounds}"
-        f"{' --gpu' if args.gpu else ''}`  ",
+        f"Command: `python scripts/bench_engine.py {' '.join(sys.argv[1:])}`  ",
         f"Device: {device}; torch {torch.__version__}; python {platform.python_version()}; "
         f"{date.today()}  ",
         f"Median over 2 x {args.rounds} windows of {args.steps} SGD steps each, engine and "
-        f"minimal loop in ABBA order. 1-min load average before the run: {load}.",
+        f"minimal loop in ABBA order; the minimal loop is float32 eager in every row. "
+        f"1-min load average before the run: {load}.",
         "",
         "| case | ngexp engine (examples/s) | minimal loop (examples/s) | engine / minimal |",
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {r['case']} | {r['engine']:.0f} | {r['minimal']:.0f} | {r['ratio']:.3f} |"
               for r in rows]
-    if not (args.gpu and torch.cuda.is_available()):
+    if not args.gpu:
         lines += ["", "The VGG-16 and ResNet-18 cases need a CUDA device: "
-                  "`python scripts/bench_engine.py --gpu --out results/bench_engine_gpu.md`."]
+                  "`python scripts/bench_engine.py --gpu`."]
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    out = Path(args.out or f"results/bench_engine_{'gpu' if args.gpu else 'cpu'}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
 
 
 if __name__ == "__main__":

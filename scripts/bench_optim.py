@@ -26,8 +26,12 @@ and the refresh (``_refresh``):
     decomposition   = refreshes (amortized over inv_update_freq steps)
     preconditioning = rest of the step - SGD's step (the natural gradient: the CG solve)
 
+``--precisions fp32 bf16`` runs every model in float32 and under bf16 autocast (ngexp's
+contenders; the peers in float32 only), ``--channels-last`` with channels-last weights and
+inputs, as ``trainer.precision`` and ``trainer.channels_last`` do in training.
+
     python scripts/bench_optim.py --threads 1 --peers asdl nngeometry   # CPU: MLP and LeNet-5
-    python scripts/bench_optim.py --device cuda                         # VGG-16, preact ResNet-18
+    python scripts/bench_optim.py --device cuda --precisions fp32 bf16  # VGG-16, preact ResNet-18
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import date
 from importlib import metadata
@@ -126,22 +130,26 @@ def compose_config(overrides: list[str]) -> Any:
         return compose("train", overrides=overrides)
 
 
-def batches(data: DataBundle, batch_size: int, seed: int) -> Batch:
-    """Batch ``i`` of a fixed random order of the training split (the same for every method)."""
+def batches(data: DataBundle, batch_size: int, seed: int, channels_last: bool) -> Batch:
+    """Batch ``i`` of a fixed random order of the training split (the same for every method),
+    images in channels-last layout with ``channels_last``."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data.train), generator=generator).to(data.train.inputs.device)
     per_epoch = len(order) // batch_size
 
     def batch(i: int) -> tuple[Tensor, Tensor]:
         index = order[(i % per_epoch) * batch_size:(i % per_epoch + 1) * batch_size]
-        return data.train.inputs[index], data.train.targets[index]
+        inputs = data.train.inputs[index]
+        if channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, data.train.targets[index]
 
     return batch
 
 
 # --------------------------------------------------------------------------- contenders
 def ngexp_contender(name: str, model: nn.Module, cfg: Any, task: Task, device: torch.device,
-                    window: int) -> Contender:
+                    window: int, precision: str) -> Contender:
     optimizer: TrainingOptimizer = build_optimizer(cfg.optimizer, model, task)
     timer = SegmentTimer(device)
     pre = optimizer.preconditioner
@@ -151,8 +159,10 @@ def ngexp_contender(name: str, model: nn.Module, cfg: Any, task: Task, device: t
 
     def forward_backward(x: Tensor, y: Tensor) -> None:
         optimizer.zero_grad()
-        outputs = model(x)
-        optimizer.backward(task.loss(outputs, y), outputs, y)
+        with autocast(device, precision):
+            outputs = model(x)
+            loss = task.loss(outputs, y)
+        optimizer.backward(loss, outputs, y)
 
     contender = Contender(name, model, forward_backward, optimizer.step, timer, window,
                           optimizer.state_dict)
@@ -160,6 +170,13 @@ def ngexp_contender(name: str, model: nn.Module, cfg: Any, task: Task, device: t
         contender.after_step = lambda: contender.cg_iters.append(
             optimizer.log_metrics()["cg_iters"])
     return contender
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast as the engine's ``trainer.precision=bf16``; nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def asdl_contender(model: nn.Module, args: argparse.Namespace, damping: float,
@@ -267,15 +284,19 @@ def state_megabytes(state: Any) -> float:
     return size(state) / 2**20
 
 
-def bench_model(model_name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
+                precision: str) -> list[dict]:
     base = [f"model={model_name}", *DATA[args.data], f"trainer.device={device.type}",
             f"seed={args.seed}"]
     cfg = compose_config(base)
     torch.manual_seed(args.seed)
     data = instantiate(cfg.data, _partial_=True)().to(device)
     template = build_model(cfg.model, data.spec).to(device)
+    if args.channels_last:
+        template = template.to(memory_format=torch.channels_last)
     task = build_task(getattr(template, "task", data.spec.task))
-    batch = batches(data, args.batch_size, args.seed)
+    batch = batches(data, args.batch_size, args.seed, args.channels_last)
+    label = model_name if len(args.precisions) == 1 else f"{model_name} {precision}"
     kronecker = [f"optimizer.cov_update_freq={args.cov_update_freq}",
                  f"optimizer.inv_update_freq={args.inv_update_freq}",
                  *(["optimizer.kl_clip=null"] if args.no_kl_clip else [])]
@@ -285,10 +306,10 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device)
         cfg_name = compose_config(base + overrides)
         window = args.ng_steps if name == "natural_gradient" else args.inv_update_freq
         contenders.append(ngexp_contender(name, copy.deepcopy(template), cfg_name, task, device,
-                                          window))
+                                          window, precision))
     damping = float(compose_config(base + ["optimizer=kfac"]).optimizer.damping)
     builders = {"asdl": asdl_contender, "nngeometry": nngeometry_contender}
-    for peer in args.peers:
+    for peer in args.peers if precision == "fp32" else []:
         contenders.append(builders[peer](copy.deepcopy(template), args, damping, device))
 
     peaks: dict[str, list[float]] = defaultdict(list)
@@ -315,7 +336,7 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device)
             contender.rounds.append(dict(sums[contender.name]))
             if device.type == "cuda":
                 peaks[contender.name].append(torch.cuda.max_memory_allocated() / 2**20)
-    rows = [summarize(c, model_name, peaks.get(c.name)) for c in contenders]
+    rows = [summarize(c, label, peaks.get(c.name)) for c in contenders]
     sgd = next((r for r in rows if r["optimizer"] == "sgd"), None)
     if sgd is not None:  # extra cost over SGD, also in units of SGD's step time
         for row in rows:
@@ -386,7 +407,9 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device,
         f"1-min load average of the machine: {load_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (interleaved rounds spread other jobs' load "
         "over all methods alike).  ",
-        f"Data {args.data}; batch {args.batch_size}; K-FAC statistics every "
+        f"Data {args.data}; batch {args.batch_size}; "
+        f"{' and '.join(args.precisions)}{'; channels_last' if args.channels_last else ''}; "
+        f"K-FAC statistics every "
         f"{args.cov_update_freq} steps, inverses every {args.inv_update_freq} steps; ngexp's "
         f"other options from its defaults{' (KL clipping off)' if args.no_kl_clip else ''}. "
         f"{args.warmup_steps} warm-up steps, then the median of {args.rounds} interleaved "
@@ -441,6 +464,10 @@ def main() -> None:
     parser.add_argument("--data", default=None, choices=tuple(DATA),
                         help="default: fashion_mnist on CPU, synthetic_cifar on CUDA")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16"),
+                        help="bf16: autocast, as trainer.precision=bf16")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels-last weights and inputs, as trainer.channels_last=true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--cov-update-freq", type=int, default=10)
@@ -463,7 +490,8 @@ def main() -> None:
     args.data = args.data or ("synthetic_cifar" if gpu else "fashion_mnist")
     register_all()
     load_start = os.getloadavg()[0]
-    rows = [row for name in models for row in bench_model(name, args, device)]
+    rows = [row for name in models for precision in args.precisions
+            for row in bench_model(name, args, device, precision)]
     command = " ".join(["python scripts/bench_optim.py", *sys.argv[1:]])
     text = markdown(rows, args, device, command.strip(), load_start)
     print(text)
