@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 CONF = REPO / "conf"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Unless the ``gpu`` tests are selected (``make test-gpu``), every test and every ``ngexp``
+    it starts runs on the CPU, as in CI, also on a machine with a GPU (``trainer.device=auto``
+    is the default): CUDA is hidden before anything initializes it."""
+    if not re.search(r"(?<!not )\bgpu\b", config.getoption("markexpr") or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
