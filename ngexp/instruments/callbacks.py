@@ -4,7 +4,8 @@
 Every scalar goes through :meth:`Trainer.log <ngexp.callbacks.Trainer.log>` (so to
 ``metrics.jsonl``, TensorBoard and every configured logger) under ``dynamics/``:
 ``dynamics/tangent/...`` (:class:`TangentAlignment`), ``dynamics/filters/...``
-(:class:`FilterSparsity`), ``dynamics/grad/...`` (:class:`GradientNoise`). Each record also has
+(:class:`FilterSparsity`), ``dynamics/grad/...`` (:class:`GradientNoise`), ``dynamics/flow/...``
+(:class:`GradientFlow`). Each record also has
 ``.../seconds``, the wall time of that measurement.
 
 When they measure, with ``every_n_steps = N``:
@@ -44,6 +45,7 @@ from ngexp.instruments.filters import (
     filter_metrics,
     filter_sparsity,
 )
+from ngexp.instruments.flow import flow_metrics, hidden_gradient_norms
 from ngexp.instruments.gradients import GradientProbe, gradient_metrics
 from ngexp.instruments.tangent import probe_indices, tangent_alignment
 from ngexp.options import (
@@ -163,6 +165,25 @@ class TangentAlignment(ProbeInstrument):
     def measure(self, trainer: Trainer, probe: Split) -> dict[str, float]:
         return tangent_alignment(trainer.model, probe, top_k=self.top_k,
                                  per_output=self.per_output, chunk_size=self.chunk_size)
+
+
+@configurable("callbacks", "gradient_flow")
+@checked(check_probe_instrument)
+class GradientFlow(ProbeInstrument):
+    """``dynamics/flow/``: the norm of the mean probe loss's gradient with respect to the
+    hidden state at steps ``1, T/4, T/2, 3T/4, T`` of a recurrent model and the ratio of the
+    first to the last (:mod:`~ngexp.instruments.flow`; Cooijmans et al. 2016, Sec. 4). Cost:
+    about one training step on the probe set."""
+
+    name = "gradient_flow"
+    prefix = "flow/"
+
+    def __init__(self, every_n_steps: int = 0, probe_size: int = 256) -> None:
+        super().__init__(every_n_steps, probe_size)
+
+    def measure(self, trainer: Trainer, probe: Split) -> dict[str, float]:
+        norms = hidden_gradient_norms(trainer.model, trainer.task, probe.inputs, probe.targets)
+        return {f"{self.prefix}{key}": value for key, value in flow_metrics(norms).items()}
 
 
 def check_filters(every_n_steps: int, probe_size: int, scale_threshold: float,

@@ -27,7 +27,7 @@ per normalized term and seven element-wise kernels.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -273,8 +273,11 @@ class BNLSTM(nn.Module):
                           "training", stacklevel=2)
         return self.run(x, noise=self.training or self.h0_noise == "always")
 
-    def run(self, x: Tensor, noise: bool) -> Tensor:
-        """:meth:`forward` with the ``h_0`` noise on or off (batch norms as their mode says)."""
+    def run(self, x: Tensor, noise: bool,
+            on_state: Callable[[int, Tensor], Tensor] | None = None) -> Tensor:
+        """:meth:`forward` with the ``h_0`` noise on or off (batch norms as their mode says);
+        ``on_state(t, h_t)`` (``t = 1..T``), when given, sees each hidden state ``(B, H)`` and
+        returns the one the recurrence continues with (an instrument records or perturbs it)."""
         if self.standardize is None:
             x = F.one_hot(x, self.input_map.in_features).to(self.input_map.weight.dtype)
         else:
@@ -305,6 +308,8 @@ class BNLSTM(nn.Module):
                 h = output * (c + cell_bias).tanh()
             else:
                 h = output * c.tanh()
+            if on_state is not None:
+                h = on_state(t + 1, h)
             if self.language_model:
                 states.append(h)
         for step_norm in (norm_h, norm_c):
