@@ -13,9 +13,15 @@ between models and between lengths). After ``--warmup`` untimed rounds, rounds r
 
 Memory: the bytes autograd saves for the backward in one training forward (distinct storages
 seen by ``torch.autograd.graph.saved_tensors_hooks``), i.e. the activation memory on top of
-parameters and optimizer state, at the longest T.
+parameters and optimizer state, at the longest T; on a CUDA device also the peak of allocated
+device memory during one training step.
+
+``--device cuda`` runs every contender on the GPU, where ``torch.nn.LSTM`` is cuDNN's fused
+LSTM (the thread counts then only label the rows: use ``--threads 1``); each step ends with
+``torch.cuda.synchronize()`` so the time is the device's.
 
     python scripts/bench_sequences.py --out results/bench_sequences_cpu.md
+    python scripts/bench_sequences.py --device cuda --threads 1 --out results/bench_sequences_gpu.md
 """
 
 from __future__ import annotations
@@ -74,13 +80,23 @@ class Contender:
     times: list[float] = field(default_factory=list)
 
     def step(self) -> float:
-        """One timed training step on the contender's batch; seconds."""
+        """One timed training step on the contender's batch (finished on the device);
+        seconds."""
         start = time.perf_counter()
         loss = F.cross_entropy(self.model(self.x), self.y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.x.is_cuda:
+            torch.cuda.synchronize(self.x.device)
         return time.perf_counter() - start
+
+    def peak_megabytes(self) -> float:
+        """MiB of device memory allocated at the peak of one training step (CUDA)."""
+        torch.cuda.synchronize(self.x.device)
+        torch.cuda.reset_peak_memory_stats(self.x.device)
+        self.step()
+        return torch.cuda.max_memory_allocated(self.x.device) / 2**20
 
 
 def build(name: str, shape: tuple[int, int], hidden: int) -> nn.Module:
@@ -95,13 +111,14 @@ def build(name: str, shape: tuple[int, int], hidden: int) -> nn.Module:
 def contenders(names: list[str], lengths: list[int], args: argparse.Namespace) -> list[Contender]:
     """Every model at every length, each with one random batch (the same for all models)."""
     found = []
+    device = torch.device(args.device)
     for steps in lengths:
         generator = torch.Generator().manual_seed(steps)
-        x = torch.rand(args.batch_size, *SHAPES[steps], generator=generator)
-        y = torch.randint(0, CLASSES, (args.batch_size,), generator=generator)
+        x = torch.rand(args.batch_size, *SHAPES[steps], generator=generator).to(device)
+        y = torch.randint(0, CLASSES, (args.batch_size,), generator=generator).to(device)
         for name in names:
             torch.manual_seed(0)
-            model = build(name, SHAPES[steps], args.hidden)
+            model = build(name, SHAPES[steps], args.hidden).to(device)
             optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9)
             found.append(Contender(name, steps, model, optimizer, x, y))
     return found
@@ -143,6 +160,8 @@ def bench(names: list[str], threads: int, args: argparse.Namespace) -> dict[int,
     longest = [c for c in found if c.steps == max(args.lengths)]
     results[max(args.lengths)]["saved_mb"] = {c.name: saved_megabytes(c.model, c.x, c.y)
                                               for c in longest}
+    if torch.device(args.device).type == "cuda":
+        results[max(args.lengths)]["peak_mb"] = {c.name: c.peak_megabytes() for c in longest}
     for steps, result in results.items():
         print(f"threads={threads} T={steps}: " + ", ".join(
             f"{name} {seconds * 1e3:.0f} ms" for name, seconds in result["median"].items())
@@ -165,6 +184,16 @@ def label(name: str) -> str:
     return name if name == TORCH else f"model={name}"
 
 
+def device_line(args: argparse.Namespace) -> str:
+    """The device the contenders ran on, for the report."""
+    if torch.device(args.device).type == "cuda":
+        return (f"Device: {torch.cuda.get_device_name(args.device)} (torch.nn.LSTM: cuDNN "
+                f"{torch.backends.cudnn.version()}), CUDA {torch.version.cuda}; host CPU "
+                f"{cpu_name()}")
+    return (f"Device: CPU {cpu_name()} ({os.cpu_count()} logical CPUs), torch threads "
+            f"{', '.join(map(str, args.threads))}")
+
+
 def verdict(value: float, target: float) -> str:
     return f"{value:.2f} <= {target} holds" if value <= target else f"{value:.2f} > {target} MISS"
 
@@ -176,8 +205,7 @@ def markdown(results: dict[tuple[int, int], dict], names: list[str],
         "# LSTM training-step cost: ngexp's LSTM family vs torch.nn.LSTM",
         "",
         f"Command: `{command}`  ",
-        f"Device: CPU {cpu_name()} ({os.cpu_count()} logical CPUs), torch threads "
-        f"{', '.join(map(str, args.threads))}; torch {torch.__version__}; "
+        f"{device_line(args)}; torch {torch.__version__}; "
         f"python {platform.python_version()}; {date.today()}  ",
         f"1-min load average of the machine: {load_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (contenders interleaved step by step; column "
@@ -217,8 +245,15 @@ def markdown(results: dict[tuple[int, int], dict], names: list[str],
               "the activation memory on top of parameters and optimizer state):", "",
               "| " + " | ".join(label(name) for name in names) + " |",
               "|" + "---:|" * len(names),
-              "| " + " | ".join(f"{saved[name]:.0f}" for name in names) + " |",
-              "", f"Targets at T={longest}:", ""]
+              "| " + " | ".join(f"{saved[name]:.0f}" for name in names) + " |"]
+    peak = results[args.threads[0], longest].get("peak_mb")
+    if peak:
+        lines += ["", f"Peak device memory during one training step at T={longest} (MiB, "
+                  "torch.cuda.max_memory_allocated, parameters and optimizer state included):",
+                  "", "| " + " | ".join(label(name) for name in names) + " |",
+                  "|" + "---:|" * len(names),
+                  "| " + " | ".join(f"{peak[name]:.0f}" for name in names) + " |"]
+    lines += ["", f"Targets at T={longest}:", ""]
     for threads in args.threads:
         result = results[threads, longest]
         for name, target in TARGETS.items():
@@ -247,6 +282,7 @@ def main() -> None:
     parser.add_argument("--min-rounds", type=int, default=3)
     parser.add_argument("--budget", type=float, default=150.0,
                         help="seconds of timed rounds per thread count")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (module docstring)")
     parser.add_argument("--out", default=None, help="markdown file to write the table to")
     args = parser.parse_args()
     args.lengths = sorted(set(args.lengths))

@@ -70,7 +70,7 @@ part bench_optim 100 "$PY" scripts/bench_optim.py --device "$DEVICE" --models $M
   --data synthetic_cifar --optimizers sgd kfac ekfac --precisions fp32 bf16 --batch-size 128 $OPTIM \
   --out "$DIR/bench_optim_gpu.md"
 # 4. the LSTM family against cuDNN's LSTM
-part bench_sequences 30 "$PY" scripts/bench_sequences.py --device "$DEVICE" $SEQ \
+part bench_sequences 30 "$PY" scripts/bench_sequences.py --device "$DEVICE" --threads 1 $SEQ \
   --out "$DIR/bench_sequences_gpu.md"
 # 5. real training: VGG-16 + K-FAC, bf16, channels_last, compile; SIGTERM, then a resume
 TRAIN=(-m ngexp train "model=$TRAIN_MODEL" optimizer=kfac data=synthetic data.labels=linear
