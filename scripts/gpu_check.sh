@@ -47,7 +47,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log it, record 
   local name=$1 limit=$(( $2 * SCALE )) start rc; shift 2
   echo "===== $name: $*" >> "$DIR/log.txt"
   start=$(date +%s)
-  timeout --signal=TERM --kill-after=15 "$limit" "$@" >> "$DIR/log.txt" 2>&1; rc=$?
+  timeout --signal=TERM --kill-after=45 "$limit" "$@" >> "$DIR/log.txt" 2>&1; rc=$?
   summary "$name: rc=$rc in $(( $(date +%s) - start ))s (limit ${limit}s)"
   return $rc
 }
