@@ -37,7 +37,9 @@ def conf_dir() -> Path:
 
 
 def error_line(message: str) -> int:
-    print(f"ngexp: error: {message}", file=sys.stderr)
+    """Print ``ngexp: error: MESSAGE`` (once per run: a data-parallel run's rank 0 alone)."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("0", ""):
+        print(f"ngexp: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -270,9 +272,11 @@ def validate_overrides(overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from ngexp.config import register_all, validate
+    from ngexp.config import check_world, register_all, validate
+    from ngexp.distributed.world import World, launched_world
 
     register_all()
+    launched = launched_world()
     with initialize_config_dir(str(conf_dir()), version_base=None):
         pending = sweep_variants(overrides)
         checked_sweeper = False
@@ -288,6 +292,9 @@ def validate_overrides(overrides: list[str]) -> None:
             with open_dict(cfg):
                 del cfg["hydra"]
             validate(cfg)
+            devices = cfg.trainer.devices
+            check_world(cfg, launched if launched.distributed else World(0, devices, 0, devices),
+                        launched.distributed)
 
 
 # --------------------------------------------------------------------------- train
@@ -298,6 +305,7 @@ def run_hydra(args: list[str]) -> int:
     from omegaconf import DictConfig, OmegaConf, open_dict
 
     from ngexp.config import register_all, validate
+    from ngexp.distributed.world import launched_world
     from ngexp.errors import IncompatibleData, UserError
     from ngexp.train.engine import RunInterrupted, RunWriteError, train
     from ngexp.train.rundir import GROUPS as RUN_GROUPS
@@ -314,7 +322,11 @@ def run_hydra(args: list[str]) -> int:
         run_dir = None  # hydra.run.dir=DIR given: train there instead of the hashed layout
         if not multirun and any(o.startswith("hydra.run.dir=") for o in runtime.overrides.hydra):
             run_dir = Path(runtime.run.dir)
-        if multirun and cfg.trainer.device == "auto":  # one GPU per job process
+        launched = launched_world().distributed
+        if cfg.trainer.devices > 1 and not launched:  # this job as N processes (torchrun)
+            launch_job(cfg, choices, runtime, job_dir, multirun)
+            return
+        if multirun and cfg.trainer.device == "auto" and not launched:  # one GPU per job
             from ngexp.train.devices import assign_device
 
             with open_dict(cfg):
@@ -325,7 +337,7 @@ def run_hydra(args: list[str]) -> int:
         except RunWriteError as error:  # the run ended failed(io: ...); its summary says so
             if multirun:
                 raise
-            print(f"ngexp: error: {error}", file=sys.stderr)
+            error_line(str(error))
             raise SystemExit(1) from None
         except IncompatibleData as error:
             message = (f"model={choices.get('model')} does not fit data={choices.get('data')}: "
@@ -356,6 +368,26 @@ def run_hydra(args: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def launch_job(cfg: Any, choices: dict[str, str | None], runtime: Any, job_dir: Path | None,
+               multirun: bool) -> None:
+    """Run this job as ``trainer.devices`` processes (:func:`ngexp.distributed.launch.
+    launch_local`): each a single run of the job's overrides, rank 0 writing its run directory.
+    The job's exit code is the processes' (a failed run does not stop a sweep)."""
+    from ngexp.distributed.launch import INTERRUPTED, launch_local
+    from ngexp.train import rundir
+
+    overrides = [*runtime.overrides.task,
+                 *(o for o in runtime.overrides.hydra if o.startswith("hydra.run.dir="))]
+    if job_dir is not None:  # the sweep's pointer, as train() writes it for one process
+        run_dir = rundir.run_directory(cfg, choices, cfg.trainer.devices)
+        rundir.atomic_write_text(job_dir / "run_dir.txt", str(run_dir.resolve()) + "\n")
+    code = launch_local(cfg.trainer.devices, ["train", *overrides])
+    if code == INTERRUPTED:
+        raise KeyboardInterrupt
+    if code and not multirun:
+        raise SystemExit(code)
 
 
 def configure_logging() -> None:

@@ -29,6 +29,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ngexp.distributed.world import World, device_type
 from ngexp.errors import OptionError
 from ngexp.options import (
     REGISTRY,
@@ -66,6 +67,11 @@ class TrainerConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (and always at the end)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     progress: str = choice_field("auto", ("auto", "rich", "plain", "none"))
+    # data parallel (docs/distributed.md): batch_size is per process, the global batch is
+    # batch_size x processes; devices = processes this command starts on this machine
+    # (torch.distributed.run); under torchrun or a multi-task SLURM step the launcher decides
+    devices: int = 1
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm, CUDA)
 
     def __post_init__(self) -> None:
         check_integer("trainer.epochs", self.epochs, 1)
@@ -79,6 +85,7 @@ class TrainerConfig:
         check_choices(self, "trainer")
         check_positive("trainer.grad_clip", self.grad_clip, allow_none=True)
         check_integer("trainer.checkpoint_every", self.checkpoint_every, 1)
+        check_integer("trainer.devices", self.devices, 1)
 
 
 @dataclass
@@ -183,7 +190,12 @@ NON_SEMANTIC_KEYS = (
     "trainer.progress",
     "trainer.checkpoint_every",
     "trainer.eval_batch_size",
+    "trainer.devices",  # the world size enters through the global batch (semantic_config)
+    "optimizer.grad_worker_fraction",  # where K-FAC's work runs, not what it computes
 )
+#: Keys added after runs existed, left out of the hash at these values so that the runs of
+#: earlier versions keep their directories.
+OMITTED_AT_DEFAULT = {"trainer.sync_bn": False}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -211,17 +223,56 @@ def check_keys(node: DictConfig, path: str = "") -> None:
             check_keys(child, f"{path}.{key}" if path else str(key))
 
 
-def semantic_config(cfg: DictConfig) -> dict[str, Any]:
-    """Resolved config as a plain dict without :data:`NON_SEMANTIC_KEYS` and ``seed``."""
+def semantic_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
+    """Resolved config as a plain dict without :data:`NON_SEMANTIC_KEYS` (nor
+    :data:`OMITTED_AT_DEFAULT` keys at those values) and ``seed``; for a run of ``world_size``
+    processes ``trainer.batch_size`` is the global batch, so the world size does not matter
+    as long as the global batch is the same."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     container.pop("hydra", None)
     container.pop("seed", None)
-    for dotted in NON_SEMANTIC_KEYS:
+    for dotted in (*NON_SEMANTIC_KEYS, *OMITTED_AT_DEFAULT):
         node: Any = container
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+        if isinstance(node, dict) and leaf in node and (
+                dotted not in OMITTED_AT_DEFAULT or node[leaf] == OMITTED_AT_DEFAULT[dotted]):
+            node.pop(leaf)
+    trainer = container.get("trainer")
+    if world_size > 1 and isinstance(trainer, dict) and "batch_size" in trainer:
+        trainer["batch_size"] *= world_size
     return container
+
+
+def check_world(cfg: DictConfig, world: World, launched: bool) -> None:
+    """Raise :class:`OptionError` for settings that do not fit a run of ``world.size``
+    processes (``launched``: started by torchrun/SLURM, else by ``trainer.devices``): a device
+    naming one GPU, SyncBatchNorm without CUDA, too few GPUs, K-FAC's
+    ``grad_worker_fraction``, or ``trainer.devices`` under a launcher that started another
+    number of processes."""
+    trainer = cfg.trainer
+    if launched:
+        check(trainer.devices in (1, world.local_size), "trainer.devices", trainer.devices,
+              f"1 under a launcher (it started {world.local_size} processes on this machine)")
+    if not world.distributed:
+        return
+    check(trainer.device in ("auto", "cpu", "cuda"), "trainer.device", trainer.device,
+          f"auto, cpu or cuda with {world.size} processes (each uses cuda:LOCAL_RANK)")
+    cuda = device_type(trainer.device) == "cuda"
+    check(cuda or not trainer.sync_bn, "trainer.sync_bn", trainer.sync_bn,
+          "false on the CPU (torch's SyncBatchNorm runs on GPUs only)")
+    if cuda and not launched:
+        import torch
+
+        check(world.local_size <= torch.cuda.device_count(), "trainer.devices",
+              trainer.devices, f"at most the {torch.cuda.device_count()} visible CUDA devices")
+    fraction = cfg.optimizer.get("grad_worker_fraction") if cfg.get("optimizer") else None
+    if fraction is not None:
+        from ngexp.optim.kaisa import grad_worker_count
+
+        try:
+            grad_worker_count(world.size, fraction)
+        except OptionError as error:
+            raise OptionError(f"optimizer.{error}") from None

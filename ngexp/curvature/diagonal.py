@@ -16,7 +16,7 @@ DiagGGN of BackPACK, Dangel et al. 2020). Layer inputs and outputs come from the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -49,10 +49,14 @@ def squared_example_gradients(layer: LayerIO, features: Tensor, grads: Tensor) -
 
 
 def diagonal_ggn(model: nn.Module, task: Task, batches: Iterable[tuple[Tensor, Tensor]],
-                 layers: dict[str, nn.Module]) -> dict[str, Tensor]:
+                 layers: dict[str, nn.Module],
+                 reduce: Callable[[list[Tensor]], list[Tensor]] | None = None
+                 ) -> dict[str, Tensor]:
     """Exact diag(G) of the mean training loss over ``batches`` for the weight of each layer in
     ``layers`` (name -> Linear/Conv2d of ``model``), keyed by parameter name
-    (``"<name>.weight"``). Run it with the model in eval mode so that examples are independent."""
+    (``"<name>.weight"``). Run it with the model in eval mode so that examples are independent.
+    ``reduce`` sums tensors over data-parallel ranks, each with its share of the batches (the
+    sums of squares and the term counts are reduced before the division)."""
     capture = Capture(model, layers=[LayerIO(name, module) for name, module in layers.items()],
                       training_only=False)
     capture.active = True
@@ -83,4 +87,9 @@ def diagonal_ggn(model: nn.Module, task: Task, batches: Iterable[tuple[Tensor, T
                                                                       g)
     finally:
         capture.remove()
+    if reduce is not None:
+        device = capture.layers[0].module.weight.device
+        *sums, all_terms = reduce([*diagonal.values(), torch.tensor(float(terms), device=device)])
+        return {layer.weight_name: total / all_terms
+                for layer, total in zip(capture.layers, sums, strict=True)}
     return {layer.weight_name: diagonal[layer.name] / terms for layer in capture.layers}

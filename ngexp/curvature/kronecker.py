@@ -161,6 +161,7 @@ def kronecker_diagonal(
     kfac_approx: str = "expand",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """Diagonal of the K-FAC or EKFAC curvature of every supported layer's weight.
 
@@ -169,6 +170,9 @@ def kronecker_diagonal(
     ``ekfac`` eigendecomposes the averages and averages the scaling ``s`` over a second pass,
     giving ``diag(U diag(s) U^T) = (U_G o U_G) s (U_A o U_A)^T``. Returns ``{"fc1.weight": tensor
     shaped like the weight, ...}`` (biases are left out). Parameter ``.grad`` is not touched.
+    With ``reduce`` (a sum over data-parallel ranks, each with its share of the batches, which
+    may be none) the factor and scaling sums and the batch counts are reduced before they are
+    averaged, so every rank gets the diagonal of all the ranks' batches.
     """
     for key, value, choices in (("fisher_type", fisher_type, FISHER_TYPES),
                                 ("kind", kind, CURVATURE_KINDS),
@@ -176,7 +180,7 @@ def kronecker_diagonal(
         if value not in choices:
             raise ValueError(f"{key}={value!r} is invalid: expected one of {', '.join(choices)}")
     data = list(batches)
-    if not data:
+    if not data and reduce is None:
         raise ValueError("kronecker_diagonal needs at least one batch")
     capture = Capture(model, training_only=False)
     capture.active = True
@@ -195,18 +199,25 @@ def kronecker_diagonal(
             yield task.num_terms(targets), capture.passes(PASS_KIND[fisher_type])
 
     try:
-        totals: list[tuple[Tensor, Tensor]] = []
+        device = capture.layers[0].module.weight.device
+        totals = [(torch.zeros(layer.groups, layer.in_dim, layer.in_dim, device=device),
+                   torch.zeros(layer.groups, layer.out_dim, layer.out_dim, device=device))
+                  for layer in capture.layers]
         for num_terms, passes in each_batch():
             batch = [kronecker_factors(layer, passes, num_terms, kfac_approx)
                      for layer in capture.layers]
-            totals = batch if not totals else [
-                (a0 + a, g0 + g) for (a0, g0), (a, g) in zip(totals, batch, strict=True)]
-        factors = [(a / len(data), g / len(data)) for a, g in totals]
+            totals = [(a0 + a, g0 + g) for (a0, g0), (a, g) in zip(totals, batch, strict=True)]
+        count: Tensor | int = len(data)
+        if reduce is not None:
+            *flat, count = reduce([*(f for pair in totals for f in pair),
+                                   torch.tensor(float(len(data)), device=device)])
+            totals = list(zip(flat[0::2], flat[1::2], strict=True))
+        factors = [(a / count, g / count) for a, g in totals]
         if kind == "kfac":
             diagonals = [g.diagonal(dim1=-2, dim2=-1)[..., :, None]
                          * a.diagonal(dim1=-2, dim2=-1)[..., None, :] for a, g in factors]
         else:
-            diagonals = _ekfac_diagonals(capture, factors, each_batch, len(data))
+            diagonals = _ekfac_diagonals(capture, factors, each_batch, count, reduce)
         return {layer.weight_name: layer.split(diagonal)[0]
                 for layer, diagonal in zip(capture.layers, diagonals, strict=True)}
     finally:
@@ -215,8 +226,10 @@ def kronecker_diagonal(
 
 def _ekfac_diagonals(capture: Capture, factors: list[tuple[Tensor, Tensor]],
                      each_batch: Callable[[], Iterator[tuple[int, list[int]]]],
-                     num_batches: int) -> list[Tensor]:
-    """EKFAC weight diagonals from batch-averaged ``factors``; ``each_batch`` reruns the passes."""
+                     num_batches: Tensor | int,
+                     reduce: Callable[[list[Tensor]], list[Tensor]] | None) -> list[Tensor]:
+    """EKFAC weight diagonals from batch-averaged ``factors``; ``each_batch`` reruns the passes
+    (the scaling sums reduced over ranks with ``reduce``)."""
     matrices = [f for pair in factors for f in pair]
     names = [f"{layer.name}.{which}" for layer in capture.layers for which in ("A", "G")]
     eigens, _ = robust_eigh(matrices, [neutral_eigen(m) for m in matrices], names)
@@ -226,5 +239,7 @@ def _ekfac_diagonals(capture: Capture, factors: list[tuple[Tensor, Tensor]],
     for num_terms, passes in each_batch():
         for scale, layer, (basis_a, basis_g) in zip(scales, capture.layers, bases, strict=True):
             scale += eigenbasis_moments(layer, passes, basis_a, basis_g, num_terms)
+    if reduce is not None:
+        scales = reduce(scales)
     return [basis_g.square() @ (scale / num_batches) @ basis_a.square().mT
             for scale, (basis_a, basis_g) in zip(scales, bases, strict=True)]

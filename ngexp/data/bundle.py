@@ -27,6 +27,11 @@ class Split:
     def to(self, device: torch.device) -> Split:
         return Split(self.inputs.to(device), self.targets.to(device))
 
+    def shard(self, rank: int, world_size: int) -> Split:
+        """Rank ``rank``'s contiguous share of ``world_size`` (sizes differ by at most one)."""
+        begin, end = (len(self) * r // world_size for r in (rank, rank + 1))
+        return Split(self.inputs[begin:end], self.targets[begin:end])
+
 
 @dataclass
 class DataBundle:
@@ -44,17 +49,27 @@ class DataBundle:
 
 
 def epoch_batches(split: Split, batch_size: int, permutation: Tensor, start: int = 0,
-                  augment: Augment | None = None,
-                  generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+                  augment: Augment | None = None, generator: torch.Generator | None = None,
+                  rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
     """Minibatches of ``split`` in the order of ``permutation`` (on the split's device), from
     batch index ``start``; the last, smaller batch is dropped so every step sees ``batch_size``
-    examples (steps per epoch = len(split) // batch_size)."""
-    for begin in range(start * batch_size, len(permutation) - batch_size + 1, batch_size):
-        index = permutation[begin:begin + batch_size]
-        inputs = split.inputs[index]
-        if augment is not None:
-            inputs = augment(inputs, generator)
-        yield inputs, split.targets[index]
+    examples (steps per epoch = len(split) // batch_size).
+
+    Data-parallel, ``batch_size`` is per rank: the global batch of ``world_size x batch_size``
+    examples is the single process's, and rank ``r`` takes its rows ``r B .. (r + 1) B - 1``
+    (ranks in order concatenate to it). An augmentation transforms the whole global batch
+    (drawing from ``generator`` as one process would, so all ranks' generators stay equal)
+    before the rank's rows are taken."""
+    size = batch_size * world_size
+    rows = slice(rank * batch_size, (rank + 1) * batch_size)
+    for begin in range(start * size, len(permutation) - size + 1, size):
+        index = permutation[begin:begin + size]
+        if augment is None:
+            index = index[rows]
+            yield split.inputs[index], split.targets[index]
+        else:
+            inputs = augment(split.inputs[index], generator)
+            yield inputs[rows], split.targets[index[rows]]
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:

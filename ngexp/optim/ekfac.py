@@ -17,10 +17,17 @@ optionally as a running average ``s <- e s + (1 - e) s_batch`` (``e = min(scale_
 1/k)`` for the ``k``-th estimate since the basis changed); a new basis restarts it from the
 batch, or from ``lambda_G lambda_A^T`` when the step captured no batch. Everything else:
 :mod:`ngexp.optim.kronecker` and :mod:`ngexp.optim.preconditioner`.
+
+Data-parallel (:mod:`ngexp.optim.kaisa`): the eigendecompositions are spread over the ranks
+and their bases broadcast to every rank, since each rank rotates its own per-example gradients
+into them; the batch estimates of ``s`` are all-reduced like the factors. So
+``grad_worker_fraction`` chooses only which ranks compute each layer's direction (and
+broadcast it), not where the bases are kept.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
@@ -50,6 +57,8 @@ class EKFAC(KroneckerPreconditioner):
     ``scale_decay`` (module docstring) and those of
     :class:`~ngexp.optim.kronecker.KroneckerPreconditioner`."""
 
+    _terms_everywhere = True
+
     def __init__(self, model: nn.Module, *, scale_update_freq: int = 1, scale_decay: float = 0.0,
                  **options: Any) -> None:
         self.scale_update_freq, self.scale_decay = scale_update_freq, scale_decay
@@ -64,6 +73,9 @@ class EKFAC(KroneckerPreconditioner):
     def _refreshed(self, state: dict[str, Tensor]) -> bool:
         return "U_A" in state
 
+    def _term_keys(self) -> tuple[str, ...]:
+        return ("lambda_A", "U_A", "lambda_G", "U_G")
+
     def _refresh(self, layers: list[LayerIO]) -> None:
         self._refresh_eigenbases(layers)
 
@@ -76,16 +88,20 @@ class EKFAC(KroneckerPreconditioner):
         self.counters["scale_updates"] += int(captured)
         decay = min(self.scale_decay, 1 - 1 / max(self.counters["scale_updates"], 1))
         passes = self.capture.passes(PASS_KIND[self.fisher_type])
-        for layer in self.layers:
-            state = self.state.get(layer.name)
-            if state is None or "U_A" not in state:
-                continue
-            if refreshed:
-                state["s"] = kronecker_eigenvalues(state)
-            if captured and layer.inputs:
-                moments = eigenbasis_moments(layer, passes, state["U_A"], state["U_G"],
-                                             self._num_terms)
-                self._average(state, "s", moments, decay)
+        layers = [layer for layer in self.layers
+                  if layer.name in self.state and "U_A" in self.state[layer.name]]
+        if refreshed:
+            for layer in layers:
+                self.state[layer.name]["s"] = kronecker_eigenvalues(self.state[layer.name])
+        measured = [layer for layer in layers if captured and layer.inputs]
+        moments: Iterable[Tensor] = (
+            eigenbasis_moments(layer, passes, self.state[layer.name]["U_A"],
+                               self.state[layer.name]["U_G"], self._num_terms)
+            for layer in measured)
+        if self._kaisa.distributed:  # the ranks' mean: the global batch's estimate
+            moments = self._kaisa.mean(list(moments))
+        for layer, moment in zip(measured, moments, strict=True):
+            self._average(self.state[layer.name], "s", moment, decay)
 
     def _precondition(self, layer: LayerIO, state: dict[str, Tensor],
                       grad: LayerGradient) -> Tensor:

@@ -79,6 +79,11 @@ class KFAC(KroneckerPreconditioner):
     def _refreshed(self, state: dict[str, Tensor]) -> bool:
         return ("A_inv" if self.damping_mode == "factored" else "U_A") in state
 
+    def _term_keys(self) -> tuple[str, ...]:
+        if self.damping_mode == "factored":
+            return ("pi", "A_inv", "G_inv")
+        return ("lambda_A", "U_A", "lambda_G", "U_G")
+
     def _refresh(self, layers: list[LayerIO]) -> None:
         """Factored: recompute pi (a non-finite pi, from a bad factor, keeps the previous value,
         or 1) and the damped inverses. Eigen: new eigenbases."""
@@ -98,8 +103,8 @@ class KFAC(KroneckerPreconditioner):
     def _update_scaling(self, refreshed: bool) -> None:
         """Factored mode: a damping change between refreshes re-inverts the damped factors."""
         if self.damping_mode == "factored" and self._damping_changed and not refreshed:
-            self._invert([layer for layer in self.layers
-                          if layer.name in self.state and "pi" in self.state[layer.name]])
+            self._distribute([layer for layer in self.layers if layer.name in self._fresh],
+                             self._invert)
 
     def _invert(self, layers: list[LayerIO]) -> None:
         root = self._damping.sqrt()
@@ -135,7 +140,8 @@ class KFAC(KroneckerPreconditioner):
         """``(D G_d^-1)^T ([X | 1] A_d^-1)`` when it is cheaper and ``.grad`` is ``D^T [X |
         1]`` (module docstring), else ``None``."""
         if (self._damping.device.type != "cpu" or not isinstance(layer.module, nn.Linear)
-                or len(layer.inputs) != 1 or layer.inputs[0].dim() != 2):
+                or len(layer.inputs) != 1 or layer.inputs[0].dim() != 2
+                or self._kaisa.distributed):
             return None
         rows, out, size = layer.inputs[0].shape[0], layer.out_dim, layer.in_dim
         cheaper = rows * (out * out + size * size + out * size) < 0.7 * out * size * (out + size)

@@ -15,6 +15,15 @@ Per training step (between the backward pass and the optimizer's step):
    layers without curvature (BatchNorm, uncovered biases) keep their gradient. KL clipping and
    the outer step: :mod:`ngexp.optim.preconditioner`.
 
+Data-parallel (constructed on every rank of an initialized ``torch.distributed`` process
+group, the model wrapped in ``DistributedDataParallel``): factors (and EKFAC's scaling) are
+all-reduced at statistics steps, decompositions are spread over the ranks and their results or
+the preconditioned gradients broadcast per ``grad_worker_fraction`` (:mod:`ngexp.optim.kaisa`);
+Monte-Carlo targets are drawn for the global batch (:class:`~ngexp.optim.kaisa.GlobalSamples`).
+Then ``state_dict()`` is a collective (every rank calls it; it gathers the terms a checkpoint
+needs). The CPU's factored K-FAC product is not used: ``.grad`` is the ranks' mean, not this
+rank's ``D^T [X | 1]``.
+
 The default damping, 0.1, comes from the default MLP on Fashion-MNIST (20k images, 3 epochs):
 1e-2 left K-FAC below SGD and made EKFAC diverge; of 1e-2, 3e-2 and 1e-1, 1e-1 was best for both.
 
@@ -34,6 +43,7 @@ are restored after it). This needs the batch targets: ``pre.backward(loss, targe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,7 +53,9 @@ from torch import Tensor, nn
 from ngexp.curvature.capture import SAMPLED, TRAINING, LayerIO, autocast_like, backward_sampled
 from ngexp.curvature.kronecker import PASS_KIND, kronecker_factors
 from ngexp.curvature.linalg import neutral_eigen, robust_eigh
+from ngexp.distributed.world import current
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
+from ngexp.optim.kaisa import GlobalSamples, Kaisa, reduced_kept
 from ngexp.optim.preconditioner import KLBlock, Preconditioner
 from ngexp.options import check, check_integer, check_range, checked, is_number
 
@@ -60,7 +72,7 @@ def check_kronecker(damping: Any, damping_schedule: str, damping_decay: float,
                     damping_decay_steps: int, damping_min: float, damping_max: float,
                     adapt_interval: int, stat_decay: float, cov_update_freq: Any,
                     inv_update_freq: Any, fisher_type: str, mc_samples: int, kfac_approx: str,
-                    **_: Any) -> None:
+                    grad_worker_fraction: float, **_: Any) -> None:
     check_hyperparameter("damping", damping)
     check(damping_schedule == "constant" or is_number(damping), "damping", damping,
           f"a number when damping_schedule={damping_schedule}")
@@ -77,6 +89,7 @@ def check_kronecker(damping: Any, damping_schedule: str, damping_decay: float,
     check(isinstance(mc_samples, int) and mc_samples >= 1
           and (fisher_type == "mc" or mc_samples == 1), "mc_samples", mc_samples,
           "an integer >= 1 (and 1 unless fisher_type=mc)")
+    check_range("grad_worker_fraction", grad_worker_fraction, 0, 1, closed="(]")
 
 
 def matmul(left: Tensor, right: Tensor) -> Tensor:
@@ -176,9 +189,14 @@ class AdaptiveStep:
 @checked(check_kronecker)
 class KroneckerPreconditioner(Preconditioner):
     """Base of :class:`~ngexp.optim.kfac.KFAC` and :class:`~ngexp.optim.ekfac.EKFAC`; options
-    in the module docstring. Subclasses refresh their preconditioning terms
-    (:meth:`_refresh`), map a layer's gradient to its direction (:meth:`_precondition`) and give
-    the quadratic form of their curvature (:meth:`_curvature_quadratic`)."""
+    in the module docstring (``grad_worker_fraction``: :mod:`ngexp.optim.kaisa`). Subclasses
+    refresh their preconditioning terms (:meth:`_refresh`, named by :meth:`_term_keys`), map a
+    layer's gradient to its direction (:meth:`_precondition`) and give the quadratic form of
+    their curvature (:meth:`_curvature_quadratic`)."""
+
+    #: Whether every rank of a data-parallel run keeps every layer's terms (EKFAC's scaling
+    #: rotates each rank's per-example gradients into the eigenbases).
+    _terms_everywhere = False
 
     def __init__(self, model: nn.Module, *, damping: Hyperparameter = 0.1,
                  damping_schedule: DampingSchedule = "constant", damping_decay: float = 0.5,
@@ -186,7 +204,7 @@ class KroneckerPreconditioner(Preconditioner):
                  damping_max: float = 1e3, adapt_interval: int = 5, stat_decay: float = 0.95,
                  cov_update_freq: Hyperparameter = 10, inv_update_freq: Hyperparameter = 100,
                  fisher_type: FisherType = "mc", mc_samples: int = 1,
-                 kfac_approx: KFACApprox = "expand",
+                 kfac_approx: KFACApprox = "expand", grad_worker_fraction: float = 1.0,
                  **options: Any) -> None:
         super().__init__(model, **options)
         self.damping, self.damping_schedule = damping, damping_schedule
@@ -208,8 +226,15 @@ class KroneckerPreconditioner(Preconditioner):
                      type(self).__name__, len(self.uncovered_parameters),
                      ", ".join(self.uncovered_parameters))
         device = self.layers[0].module.weight.device
+        world = current()
+        self.grad_worker_fraction = grad_worker_fraction
+        self._kaisa = Kaisa(self.layers, grad_worker_fraction, world, self._terms_everywhere)
+        #: The task MC targets are sampled from (for the global batch when data-parallel).
+        self._sampling_task = GlobalSamples(self.task, world) if world.distributed else self.task
         #: Curvature state by layer name.
         self.state: dict[str, dict[str, Tensor]] = {}
+        #: Layers whose preconditioning terms were computed (the same set on every rank).
+        self._fresh: set[str] = set()
         #: Python counters (saved in the state dict).
         self.counters = {"factor_updates": 0}
         #: The damping on the device; ``_damping_value`` mirrors what was last written to it
@@ -241,7 +266,7 @@ class KroneckerPreconditioner(Preconditioner):
             if outputs is None:
                 raise RuntimeError(f"{type(self).__name__}.backward(loss): the forward of this "
                                    f"step was not seen; pass backward(loss, outputs)")
-            backward_sampled(self.capture, outputs, self.task, self.mc_samples,
+            backward_sampled(self.capture, outputs, self._sampling_task, self.mc_samples,
                              self._generator, retain_last=True)
         loss.backward()
 
@@ -259,6 +284,7 @@ class KroneckerPreconditioner(Preconditioner):
         """Forget the curvature (e.g. after pruning); the next forward collects fresh
         statistics and the next step recomputes the preconditioning terms."""
         self.state.clear()
+        self._fresh.clear()
         self.counters = {key: 0 for key in self.counters}
         self._adaptive = None
         super().reset()
@@ -272,13 +298,15 @@ class KroneckerPreconditioner(Preconditioner):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        fresh = [layer.name for layer in self.layers if layer.name in self._fresh]
         state.update(
-            layers={name: dict(values) for name, values in self.state.items()},
+            layers=self._kaisa.complete(fresh, self.state, self._term_keys()),
             counters=dict(self.counters),
             damping=self._damping.clone(),
             kept=self._kept.clone(),
             skipped_statistics=self._skipped_statistics.clone(),
             generator=None if self._generator is None else self._generator.get_state(),
+            damping_changed=self._damping_changed,
         )
         return state
 
@@ -290,13 +318,21 @@ class KroneckerPreconditioner(Preconditioner):
         device = self._damping.device
         self.state = {name: {key: value.to(device) for key, value in values.items()}
                       for name, values in state["layers"].items()}
+        self._fresh = {name for name, values in self.state.items() if self._refreshed(values)}
+        for name, values in self.state.items():  # a checkpoint holds every rank's terms
+            if not self._kaisa.holds(name):
+                for key in self._term_keys():
+                    values.pop(key, None)
         self.counters.update(state["counters"])
         for name in ("damping", "kept", "skipped_statistics"):
             getattr(self, f"_{name}").copy_(state[name])
         if self._generator is not None and state["generator"] is not None:
             self._generator.set_state(state["generator"].cpu())
-        self._damping_value = float(self._damping)
-        self._damping_changed = True  # an adaptive change after the saved step re-inverts
+        # what the schedule last wrote (the float32 copy on the device would differ from it)
+        self._damping_value = self._scheduled_damping(max(int(state["steps"]) - 1, 0))
+        # A damping change not yet folded into the terms re-inverts them at the next step, as
+        # it would have without the interruption (checkpoints without the flag: re-invert).
+        self._damping_changed = bool(state.get("damping_changed", True))
         super().load_state_dict(state)
 
     # ------------------------------------------------------------------ schedule
@@ -346,24 +382,60 @@ class KroneckerPreconditioner(Preconditioner):
         if self.capture.captured(PASS_KIND[self.fisher_type]) and self._stats_due(step):
             self._update_factors()
         with_factors = [layer for layer in self.layers if layer.name in self.state]
-        stale = any(not self._refreshed(self.state[layer.name]) for layer in with_factors)
+        stale = any(layer.name not in self._fresh for layer in with_factors)
         refreshed = bool(with_factors) and (self._refresh_due(step) or stale)
         if refreshed:
-            self._refresh(with_factors)
+            self._distribute(with_factors, self._refresh)
+            self._fresh.update(layer.name for layer in with_factors)
         self._update_scaling(refreshed)
         self._damping_changed = False
         if self._adapting(step):
             self._start_adaptive()
-        blocks: list[KLBlock] = []
-        for layer in with_factors:
-            grad = LayerGradient.of(layer)
-            if grad is None:
-                continue
-            direction = self._precondition(layer, self.state[layer.name], grad)
-            blocks.append((layer.params, grad.dot(direction)))
-            write_direction(layer, direction)
+        if self._kaisa.distributed:
+            blocks = self._precondition_shared(with_factors)
+        else:
+            blocks = []
+            for layer in with_factors:
+                grad = LayerGradient.of(layer)
+                if grad is None:
+                    continue
+                direction = self._precondition(layer, self.state[layer.name], grad)
+                blocks.append((layer.params, grad.dot(direction)))
+                write_direction(layer, direction)
         self.capture.clear()
         return blocks
+
+    def _precondition_shared(self, layers: list[LayerIO]) -> list[KLBlock]:
+        """Data-parallel preconditioning: the layers' gradient workers compute the directions,
+        the other ranks receive them (:meth:`Kaisa.share_directions`); then, as in one
+        process, each ``.grad`` becomes its direction."""
+        grads = {layer.name: LayerGradient.of(layer) for layer in layers}
+        live = [layer for layer in layers if grads[layer.name] is not None]
+        computed = {layer.name: self._precondition(layer, self.state[layer.name],
+                                                   grads[layer.name])
+                    for layer in live if self._kaisa.computes(layer.name)}
+        directions = self._kaisa.share_directions([layer.name for layer in live], computed)
+        blocks: list[KLBlock] = []
+        for layer in live:
+            blocks.append((layer.params, grads[layer.name].dot(directions[layer.name])))
+            write_direction(layer, directions[layer.name])
+        return blocks
+
+    def _distribute(self, layers: list[LayerIO],
+                    compute: Callable[[list[LayerIO]], None]) -> None:
+        """``compute`` the preconditioning terms of the layers this rank owns, then share them
+        with the ranks that hold them (:class:`~ngexp.optim.kaisa.Kaisa`); in one process,
+        ``compute(layers)``."""
+        if not self._kaisa.distributed:
+            compute(layers)
+            return
+        kept = self._kept.clone()
+        owned = [layer for layer in layers if self._kaisa.owns(layer.name)]
+        if owned:
+            compute(owned)
+        self._kaisa.share_terms([layer.name for layer in layers], self.state,
+                                self._term_keys())
+        self._kept = reduced_kept(self._kaisa, kept, self._kept)
 
     def _check_statistics(self) -> None:
         """Raise when this step cannot precondition: no statistics ever, or a statistics step
@@ -385,10 +457,14 @@ class KroneckerPreconditioner(Preconditioner):
         count = self.counters["factor_updates"] = self.counters["factor_updates"] + 1
         decay = min(self.stat_decay, 1 - 1 / count)
         passes = self.capture.passes(PASS_KIND[self.fisher_type])
-        for layer in self.layers:
-            if not layer.inputs:
-                continue
-            a, g = kronecker_factors(layer, passes, self._num_terms, self.kfac_approx)
+        layers = [layer for layer in self.layers if layer.inputs]
+        factors: Iterable[tuple[Tensor, Tensor]] = (
+            kronecker_factors(layer, passes, self._num_terms, self.kfac_approx)
+            for layer in layers)
+        if self._kaisa.distributed:  # the ranks' mean: the global batch's factors
+            flat = self._kaisa.mean([f for pair in factors for f in pair])
+            factors = zip(flat[0::2], flat[1::2], strict=True)
+        for layer, (a, g) in zip(layers, factors, strict=True):
             state = self.state.setdefault(layer.name, {})
             self._average(state, "A", a, decay)
             self._average(state, "G", g, decay)
@@ -428,6 +504,11 @@ class KroneckerPreconditioner(Preconditioner):
 
     def _refreshed(self, state: dict[str, Tensor]) -> bool:
         """Whether the layer's preconditioning terms exist."""
+        raise NotImplementedError
+
+    def _term_keys(self) -> tuple[str, ...]:
+        """The state keys of the terms :meth:`_refresh` computes (:func:`~ngexp.optim.kaisa.
+        term_shape` knows their shapes)."""
         raise NotImplementedError
 
     def _refresh(self, layers: list[LayerIO]) -> None:
@@ -484,7 +565,10 @@ class KroneckerPreconditioner(Preconditioner):
                 loss_after = self.task.loss(outputs, adaptive.targets).float()
             for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
                 buffer.copy_(saved)
-            self._rho = (loss_after - adaptive.loss.float()) / predicted
+            loss_before = adaptive.loss.float()
+            if self._kaisa.distributed:  # the global batch's losses
+                loss_after, loss_before = self._kaisa.mean([loss_after, loss_before])
+            self._rho = (loss_after - loss_before) / predicted
             omega = (19 / 20) ** self.adapt_interval
             factor = torch.where(self._rho > 0.75, omega,
                                  torch.where(self._rho < 0.25, 1 / omega, 1.0))

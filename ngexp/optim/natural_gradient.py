@@ -30,6 +30,12 @@ mode uses batch statistics without updating its running statistics again, and dr
 
 The plain ``loss.backward()`` is all it needs: the batch comes from the hooked model's last
 training forward, the empirical Fisher's output gradients from its backward.
+
+Data-parallel (an initialized ``torch.distributed`` process group, the model in
+``DistributedDataParallel``): each product ``C v`` is taken on the rank's batch and
+all-reduced to the ranks' mean, the global batch's product, while the gradient is already the
+ranks' mean; so every rank runs the same CG on the same numbers (one all-reduce of ``P``
+floats per iteration; ``curvature_batch_size`` counts examples per rank).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from ngexp.curvature.products import (
     flatten,
     ggn_output_product,
 )
+from ngexp.distributed import comm
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
 from ngexp.optim.preconditioner import KLBlock, Preconditioner
 from ngexp.optim.training import base_optimizer
@@ -154,7 +161,8 @@ class NaturalGradient(Preconditioner):
                 grad, x0 = keep * grad, None if x0 is None else keep * x0
 
             def operator(v: Tensor) -> Tensor:
-                curvature = product(v) if keep is None else keep * product(v)
+                (local,) = comm.all_reduce_mean([product(v)])  # as is in one process
+                curvature = local if keep is None else keep * local
                 return curvature + damping * v
 
             return conjugate_gradient(operator, grad, x0, self.cg_iters, self.cg_tol)

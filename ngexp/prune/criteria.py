@@ -13,11 +13,15 @@ The criteria choose (g, d): ``magnitude`` (g = 0, d = 1, i.e. |w|), ``taylor1`` 
 Molchanov et al. 2017), ``obd`` (g = 0, d = exact diagonal GGN = Fisher; LeCun et al. 1990),
 ``qm`` (g and exact diagonal GGN), ``kfac``/``ekfac`` (g = 0, d = diagonal of the K-FAC / EKFAC
 approximation of the Fisher), and ``random`` scores as a control.
+
+Data-parallel, each rank scores on its share of the batches and ``reduce`` (a sum over the
+ranks) combines the gradient and curvature sums and their counts before they are normalized,
+so every rank gets the same scores, and so the same masks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +33,8 @@ from ngexp.curvature.tasks import Task
 from ngexp.prune.masks import param_key
 
 Batches = Iterable[tuple[Tensor, Tensor]]
+#: Elementwise sums over the data-parallel ranks (``ngexp.distributed.comm.all_reduce_sum``).
+Reduce = Callable[[list[Tensor]], list[Tensor]]
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,9 @@ def needs_data(criterion: str) -> bool:
 
 
 def loss_gradient(model: nn.Module, task: Task, batches: Batches,
-                  params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Gradient of the mean loss over all terms of ``batches`` with respect to ``params``
-    (name -> parameter); leaves ``.grad`` untouched."""
+                  params: dict[str, Tensor], reduce: Reduce | None = None) -> dict[str, Tensor]:
+    """Gradient of the mean loss over all terms of ``batches`` (of every rank, with
+    ``reduce``) with respect to ``params`` (name -> parameter); leaves ``.grad`` untouched."""
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     terms = 0
     for inputs, targets in batches:
@@ -69,6 +75,10 @@ def loss_gradient(model: nn.Module, task: Task, batches: Batches,
         for name, grad in zip(total, grads, strict=True):
             total[name] += grad
         terms += count
+    if reduce is not None:
+        device = next(iter(params.values())).device
+        *sums, all_terms = reduce([*total.values(), torch.tensor(float(terms), device=device)])
+        return {name: grad / all_terms for name, grad in zip(total, sums, strict=True)}
     return {name: grad / terms for name, grad in total.items()}
 
 
@@ -90,24 +100,26 @@ def unit_scores(weight: Tensor, grad: Tensor | None, curvature: Tensor | None, p
 def saliencies(criterion: str, model: nn.Module, task: Task, batches: Batches,
                layers: dict[str, nn.Module], num_units: dict[str, int], *,
                penalty: float = 0.0, fisher_type: str = "mc",
-               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+               generator: torch.Generator | None = None,
+               reduce: Reduce | None = None) -> dict[str, Tensor]:
     """Score of every unit of each layer (name -> ``(num_units[name],)``), lower = pruned
     first. ``batches`` must be re-iterable (a list) when both g and d are needed;
-    ``generator`` draws the random scores and the targets of the ``mc`` Fisher."""
+    ``generator`` draws the random scores and the targets of the ``mc`` Fisher; ``reduce``
+    sums the statistics over data-parallel ranks (module docstring)."""
     spec = CRITERIA[criterion]
     if spec is None:
         return {name: torch.rand(num_units[name], generator=generator,
                                  device=layer.weight.device) for name, layer in layers.items()}
     weights = {param_key(name): layer.weight for name, layer in layers.items()}
-    grads = loss_gradient(model, task, batches, weights) if spec.gradient else {}
+    grads = loss_gradient(model, task, batches, weights, reduce) if spec.gradient else {}
     curvature: dict[str, Tensor] = {}
     if spec.curvature == "identity":
         curvature = {key: torch.ones_like(w) for key, w in weights.items()}
     elif spec.curvature == "ggn":
-        curvature = diagonal_ggn(model, task, batches, layers)
+        curvature = diagonal_ggn(model, task, batches, layers, reduce)
     elif spec.curvature in ("kfac", "ekfac"):
         curvature = kronecker_diagonal(model, task, batches, fisher_type=fisher_type,
-                                       kind=spec.curvature, generator=generator)
+                                       kind=spec.curvature, generator=generator, reduce=reduce)
     return {name: unit_scores(layer.weight, grads.get(param_key(name)),
                               curvature.get(param_key(name)), penalty, num_units[name])
             for name, layer in layers.items()}

@@ -12,6 +12,13 @@ preconditioning) and weights are re-masked after it, so neither momentum, weight
 preconditioner that mixes coordinates (K-FAC) can revive a pruned weight. The masks are part of
 the callback's ``state_dict`` and so of every checkpoint.
 
+Data-parallel, every rank runs the pruner: each scores on its share of the scoring batches
+(round-robin) and the criteria sum their statistics over the ranks
+(:mod:`ngexp.prune.criteria`), so the masks agree on every rank and equal one process's for
+every criterion but the Monte-Carlo Fisher ones (``kfac``/``ekfac`` with ``fisher_type=mc``):
+there each rank draws its targets from its own generator, seeded from the shared one (which all
+ranks must keep advancing alike).
+
 Sparsities are fractions of the units in scope: the weights of the prunable Linear/Conv2d
 layers (:func:`ngexp.prune.masks.prunable_layers`), or with ``structure="filter"`` their output
 channels (Conv2d filters, Linear neurons, with their biases).
@@ -26,6 +33,8 @@ import torch
 
 from ngexp.callbacks import Callback, Trainer
 from ngexp.curvature.kronecker import FISHER_TYPES
+from ngexp.distributed import comm
+from ngexp.distributed.world import current
 from ngexp.errors import UserError
 from ngexp.options import (
     check,
@@ -222,10 +231,16 @@ class Pruner(Callback):
         s = self.settings
         batches = (list(trainer.train_batches(s.num_examples, s.batch_size))
                    if needs_data(s.criterion) else [])
+        world, generator, reduce = current(), trainer.generator, None
+        if world.distributed and needs_data(s.criterion):
+            batches, reduce = batches[world.rank::world.size], comm.all_reduce_sum
+            if s.fisher_type == "mc" and CRITERIA[s.criterion].curvature in ("kfac", "ekfac"):
+                seed = torch.randint(2**62, (), device=generator.device, generator=generator)
+                generator = torch.Generator(generator.device).manual_seed(int(seed) + world.rank)
         scores = saliencies(s.criterion, unwrap(trainer.model), trainer.task, batches,
                             masks.layers, {n: masks.num_units(n) for n in names},
                             penalty=s.locality_penalty, fisher_type=s.fisher_type,
-                            generator=trainer.generator)
+                            generator=generator, reduce=reduce)
         alive = [masks.alive(name) for name in names]
         ordered = [scores[name] for name in names]
         if s.scope == "global":

@@ -6,6 +6,14 @@ its curvature) -> callbacks before the step -> global-norm clipping -> precondit
 optimizer step -> lr schedule -> callbacks after the step. Training metrics are accumulated on
 the device and read once per ``trainer.log_every`` steps, so the step path does not synchronize
 with the host.
+
+Data-parallel (a process of ``torchrun``, ``trainer.devices=N`` or a multi-task SLURM step;
+``docs/distributed.md``): every rank builds the same run, trains through
+``DistributedDataParallel`` on its rows of each global batch, evaluates its shard of each split
+and sums its metric sums with the others' before anything is logged; rank 0 alone writes the
+run directory (after deciding, for all, whether to skip, resume or start over). Host-side
+decisions that may differ between ranks (a stop signal, a NaN, a failed write) are agreed on
+with the other ranks, so all of them checkpoint and stop at the same step.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import resource
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,11 +38,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ngexp.callbacks import Callback
-from ngexp.config import TrainerConfig, semantic_config
+from ngexp.config import TrainerConfig, check_world, semantic_config
 from ngexp.curvature.tasks import Reconstruction, Task, build_task
 from ngexp.data.bundle import DataBundle, epoch_batches, eval_batches
+from ngexp.distributed import comm
+from ngexp.distributed.world import World, join, launched_world
 from ngexp.errors import UserError
 from ngexp.metrics import better
 from ngexp.models import build_model
@@ -42,9 +53,11 @@ from ngexp.optim.build import build_optimizer
 from ngexp.train import rundir
 from ngexp.train.checkpoint import (
     LAST,
+    PREVIOUS,
     all_finite,
     init_weights,
     load_resumable,
+    read_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -68,12 +81,41 @@ class RunWriteError(UserError):
     """The run could not write its files (disk full, permissions); it ended ``failed(io)``."""
 
 
-def resolve_device(name: str) -> torch.device:
+class RankZeroFailed(UserError):
+    """Rank 0 stopped a data-parallel run before training (it reports why)."""
+
+
+#: ``first_bad_step`` of a rank without a non-finite loss, when the ranks agree on the first.
+NO_BAD_STEP = 2**62
+
+
+def resolve_device(name: str, world: World | None = None) -> torch.device:
+    """The device of ``trainer.device``; data-parallel, ``cuda`` is ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name!r} but CUDA is not available; choices: auto, cpu")
+    if world is not None and world.distributed and name == "cuda":
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
+
+
+def on_main(world: World, action: Callable[[], bool]) -> bool:
+    """``action()`` run on rank 0 only (where it may print, write and raise), its outcome the
+    same on every rank; an exception there stops the other ranks too
+    (:class:`RankZeroFailed`)."""
+    outcome, failure = False, None
+    if world.is_main:
+        try:
+            outcome = action()
+        except Exception as error:  # re-raised below, once the other ranks know
+            failure = error
+    code = comm.broadcast_int(-1 if failure is not None else int(outcome))
+    if failure is not None:
+        raise failure
+    if code < 0:
+        raise RankZeroFailed("rank 0 stopped the run (its error says why)")
+    return bool(code)
 
 
 def environment() -> dict[str, Any]:
@@ -105,7 +147,12 @@ class Engine:
         # A plain dataclass, read once: DictConfig attribute access costs ~20 us per read, which
         # the per-step path would pay several times per step.
         self.trainer = trainer = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
-        self.device = resolve_device(trainer.device)
+        launched = launched_world()
+        check_world(cfg, launched, launched.distributed)
+        self.world = join(trainer.device)
+        if not self.world.is_main:  # rank 0 speaks and writes for the run
+            self.console = Console(quiet=True)
+        self.device = resolve_device(trainer.device, self.world)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -117,7 +164,10 @@ class Engine:
 
         bundle: DataBundle = instantiate(cfg.data, _partial_=True)()
         self.data = bundle.to(self.device)
-        self.model = build_model(cfg.model, self.data.spec).to(self.device)
+        model = build_model(cfg.model, self.data.spec)
+        if trainer.sync_bn and self.world.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(self.device)
         if trainer.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.task: Task = build_task(getattr(self.model, "task", self.data.spec.task))
@@ -127,11 +177,21 @@ class Engine:
         # Compiled forward passes; the steps whose forward a preconditioner captures (its
         # statistics, its batch) run the eager model, whose hooks then record.
         self.forward = torch.compile(self.model) if trainer.compile else self.model
+        #: The training forward of the steps a preconditioner captures (eager).
+        self.eager = self.model
+        if self.world.distributed:  # training through DDP; evaluation on the model itself
+            self.local_forward = self.forward
+            self.eager = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.forward = torch.compile(self.eager) if trainer.compile else self.eager
 
-        self.steps_per_epoch = len(self.data.train) // trainer.batch_size
+        self.global_batch = trainer.batch_size * self.world.size
+        self.steps_per_epoch = len(self.data.train) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise UserError(f"trainer.batch_size={trainer.batch_size} is larger than the "
-                            f"{len(self.data.train)} training examples; choose at most that")
+            processes = f" x {self.world.size} processes" if self.world.distributed else ""
+            raise UserError(f"trainer.batch_size={trainer.batch_size}{processes} is larger than "
+                            f"the {len(self.data.train)} training examples; choose at most "
+                            f"{len(self.data.train) // self.world.size}")
         # trainer.epochs or trainer.max_steps, whichever comes first
         self.total_steps = min(trainer.max_steps or math.inf, trainer.epochs * self.steps_per_epoch)
         multiplier = instantiate(cfg.lr_schedule, _partial_=True)(
@@ -141,7 +201,8 @@ class Engine:
                                           for node in (cfg.get("callbacks") or {}).values()]
         if cfg.get("prune"):
             self.callbacks.append(instantiate(cfg.prune, _partial_=True)())
-        self.loggers: list[Logger] = [MetricsFile(), *build_loggers(cfg.get("logger") or {})]
+        self.loggers: list[Logger] = ([MetricsFile(), *build_loggers(cfg.get("logger") or {})]
+                                      if self.world.is_main else [])
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
         self.step = 0
@@ -182,6 +243,9 @@ class Engine:
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Loss and metrics averaged over a whole split (``test``, ``val`` or ``train``)."""
         data = getattr(self.data, split)
+        forward = self.forward
+        if self.world.distributed:  # this rank's shard, the model itself
+            data, forward = data.shard(self.world.rank, self.world.size), self.local_forward
         was_training = self.model.training
         self.model.eval()
         sums: dict[str, Tensor] = {}
@@ -190,13 +254,22 @@ class Engine:
             inputs = self._to_memory_format(inputs)
             targets = self.targets_for(inputs, targets)
             with self.autocast():
-                outputs = self.forward(inputs)
+                outputs = forward(inputs)
             for key, value in self.task.metric_sums(outputs, targets).items():
                 sums[key] = sums[key] + value if key in sums else value
             count += self.task.num_terms(targets)
         self.model.train(was_training)
-        values = dict(zip(sums, torch.stack(list(sums.values())).tolist(), strict=True))
+        totals = torch.stack(list(sums.values()))
+        if self.world.distributed:  # every shard's sums
+            totals, count = self._sum_over_ranks(totals, count)
+        values = dict(zip(sums, totals.tolist(), strict=True))
         return self.task.finalize(values, count)
+
+    def _sum_over_ranks(self, sums: Tensor, count: int) -> tuple[Tensor, int]:
+        """``sums (k,)`` and ``count`` summed over the ranks (float64: exact counts)."""
+        total, terms = comm.all_reduce_sum(
+            [sums.double(), torch.tensor(float(count), dtype=torch.float64, device=sums.device)])
+        return total, int(terms)
 
     def log(self, metrics: Mapping[str, float]) -> None:
         """Record ``metrics`` at the current step with every logger (metrics.jsonl first)."""
@@ -250,7 +323,7 @@ class Engine:
         inputs = self._to_memory_format(inputs)
         targets = self.targets_for(inputs, targets)
         self.optimizer.zero_grad()
-        forward = self.model if self.optimizer.captures_next_forward else self.forward
+        forward = self.eager if self.optimizer.captures_next_forward else self.forward
         with self.autocast():
             outputs = forward(inputs)
             loss = self.task.loss(outputs, targets)
@@ -280,6 +353,9 @@ class Engine:
 
     def _check_finite(self) -> None:
         bad = int(self.first_bad_step)
+        if self.world.distributed:  # the first on any rank: every rank stops
+            bad = comm.agree_min(bad if bad >= 0 else NO_BAD_STEP)
+            bad = -1 if bad == NO_BAD_STEP else bad
         if bad >= 0:
             raise FloatingPointError(f"nan at step {bad}")
 
@@ -289,17 +365,19 @@ class Engine:
         if self.window_steps == 0:
             return
         sums = dict(self.window_sums)
-        grad_norm = sums.pop("grad_norm", None)
-        totals = torch.stack([v.float() for v in sums.values()]).tolist()
-        values = dict(zip(sums, totals, strict=True))
+        grad_norm = sums.pop("grad_norm", None)  # of the ranks' mean gradient: the same on all
+        stacked, terms = torch.stack([v.float() for v in sums.values()]), self.window_terms
+        if self.world.distributed:
+            stacked, terms = self._sum_over_ranks(stacked, terms)
+        values = dict(zip(sums, stacked.tolist(), strict=True))
         seconds = time.perf_counter() - self.window_start
-        averages = self.task.finalize(values, self.window_terms)
+        averages = self.task.finalize(values, terms)
         metrics = {f"train/{k}": v for k, v in averages.items()}
         metrics["optim/lr"] = self.optimizer.param_groups[0]["lr"]
         if grad_norm is not None:
             metrics["optim/grad_norm"] = float(grad_norm)
         metrics.update({f"optim/{k}": v for k, v in self.optimizer.log_metrics().items()})
-        metrics["train/examples_per_s"] = self.window_steps * self.trainer.batch_size / seconds
+        metrics["train/examples_per_s"] = self.window_steps * self.global_batch / seconds
         metrics["train/step_time_ms"] = 1000 * seconds / self.window_steps
         metrics["train/peak_mem_mb"] = self._peak_memory_mb()
         self.last_train = metrics
@@ -348,7 +426,7 @@ class Engine:
             return
         with torch.no_grad():
             estimate(inputs for inputs, _ in self.train_batches(len(self.data.train),
-                                                                 self.trainer.batch_size))
+                                                                 self.global_batch))
 
     def selection_key(self) -> str:
         """The metric ``best.pt`` (and by default early stopping) follows: ``val/acc``, or
@@ -389,12 +467,21 @@ class Engine:
         self.best_step = state.get("best_step", {})
 
     def _save(self, name: str) -> None:
-        """Write a checkpoint, never one whose weights or optimizer state are not finite."""
+        """Write a checkpoint, never one whose weights or optimizer state are not finite.
+        Data-parallel, every rank builds the state (a preconditioner gathers its terms) and
+        rank 0 writes it; a write error there stops every rank."""
         state = self.state_dict()
         if not all_finite([state["model"], state["optimizer"]]):
             raise FloatingPointError(f"nan at step {self.step} (non-finite weights or optimizer "
                                      f"state; no checkpoint written)")
-        save_checkpoint(self.run_dir / "checkpoints" / name, state)
+        failure: OSError | None = None
+        if self.world.is_main:
+            try:
+                save_checkpoint(self.run_dir / "checkpoints" / name, state)
+            except OSError as error:
+                failure = error
+        if comm.agree_max(int(failure is not None)):
+            raise failure or OSError(f"rank 0 could not write checkpoints/{name}")
 
     # ----------------------------------------------------------------- the run
     def _summary(self, status: str, reason: str | None = None) -> dict[str, Any]:
@@ -410,6 +497,8 @@ class Engine:
             "final": {**self.last_train, **self.last_eval},
             "best": self.best,
             "best_step": self.best_step,
+            "world_size": self.world.size,
+            "global_batch_size": self.global_batch,
             "device": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                        else f"cpu ({platform.processor() or platform.machine()}, "
                             f"{torch.get_num_threads()} threads)"),
@@ -422,41 +511,57 @@ class Engine:
 
     def _resume(self) -> None:
         """Restore the newest verified checkpoint; a corrupted ``last.pt`` is set aside (kept for
-        inspection) and the previous one used, or the run starts over -- with one line why."""
+        inspection) and the previous one used, or the run starts over -- with one line why.
+        Data-parallel, rank 0 chooses (and sets aside) and every rank loads its choice."""
         folder = self.run_dir / "checkpoints"
-        resumable = load_resumable(folder)
-        for problem in resumable.skipped:
-            name = problem.split(":", 1)[0]
-            aside = rundir.set_aside(folder / name, "corrupt")
-            self.say(f"checkpoint {problem}; moved to {aside.name}")
-        if resumable.state is not None:
-            self.load_state_dict(resumable.state)
-            rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-            source = "" if resumable.path is not None and resumable.path.name == LAST \
-                else f" ({resumable.path.name if resumable.path else ''})"
+        names = (LAST, PREVIOUS)
+        resumable = None
+
+        def choose() -> int:
+            nonlocal resumable
+            resumable = load_resumable(folder)
+            for problem in resumable.skipped:
+                name = problem.split(":", 1)[0]
+                aside = rundir.set_aside(folder / name, "corrupt")
+                self.say(f"checkpoint {problem}; moved to {aside.name}")
+            if resumable.path is not None:
+                return names.index(resumable.path.name) + 1
+            return -1 if resumable.skipped else 0
+
+        choice = comm.broadcast_int(choose() if self.world.is_main else 0)
+        if choice > 0:
+            state = resumable.state if resumable is not None \
+                else read_checkpoint(folder / names[choice - 1])
+            self.load_state_dict(state)
+            if self.world.is_main:
+                rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            source = "" if names[choice - 1] == LAST else f" ({names[choice - 1]})"
             self.say(f"resuming from step {self.step}{source}")
-        elif resumable.skipped:
-            rundir.remove_outputs(self.run_dir)
+        elif choice < 0:
+            if self.world.is_main:
+                rundir.remove_outputs(self.run_dir)
             self.say("no usable checkpoint left: starting over")
 
     def run(self) -> dict[str, Any]:
         """Train to ``total_steps`` (resuming from the newest good checkpoint); a write error
         (disk full, permissions) ends the run as ``failed(io: ...)``."""
-        run_log = attach_run_log(self.run_dir / "train.log")
-        resumed = any((self.run_dir / "checkpoints").glob("*.pt"))
+        main = self.world.is_main
+        run_log = attach_run_log(self.run_dir / "train.log") if main else None
+        resumed = bool(comm.broadcast_int(int(any((self.run_dir / "checkpoints").glob("*.pt")))))
         if resumed:
             self._resume()
         self.session_start = time.perf_counter()
         handlers: dict[int, Any] = {}
         started: list[Logger] = []
-        self.progress = ConsoleProgress(self.console, self.trainer.progress, self.total_steps,
-                                        self.step, self.steps_per_epoch)
+        self.progress = ConsoleProgress(self.console, self.trainer.progress if main else "none",
+                                        self.total_steps, self.step, self.steps_per_epoch)
         try:
             info = self.run_info(self.step if resumed else None)
             for logger in self.loggers:
                 logger.start(info)
                 started.append(logger)
-            rundir.write_summary(self.run_dir, self._summary("running"))
+            if main:
+                rundir.write_summary(self.run_dir, self._summary("running"))
             handlers = {sig: signal.signal(sig, self._handle_signal) for sig in STOP_SIGNALS}
             self._loop()
             status, reason = "completed", self.stop_reason
@@ -486,7 +591,7 @@ class Engine:
         return summary
 
     def _finish(self, status: str, reason: str | None, started: list[Logger],
-                run_log: logging.Handler) -> dict[str, Any]:
+                run_log: logging.Handler | None) -> dict[str, Any]:
         """End the loggers' sessions, write the summary and show it -- as far as the disk
         lets."""
         summary = self._summary(status, reason)
@@ -500,13 +605,15 @@ class Engine:
             for logger in self.loggers:
                 logger.close()
         try:
-            rundir.write_summary(self.run_dir, summary)
+            if self.world.is_main:
+                rundir.write_summary(self.run_dir, summary)
         except OSError as error:
             self.say(f"could not write {self.run_dir / 'summary.json'}: "
                      f"{describe_os_error(error)}")
         self.console.print(summary_table(self._summary_rows(status, reason)))
         self.say(f"run dir: {self.run_dir}")
-        detach_run_log(run_log)
+        if run_log is not None:
+            detach_run_log(run_log)
         return summary
 
     def _summary_rows(self, status: str, reason: str | None) -> dict[str, Any]:
@@ -537,7 +644,8 @@ class Engine:
                                                   generator=self.generator)
             for inputs, targets in epoch_batches(self.data.train, trainer.batch_size,
                                                  self.permutation, start, self.data.augment,
-                                                 self.generator):
+                                                 self.generator, self.world.rank,
+                                                 self.world.size):
                 self.train_step(inputs, targets)
                 self.progress.advance(self.step)
                 if self.step % trainer.log_every == 0:
@@ -545,7 +653,7 @@ class Engine:
                 if trainer.eval_every and self.step % trainer.eval_every == 0:
                     self._eval_and_log()
                     self.window_start = time.perf_counter()
-                if self.stop_signal is not None:
+                if self._stop_requested():
                     self._check_finite()
                     self._save("last.pt")
                     raise RunInterrupted()
@@ -560,6 +668,13 @@ class Engine:
                 self._end_epoch()
         for callback in self.callbacks:
             callback.on_train_end(self)
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal arrived; data-parallel, on any rank (agreed on the host at
+        every step, so every rank checkpoints the same step)."""
+        if self.world.distributed:
+            self.stop_signal = comm.agree_max(self.stop_signal or 0) or None
+        return self.stop_signal is not None
 
     def _end_epoch(self) -> None:
         trainer = self.trainer
@@ -612,41 +727,57 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
     Bad input fails before anything is written (building the :class:`Engine` validates data,
     model and optimizer together). Then the run directory's lock is taken before anything in it
     changes: a live run is never renamed (``force=true``, ``resume=false``) nor written to.
+    Data-parallel, this joins the process group first; rank 0 decides and writes, for all.
     """
     console = console or Console(soft_wrap=True)
-    run_dir = run_dir or rundir.run_directory(cfg, choices)
-    if not cfg.force and skip_finished(run_dir, console):
+    launched = launched_world()
+    check_world(cfg, launched, launched.distributed)
+    world = join(cfg.trainer.device)
+    if not world.is_main:
+        console = Console(quiet=True)
+    run_dir = run_dir or rundir.run_directory(cfg, choices, world.size)
+    if not cfg.force and on_main(world, lambda: skip_finished(run_dir, console)):
         return None
     engine = Engine(cfg, choices, run_dir, console)
     with ExitStack() as stack:
-        lock = rundir.lock(make_run_dir(run_dir, cfg.output_root))
-        if lock is None:
-            console.print(f"skipping {run_dir}: another process is running this config")
+        if not on_main(world, lambda: prepare_run_dir(stack, cfg, run_dir, console, job_dir,
+                                                      hydra_files)):
             return None
-        stack.enter_context(lock)
-        if not cfg.force and skip_finished(run_dir, console):
-            return None
-        if (cfg.force or not cfg.resume) and rundir.has_outputs(run_dir):
-            aside = rundir.set_aside(run_dir, "replaced")  # we hold its lock: nobody runs it
-            console.print(f"{'force=true' if cfg.force else 'resume=false'}: previous run moved "
-                          f"to {aside}")
-            lock = rundir.lock(make_run_dir(run_dir, cfg.output_root))
-            if lock is None:
-                console.print(f"skipping {run_dir}: another process started this config")
-                return None
-            stack.enter_context(lock)
-        try:
-            if job_dir is not None:
-                rundir.atomic_write_text(job_dir / "run_dir.txt", str(run_dir.resolve()) + "\n")
-            if not any((run_dir / "checkpoints").glob("*.pt")):
-                rundir.remove_outputs(run_dir)  # a run that died before its first checkpoint
-            rundir.save_config(run_dir, cfg)
-            for name, text in (hydra_files or {}).items():  # Hydra's own record of the job
-                rundir.atomic_write_text(run_dir / ".hydra" / name, text)
-        except OSError as error:
-            raise RunWriteError(f"{run_dir}: {describe_os_error(error)}") from None
         console.print(f"run dir: {run_dir}")
         return engine.run()
+
+
+def prepare_run_dir(stack: ExitStack, cfg: DictConfig, run_dir: Path, console: Console,
+                    job_dir: Path | None, hydra_files: Mapping[str, str] | None) -> bool:
+    """Lock ``run_dir`` (held by ``stack``), set a replaced run aside and write the config;
+    ``False`` when the run is to be skipped (finished, or another process holds it)."""
+    lock = rundir.lock(make_run_dir(run_dir, cfg.output_root))
+    if lock is None:
+        console.print(f"skipping {run_dir}: another process is running this config")
+        return False
+    stack.enter_context(lock)
+    if not cfg.force and skip_finished(run_dir, console):
+        return False
+    if (cfg.force or not cfg.resume) and rundir.has_outputs(run_dir):
+        aside = rundir.set_aside(run_dir, "replaced")  # we hold its lock: nobody runs it
+        console.print(f"{'force=true' if cfg.force else 'resume=false'}: previous run moved "
+                      f"to {aside}")
+        lock = rundir.lock(make_run_dir(run_dir, cfg.output_root))
+        if lock is None:
+            console.print(f"skipping {run_dir}: another process started this config")
+            return False
+        stack.enter_context(lock)
+    try:
+        if job_dir is not None:
+            rundir.atomic_write_text(job_dir / "run_dir.txt", str(run_dir.resolve()) + "\n")
+        if not any((run_dir / "checkpoints").glob("*.pt")):
+            rundir.remove_outputs(run_dir)  # a run that died before its first checkpoint
+        rundir.save_config(run_dir, cfg)
+        for name, text in (hydra_files or {}).items():  # Hydra's own record of the job
+            rundir.atomic_write_text(run_dir / ".hydra" / name, text)
+    except OSError as error:
+        raise RunWriteError(f"{run_dir}: {describe_os_error(error)}") from None
+    return True
 
 
 def skip_finished(run_dir: Path, console: Console) -> bool:

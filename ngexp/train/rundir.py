@@ -2,7 +2,9 @@
 
 Layout: ``<output_root>/<name>/<hash>/seed_<seed>/`` where ``hash`` covers the resolved config
 minus non-semantic keys (:data:`ngexp.config.NON_SEMANTIC_KEYS`) and the seed, so the seeds of one
-configuration sit side by side.
+configuration sit side by side. A data-parallel run hashes its global batch in place of
+``trainer.batch_size``: runs of any world size with the same global batch share a directory
+(and resume each other).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from ngexp.config import semantic_config
 GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune")
 
 
-def config_hash(cfg: DictConfig) -> str:
-    text = json.dumps(semantic_config(cfg), sort_keys=True, default=str)
+def config_hash(cfg: DictConfig, world_size: int = 1) -> str:
+    text = json.dumps(semantic_config(cfg, world_size), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -36,8 +38,9 @@ def run_name(cfg: DictConfig, choices: Mapping[str, str | None]) -> str:
     return "-".join(str(part) for part in parts if part)
 
 
-def run_directory(cfg: DictConfig, choices: Mapping[str, str | None]) -> Path:
-    return (Path(cfg.output_root) / run_name(cfg, choices) / config_hash(cfg)
+def run_directory(cfg: DictConfig, choices: Mapping[str, str | None],
+                  world_size: int = 1) -> Path:
+    return (Path(cfg.output_root) / run_name(cfg, choices) / config_hash(cfg, world_size)
             / f"seed_{cfg.seed}")
 
 

@@ -1,0 +1,268 @@
+"""Distributed K-FAC and EKFAC: KAISA's placement of the work across data-parallel ranks
+(Pauloski, Huang, Xu, Chard, Foster, Zhang: "KAISA: An Adaptive Second-Order Optimizer
+Framework for Deep Neural Networks", SC'21, Sec. III; reference implementation
+gpauloski/kfac-pytorch, whose names ``grad_worker_fraction`` and gradient workers/receivers
+are used here).
+
+With ``N`` ranks, ``grad_worker_fraction = f`` makes ``g = N f`` ranks the *gradient workers*
+of each layer (``g`` must divide ``N``). The ranks form a grid of ``g`` rows by ``P = N / g``
+columns, rank ``r`` in row ``r // P`` and column ``r % P``:
+
+- **Statistics** (every ``cov_update_freq`` steps): each rank computes the factors ``A`` and
+  ``G`` (EKFAC: also its eigenbasis moments ``s``) of its local batch; they are all-reduced to
+  their mean over the ranks, which for equal local batches is the global batch's estimate, so
+  every rank keeps the same running averages (KAISA Sec. III-A, "factor communication").
+- **Decompositions** (every ``inv_update_freq`` steps): each layer is assigned to one rank,
+  greedily, largest cost ``groups (d_A^3 + d_G^3)`` first, to the column with the least load
+  and in it the rank with the least (KAISA Sec. III-B; its inverse and eigendecomposition
+  workers, factors of a layer colocated). That rank inverts or eigendecomposes the layer's
+  factors and broadcasts the result to the other ranks of its column: those ``g`` ranks hold
+  the layer's preconditioning terms. (EKFAC holds its eigenbases on every rank, because each
+  rank rotates its own per-example gradients into them for ``s``; its bases are broadcast to
+  all.)
+- **Preconditioning** (every step): the ``g`` ranks of the layer's column compute its
+  preconditioned gradient ``V``; a rank outside that column receives ``V`` from the member of
+  the column in its own row (a broadcast within the row).
+
+So ``f = 1/N`` (``g = 1``, KAISA's MEM-OPT) keeps each layer's terms on one rank and broadcasts
+every ``V`` (an all-gather of the preconditioned gradient per step); ``f = 1`` (``g = N``,
+COMM-OPT, the default) broadcasts the terms to all ranks at each refresh and communicates no
+gradient; fractions in between (HYBRID-OPT) trade the two. Memory for terms per rank: about
+``f`` times the single-process amount (``docs/distributed.md`` gives the bytes per step).
+
+Every collective is issued in the same order on all ranks of its group; column broadcasts
+(refreshes) always precede row broadcasts (the step's directions), so no two groups wait on
+each other. Results equal one process on the union batch up to the order of floating-point
+sums (tested on gloo, 2 processes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ngexp.curvature.capture import LayerIO
+from ngexp.curvature.tasks import Task
+from ngexp.distributed import comm
+from ngexp.distributed.world import World
+from ngexp.errors import OptionError
+from ngexp.options import check_range
+
+#: Process groups by their ranks, shared by every preconditioner of this process.
+_GROUPS: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+
+
+def grad_worker_count(world_size: int, fraction: float) -> int:
+    """``g = max(1, world_size * fraction)`` gradient workers (kfac-pytorch's rule, so any
+    fraction suits one process); one :class:`OptionError` line when that is not a divisor of
+    ``world_size`` (listing the fractions that are)."""
+    check_range("grad_worker_fraction", fraction, 0, 1, closed="(]")
+    workers = max(1.0, world_size * fraction)
+    if abs(workers - round(workers)) > 1e-9 or world_size % round(workers):
+        valid = ", ".join(f"{d}/{world_size}" if d < world_size else "1"
+                          for d in range(1, world_size + 1) if world_size % d == 0)
+        raise OptionError(f"grad_worker_fraction={fraction!r} is invalid: expected k/"
+                          f"{world_size} with k a divisor of the world size {world_size}: "
+                          f"{valid}")
+    return round(workers)
+
+
+def assign(costs: Mapping[str, float], columns: Sequence[Sequence[int]],
+           world_size: int) -> dict[str, int]:
+    """Greedy balanced assignment (module docstring): layer name -> rank, largest cost first,
+    to the least-loaded column and its least-loaded rank (ties: the lower index)."""
+    load = [0.0] * world_size
+    owners: dict[str, int] = {}
+    for name in sorted(costs, key=lambda n: -costs[n]):  # stable: equal costs keep order
+        column = min(columns, key=lambda ranks: sum(load[r] for r in ranks))
+        rank = min(column, key=lambda r: load[r])
+        load[rank] += costs[name]
+        owners[name] = rank
+    return owners
+
+
+def term_shape(layer: LayerIO, key: str) -> tuple[int, ...]:
+    """Shape of a layer's preconditioning term ``key`` (the state keys of K-FAC and EKFAC)."""
+    groups, d_in, d_out = layer.groups, layer.in_dim, layer.out_dim
+    return {"A_inv": (groups, d_in, d_in), "U_A": (groups, d_in, d_in),
+            "lambda_A": (groups, d_in), "G_inv": (groups, d_out, d_out),
+            "U_G": (groups, d_out, d_out), "lambda_G": (groups, d_out), "pi": (groups,),
+            "s": (groups, d_out, d_in)}[key]
+
+
+def process_group(ranks: Sequence[int], world_size: int) -> dist.ProcessGroup | None:
+    """The group of ``ranks`` (``None``: the default group, for all of them). Every rank must
+    ask for every group, in the same order (``torch.distributed.new_group``)."""
+    key = tuple(sorted(ranks))
+    if len(key) == world_size:
+        return None
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(key))
+    return _GROUPS[key]
+
+
+class Kaisa:
+    """Where each layer's work runs and the collectives that share it (module docstring), for
+    ``layers`` of a Kronecker preconditioner in ``world``. ``terms_everywhere``: every rank
+    holds every layer's terms (EKFAC). In a world of one, every layer is this rank's and
+    nothing is communicated."""
+
+    def __init__(self, layers: Sequence[LayerIO], grad_worker_fraction: float, world: World,
+                 terms_everywhere: bool = False) -> None:
+        self.world = world
+        self.grad_workers = grad_worker_count(world.size, grad_worker_fraction)
+        self.partitions = world.size // self.grad_workers
+        self.terms_everywhere = terms_everywhere
+        self.layers = {layer.name: layer for layer in layers}
+        costs = {layer.name: float(layer.groups * (layer.in_dim**3 + layer.out_dim**3))
+                 for layer in layers}
+        self.owner = assign(costs, [self.column(c) for c in range(self.partitions)],
+                            world.size)
+        self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+        if world.distributed:  # every rank creates every group, columns then rows
+            for ranks in ([self.column(c) for c in range(self.partitions)]
+                          + [self.row(r) for r in range(self.grad_workers)]):
+                if len(ranks) > 1:
+                    self._groups[ranks] = process_group(ranks, world.size)
+
+    # ------------------------------------------------------------------ placement
+    @property
+    def distributed(self) -> bool:
+        return self.world.distributed
+
+    def column(self, index: int) -> tuple[int, ...]:
+        """The gradient workers of column ``index``: ranks ``index, index + P, ...``."""
+        return tuple(range(index, self.world.size, self.partitions))
+
+    def row(self, index: int) -> tuple[int, ...]:
+        """Row ``index``: ranks ``index P, ..., index P + P - 1``."""
+        return tuple(range(index * self.partitions, (index + 1) * self.partitions))
+
+    def workers(self, name: str) -> tuple[int, ...]:
+        """The gradient workers of layer ``name``: its owner's column."""
+        return self.column(self.owner[name] % self.partitions)
+
+    def owns(self, name: str) -> bool:
+        """Whether this rank computes the layer's decompositions."""
+        return self.owner[name] == self.world.rank
+
+    def holds(self, name: str) -> bool:
+        """Whether this rank keeps the layer's preconditioning terms."""
+        return self.terms_everywhere or self.world.rank in self.workers(name)
+
+    def computes(self, name: str) -> bool:
+        """Whether this rank computes the layer's preconditioned gradient."""
+        return self.world.rank in self.workers(name)
+
+    def source(self, name: str) -> int:
+        """The rank this one receives the layer's preconditioned gradient from: the worker
+        in its own row."""
+        return (self.world.rank // self.partitions) * self.partitions \
+            + self.owner[name] % self.partitions
+
+    # ------------------------------------------------------------------ collectives
+    def mean(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Means over all ranks (statistics)."""
+        return comm.all_reduce_mean(tensors)
+
+    def total(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Sums over all ranks (e.g. counts of failed decompositions)."""
+        return comm.all_reduce_sum(tensors)
+
+    def share_terms(self, names: Sequence[str], state: dict[str, dict[str, Tensor]],
+                    keys: Sequence[str]) -> None:
+        """Broadcast the terms ``keys`` of layers ``names`` (just computed by their owners)
+        from each owner to the ranks that hold them, into ``state``."""
+        if not self.distributed:
+            return
+        if self.terms_everywhere:
+            self._broadcast_from_owners(names, state, keys, range(self.world.size), None)
+            return
+        column = self.column(self.world.rank % self.partitions)
+        if len(column) > 1:
+            self._broadcast_from_owners(names, state, keys, column, self._groups[column])
+
+    def complete(self, names: Sequence[str], state: Mapping[str, dict[str, Tensor]],
+                 keys: Sequence[str]) -> dict[str, dict[str, Tensor]]:
+        """A copy of ``state`` in which every layer of ``names`` has its terms ``keys`` (each
+        owner broadcasts them to all ranks): what a checkpoint must hold. A collective when
+        terms are not held everywhere."""
+        complete = {name: dict(values) for name, values in state.items()}
+        if self.distributed and not self.terms_everywhere and self.grad_workers < \
+                self.world.size:
+            self._broadcast_from_owners(names, complete, keys, range(self.world.size), None)
+        return complete
+
+    def share_directions(self, names: Sequence[str],
+                         directions: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every layer's preconditioned gradient ``(groups, d_out, d_in)`` on this rank:
+        ``directions`` holds those it computed; the others come from their source rank by a
+        broadcast within this rank's row."""
+        row = self.row(self.world.rank // self.partitions)
+        if not self.distributed or len(row) == 1:
+            return directions
+        shared = dict(directions)
+        for src in row:
+            mine = [name for name in names if self.source(name) == src]
+            tensors = [shared[name] if src == self.world.rank else
+                       torch.empty(term_shape(self.layers[name], "s"),
+                                   device=self.layers[name].module.weight.device)
+                       for name in mine]
+            comm.broadcast_(tensors, src, self._groups[row])
+            shared.update(zip(mine, tensors, strict=True))
+        return shared
+
+    def _broadcast_from_owners(self, names: Sequence[str], state: dict[str, dict[str, Tensor]],
+                               keys: Sequence[str], owners: Sequence[int],
+                               group: dist.ProcessGroup | None) -> None:
+        """For each rank of ``owners`` in turn, one coalesced broadcast (within ``group``) of
+        the terms of the layers of ``names`` it owns."""
+        for owner in owners:
+            mine = [name for name in names if self.owner[name] == owner]
+            slots: list[tuple[str, str]] = [(name, key) for name in mine for key in keys]
+            if owner == self.world.rank:
+                tensors = [state[name][key] for name, key in slots]
+            else:
+                tensors = [torch.empty(term_shape(self.layers[name], key),
+                                       device=self.layers[name].module.weight.device)
+                           for name, key in slots]
+            comm.broadcast_(tensors, owner, group)
+            for (name, key), tensor in zip(slots, tensors, strict=True):
+                state[name][key] = tensor
+
+
+class GlobalSamples(Task):
+    """``task`` with targets sampled for the global batch: each rank gathers every rank's
+    outputs (in rank order, i.e. the single process's batch), draws from the generator all
+    ranks share, and keeps its own rows -- the draws of one process on the union batch, and
+    generator states that stay equal on all ranks (so rank 0's checkpoint restores them all).
+    Costs an all-gather of the outputs per sampled pass on statistics steps."""
+
+    def __init__(self, task: Task, world: World) -> None:
+        self.task, self.world = task, world
+        self.name, self.metric_names = task.name, task.metric_names
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return self.task.loss(outputs, targets)
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        rows = outputs.shape[0]
+        everyone = comm.all_gather_rows(outputs.detach())
+        samples = self.task.sample_targets(everyone, generator)
+        return samples[self.world.rank * rows:(self.world.rank + 1) * rows]
+
+
+def reduced_kept(kaisa: Kaisa, before: Tensor, after: Tensor) -> Tensor:
+    """The count of kept (failed) decompositions after a distributed refresh: ``before`` plus
+    every rank's increments (each rank counts the decompositions it ran)."""
+    if not kaisa.distributed:
+        return after
+    (increment,) = kaisa.total([after - before])
+    return before + increment
+
+
+Compute = Callable[[list[LayerIO]], Any]
