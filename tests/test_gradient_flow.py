@@ -31,10 +31,12 @@ def model_and_batch(bn: str, gamma_init: float = 0.1) -> tuple[BNLSTM, torch.Ten
 
 
 def perturbed_gradient(model: BNLSTM, inputs: torch.Tensor, targets: torch.Tensor,
-                       step: int) -> torch.Tensor:
-    """dL/dh_step as the gradient of a zero perturbation added to h_step alone."""
+                       step: int, seed: int) -> torch.Tensor:
+    """dL/dh_step as the gradient of a zero perturbation added to h_step alone (the h_0 noise
+    of training drawn after ``torch.manual_seed(seed)``)."""
     delta = torch.zeros(len(inputs), model.hidden_size, dtype=torch.float64, requires_grad=True)
-    logits = model.run(inputs, noise=False,
+    torch.manual_seed(seed)
+    logits = model.run(inputs, noise=True,
                        on_state=lambda t, h: h + delta if t == step else h)
     (grad,) = torch.autograd.grad(F.cross_entropy(logits, targets), delta)
     return grad
@@ -43,9 +45,10 @@ def perturbed_gradient(model: BNLSTM, inputs: torch.Tensor, targets: torch.Tenso
 @pytest.mark.parametrize("bn", ["all", "input", "none"])
 def test_norms_equal_a_perturbation_at_each_step(bn: str) -> None:
     model, inputs, targets = model_and_batch(bn)
+    torch.manual_seed(7)  # the noise the measurement draws (from forked states)
     norms = hidden_gradient_norms(model, Classification(), inputs, targets)
     model.train()
-    brute = torch.stack([perturbed_gradient(model, inputs, targets, t).norm()
+    brute = torch.stack([perturbed_gradient(model, inputs, targets, t, seed=7).norm()
                          for t in range(1, 10)])
     assert norms.shape == (9,)
     torch.testing.assert_close(norms, brute.float(), rtol=1e-5, atol=1e-9)
@@ -54,9 +57,11 @@ def test_norms_equal_a_perturbation_at_each_step(bn: str) -> None:
 def test_last_step_gradient_in_closed_form() -> None:
     """dL/dh_T = (softmax(z) - onehot(y)) W_head / B for the mean cross-entropy."""
     model, inputs, targets = model_and_batch("all")
+    torch.manual_seed(7)
     norms = hidden_gradient_norms(model, Classification(), inputs, targets)
     model.train()
-    logits = model.run(inputs, noise=False)
+    torch.manual_seed(7)
+    logits = model.run(inputs, noise=True)
     closed = (logits.softmax(1) - F.one_hot(targets, 4)) @ model.head.weight / len(inputs)
     assert float(norms[-1]) == pytest.approx(float(closed.detach().norm()), rel=1e-6)
 
@@ -71,6 +76,19 @@ def test_measuring_keeps_buffers_mode_and_random_stream() -> None:
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_noise_of_training_keeps_a_constant_first_input_from_exploding() -> None:
+    """Sequences that all begin with the same pixel: without h_0 noise the first steps have no
+    batch variance and their batch norms amplify the gradient by ~gamma / sqrt(eps); with the
+    noise of training the gradient reaching h_1 stays of the order of the last step's."""
+    model, inputs, targets = model_and_batch("all")
+    inputs[:, :3] = 0.0
+    noisy = hidden_gradient_norms(model, Classification(), inputs, targets)
+    model.h0_noise_std = 0.0
+    silent = hidden_gradient_norms(model, Classification(), inputs, targets)
+    assert float(noisy[0] / noisy[-1]) < 10
+    assert float(silent[0] / silent[-1]) > 100 * float(noisy[0] / noisy[-1])
 
 
 def test_metrics_name_the_quarter_steps() -> None:

@@ -8,9 +8,14 @@ For a recurrent model whose ``run(x, noise, on_state)`` lets an observer see eac
 of the total derivative of the mean loss over a batch with respect to each hidden state (every
 path through later steps included). This is the quantity of Cooijmans et al. (2016, Sec. 4,
 Fig. 1): with a batch-norm scale ``gamma`` near 1 the tanh saturates and ``n_t`` vanishes
-towards the first steps; ``gamma = 0.1`` keeps it flowing. The model runs with batch
-statistics as in training, without the ``h_0`` noise (no random draw), and its buffers (the
-batch norms' population statistics) are restored after, so measuring never changes training.
+towards the first steps; ``gamma = 0.1`` keeps it flowing.
+
+The model runs as in a training forward: batch statistics, and the ``h_0`` noise of training.
+Without that noise a step whose hidden state is the same for every example (``h_0 = 0``, or a
+background pixel that every image shares) has zero batch variance, and its batch norm's
+derivative ``gamma / sqrt(eps)`` blows the gradient up; the noise is there to prevent exactly
+that (Sec. 5.1). The noise is drawn from forked random states and the buffers (the batch
+norms' population statistics) are restored after, so measuring never changes training.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ def hidden_gradient_norms(model: nn.Module, task: Task, inputs: Tensor,
     buffers = [buffer.clone() for buffer in model.buffers()]
     was_training = model.training
     model.train()
+    devices = [inputs.device] if inputs.is_cuda else []
     try:
-        with torch.enable_grad():
-            loss = task.loss(model.run(inputs, noise=False, on_state=record), targets)
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            loss = task.loss(model.run(inputs, noise=True, on_state=record), targets)
             grads = torch.autograd.grad(loss, states)
     finally:
         model.train(was_training)
