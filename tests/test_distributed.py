@@ -7,6 +7,7 @@ the summary, bad settings."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -164,7 +165,8 @@ def test_cli_two_processes_killed_and_resumed_equal_one_on_the_union_batch(
     first checkpoint, then ``trainer.devices=2`` on the same command: it resumes and ends (SGD
     with momentum, 80 steps) with the weights of one process with batch 2B, the uninterrupted
     run, in the same run directory relative to the output root; the summary records the
-    world."""
+    world. A copy of the killed run resumed by one process with batch 2B (another world size,
+    the same global batch) ends there too."""
     common = [*SHORT, "optimizer=sgd"]
     one = cli(*common, "trainer.batch_size=128", f"output_root={tmp_path / 'one'}")
     killed = cli(*common, "trainer.batch_size=64", f"output_root={tmp_path / 'two'}",
@@ -180,10 +182,13 @@ def test_cli_two_processes_killed_and_resumed_equal_one_on_the_union_batch(
     assert read_summary(two_run)["status"] == "running"  # killed: nobody wrote the end
     saved = torch.load(two_run / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert 0 < saved < 80
+    shutil.copytree(tmp_path / "two", tmp_path / "other")
 
     out = finish(cli(*common, "trainer.batch_size=64", f"output_root={tmp_path / 'two'}",
                      devices=2))
     assert f"resuming from step {saved}" in out and out.count("resuming") == 1, out  # rank 0
+    alone = finish(cli(*common, "trainer.batch_size=128", f"output_root={tmp_path / 'other'}"))
+    assert f"resuming from step {saved}" in alone, alone
     finish(one)
     [one_run] = run_dirs(tmp_path / "one")
     assert two_run.relative_to(tmp_path / "two") == one_run.relative_to(tmp_path / "one")
@@ -194,10 +199,13 @@ def test_cli_two_processes_killed_and_resumed_equal_one_on_the_union_batch(
     assert summary["final"]["test/acc"] == pytest.approx(single["final"]["test/acc"], abs=1e-3)
     steps = [r["step"] for r in read_metrics(two_run) if "train/loss" in r]
     assert steps == list(range(4, 81, 4))  # rank 0's records, none repeated by the resume
-    ours, theirs = last_weights(two_run), last_weights(one_run)
-    assert ours.keys() == theirs.keys()
-    for key, value in theirs.items():
-        assert float((ours[key] - value).abs().max()) <= TOL, key
+    [other_run] = run_dirs(tmp_path / "other")
+    assert read_summary(other_run)["world_size"] == 1
+    theirs = last_weights(one_run)
+    for ours in (last_weights(two_run), last_weights(other_run)):
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert float((ours[key] - value).abs().max()) <= TOL, key
 
 
 def test_run_hash_ignores_the_world_size_only_for_the_same_global_batch() -> None:
