@@ -21,18 +21,26 @@ def target_count(sparsity: float, total: int) -> int:
 
 def layerwise_counts(sparsity: float, sizes: list[int], pruned: list[int]) -> list[int]:
     """Pruned units per layer: ``sparsity * size`` each, rounded so that they sum to
-    ``round(sparsity * sum(sizes))``, at least the ``pruned`` counts, at most ``size - 1``."""
+    ``round(sparsity * sum(sizes))``, at least the ``pruned`` counts, at most ``size - 1``
+    (a layer already pruned past its share keeps its count and the others give way)."""
     caps = [size - 1 for size in sizes]
     counts = [min(max(math.floor(sparsity * size), done), cap)
               for size, done, cap in zip(sizes, pruned, caps, strict=True)]
     remainder = target_count(sparsity, sum(sizes)) - sum(counts)
     order = sorted(range(len(sizes)), key=lambda i: counts[i] - sparsity * sizes[i])
-    for i in order:
+    for i in order:  # short of the target: one more in the layers furthest below their share
         if remainder <= 0:
             break
         if counts[i] < caps[i]:
             counts[i] += 1
             remainder -= 1
+    while remainder < 0:  # layers already pruned past their share: take back from the others
+        above = [i for i in range(len(sizes)) if counts[i] > pruned[i]]
+        if not above:
+            break
+        i = max(above, key=lambda j: counts[j] - sparsity * sizes[j])
+        counts[i] -= 1
+        remainder += 1
     return counts
 
 
