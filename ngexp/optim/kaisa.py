@@ -38,8 +38,7 @@ sums (tested on gloo, 2 processes).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -263,6 +262,3 @@ def reduced_kept(kaisa: Kaisa, before: Tensor, after: Tensor) -> Tensor:
         return after
     (increment,) = kaisa.total([after - before])
     return before + increment
-
-
-Compute = Callable[[list[LayerIO]], Any]
