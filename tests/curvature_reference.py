@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ngexp.curvature.capture import Capture, LayerIO, backward_sampled
-from ngexp.curvature.kronecker import PASS_KIND, kronecker_factors
+from ngexp.curvature.kronecker import PASS_KIND, PassGroup, kronecker_factors
 from ngexp.curvature.tasks import Task
 
 
@@ -55,8 +55,9 @@ def capture_factors(model: nn.Module, task: Task, inputs: Tensor, targets: Tenso
                     mc_samples: int = 1, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
     """Batch factors ``(A, G)`` of every hooked layer, by module name, from one forward."""
     capture = captured(model, task, inputs, targets, fisher_type, mc_samples, seed)
-    passes = capture.passes(PASS_KIND[fisher_type])
-    factors = {layer.name: kronecker_factors(layer, passes, task.num_terms(targets), kfac_approx)
+    terms = task.num_terms(targets)
+    groups = [PassGroup(-1, capture.passes(PASS_KIND[fisher_type]), terms)]
+    factors = {layer.name: kronecker_factors(layer, groups, terms, kfac_approx)
                for layer in capture.layers}
     capture.remove()
     return factors

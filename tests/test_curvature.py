@@ -10,7 +10,12 @@ from torch import Tensor, nn
 
 from ngexp.curvature import capture as capture_module
 from ngexp.curvature.capture import SAMPLED, TRAINING, Capture, LayerIO, backward_sampled
-from ngexp.curvature.kronecker import eigenbasis_moments, kronecker_diagonal, kronecker_factors
+from ngexp.curvature.kronecker import (
+    PassGroup,
+    eigenbasis_moments,
+    kronecker_diagonal,
+    kronecker_factors,
+)
 from ngexp.curvature.tasks import Classification, Reconstruction
 from tests.curvature_reference import (
     capture_factors,
@@ -234,7 +239,8 @@ def test_repeated_calls_pair_each_input_with_its_gradient() -> None:
     for layer in capture.layers:
         eye_a = torch.eye(layer.in_dim).expand(1, -1, -1)
         eye_g = torch.eye(layer.out_dim).expand(1, -1, -1)
-        scale = eigenbasis_moments(layer, capture.passes(TRAINING), eye_a, eye_g, len(x))
+        scale = eigenbasis_moments(layer, [PassGroup(-1, capture.passes(TRAINING), len(x))],
+                                       eye_a, eye_g, len(x))
         exact = per_example_matrices(per_step, CLASSIFY, x, y, layer, f"{layer.name}.")
         torch.testing.assert_close(scale, exact.square().mean(0), rtol=1e-4, atol=1e-8)
 
@@ -313,10 +319,13 @@ def test_passes_are_recorded_by_kind_and_sampled_passes_average() -> None:
     CLASSIFY.loss(outputs, y).backward()
     assert capture.pass_kinds == [SAMPLED, SAMPLED, TRAINING]
     layer = capture.layers[0]
-    _, both = kronecker_factors(layer, capture.passes(SAMPLED), len(x))
-    singles = [kronecker_factors(layer, [index], len(x))[1] for index in (0, 1)]
+    def factors(passes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return kronecker_factors(layer, [PassGroup(-1, passes, len(x))], len(x))
+
+    _, both = factors(capture.passes(SAMPLED))
+    singles = [factors([index])[1] for index in (0, 1)]
     torch.testing.assert_close(both, (singles[0] + singles[1]) / 2)
-    _, empirical = kronecker_factors(layer, capture.passes(TRAINING), len(x))
+    _, empirical = factors(capture.passes(TRAINING))
     torch.testing.assert_close(empirical, capture_factors(model, CLASSIFY, x, y)["0"][1])
     capture.remove()
 
@@ -329,6 +338,6 @@ def test_input_moment_adds_the_homogeneous_coordinate_exactly() -> None:
         rows = torch.cat([layer.input_rows(inp) for inp in layer.inputs], 1)
         flat = rows.flatten(0, 1).transpose(0, 1)
         expected = flat.mT @ flat / flat.shape[1]
-        a, _ = kronecker_factors(layer, capture.passes(TRAINING), len(x))
+        a, _ = kronecker_factors(layer, [PassGroup(-1, capture.passes(TRAINING), len(x))], len(x))
         torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-6)
     capture.remove()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ngexp.curvature.capture import TRAINING
-from ngexp.curvature.kronecker import eigenbasis_moments
+from ngexp.curvature.kronecker import PassGroup, eigenbasis_moments
 from ngexp.curvature.tasks import Classification
 from ngexp.optim.ekfac import EKFAC
 from ngexp.optim.kronecker import LayerGradient, eigenbasis_precondition
@@ -74,7 +74,8 @@ def test_scaling_is_the_exact_fisher_diagonal_in_the_kronecker_eigenbasis() -> N
     for layer in capture.layers:
         a, g = factors[layer.name]
         basis_a, basis_g = torch.linalg.eigh(a).eigenvectors, torch.linalg.eigh(g).eigenvectors
-        scale = eigenbasis_moments(layer, capture.passes(TRAINING), basis_a, basis_g, len(x))
+        scale = eigenbasis_moments(layer, [PassGroup(-1, capture.passes(TRAINING), len(x))],
+                                       basis_a, basis_g, len(x))
         capture.active = False
         exact = empirical_fisher_block(
             per_example_matrices(model, TASK, x, y, layer, f"{layer.name}.")[:, 0])
@@ -128,8 +129,9 @@ def test_scaling_refresh_schedule_and_running_average() -> None:
         state = pre.curvature().get("3")
         if was_captured[-1] and state is not None:  # this batch's moments in the current basis
             layer = pre.layers[1]
-            batches.append(eigenbasis_moments(layer, pre.capture.passes(TRAINING), state["U_A"],
-                                              state["U_G"], len(batch[1])))
+            group = PassGroup(-1, pre.capture.passes(TRAINING), len(batch[1]))
+            batches.append(eigenbasis_moments(layer, [group], state["U_A"], state["U_G"],
+                                              len(batch[1])))
         pre.step()
         opt.step()
         scales.append(pre.curvature()["3"]["s"].clone())

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ngexp.curvature.capture import SAMPLED, TRAINING
-from ngexp.curvature.kronecker import kronecker_factors
+from ngexp.curvature.kronecker import PassGroup, kronecker_factors
 from ngexp.curvature.tasks import Classification
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.hyperparams import Piecewise
@@ -222,7 +222,8 @@ def test_statistics_every_cov_update_freq_steps_and_factor_average() -> None:
         captured.append(pre.capture.captured_inputs)
         TASK.loss(outputs, y).backward()  # the plain loop
         layer = pre.layers[0]
-        batch_a = (kronecker_factors(layer, pre.capture.passes(TRAINING), len(x))[0]
+        batch_a = (kronecker_factors(layer, [PassGroup(-1, pre.capture.passes(TRAINING), len(x))],
+                                      len(x))[0]
                    if captured[-1] else None)
         pre.step()
         opt.step()

@@ -3,10 +3,11 @@ estimator of :mod:`ngexp.curvature` reads.
 
 Each supported module is seen as ``groups`` independent affine maps ``s = [W | b] [a; 1]`` from
 input rows ``a`` to output rows ``s``: for ``nn.Linear`` a row is the last dimension of a
-``(B, *, D)`` input; for ``nn.Conv2d`` (stride, padding incl. ``same``/reflect/circular,
-dilation, groups) it is the input patch of one output position (KFC, Grosse & Martens 2016),
-taken from strided views of the input, one block per channel group. A module applied several
-times in one forward (the LSTM's ``W_h`` once per time step) has one input per *call*.
+``(B, *, D)`` input; for ``nn.Conv1d``/``nn.Conv2d`` (stride, padding incl.
+``same``/reflect/circular, dilation, groups) it is the input patch of one output position (KFC,
+Grosse & Martens 2016), taken from strided views of the input, one block per channel group. A
+module applied several times in one forward (the LSTM's ``W_h`` once per time step) has one
+input per *call*.
 
 While :attr:`Capture.active`, each call of a hooked module (grad enabled, outside ``torch.func``
 transforms and, when ``training_only``, in training mode) stores its input and puts a tensor
@@ -17,8 +18,21 @@ outputs store the gradients of each call into it, paired by call index whatever 
 order they arrive in. A pass has a *kind*: ``training`` for a backward of the training loss (the
 plain ``loss.backward()``, the empirical Fisher), ``sampled`` inside :meth:`Capture.sampling`
 (losses on targets drawn from the model, the Monte-Carlo Fisher); inside :meth:`Capture.ignoring`
-nothing is stored. A capturing forward pass first drops what an earlier one left behind.
-Inactive hooks return at once (no copies, no unfold).
+nothing is stored. Inactive hooks return at once (no copies, no unfold).
+
+What one capturing forward and its backward passes leave is a *record*
+(:class:`ForwardRecord`, and each layer's :class:`LayerRecord`). By default a capturing forward
+drops the records of earlier ones; with ``accumulate=True`` (the preconditioners: gradient
+accumulation, k forward/backward pairs before one step) the records of every forward that was
+back-propagated are kept until :meth:`Capture.clear`, while a forward that saw no backward pass
+before the next one, or one followed by ``zero_grad`` (every hooked parameter's ``.grad``
+``None`` when the next forward starts), is dropped. The single-record accessors
+(:attr:`LayerIO.inputs`, :attr:`Capture.model_output`, :meth:`Capture.passes`, ...) read the
+latest record.
+
+With :attr:`Capture.grad_scale` (a callable giving the loss scale of a ``GradScaler``), the
+gradients of ``training`` passes are stored divided by it, so every estimator reads the
+gradients of the unscaled loss (sampled passes are never scaled).
 
 With :attr:`Capture.watch_model`, the model's own arguments and output are kept too, and the
 output gradient of every recorded pass (the natural gradient's empirical Fisher and its
@@ -28,8 +42,10 @@ curvature products need them), and the autocast dtype the forward ran under
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -39,26 +55,51 @@ from torch import Tensor, nn
 
 from ngexp.curvature.tasks import Task
 
-SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
+SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 #: Kinds of a recorded backward pass.
 TRAINING, SAMPLED = "training", "sampled"
 
 
-class LayerIO:
-    """One Linear/Conv2d module as ``groups`` affine maps, and what one forward captured of it.
+@dataclass(eq=False)
+class LayerRecord:
+    """What one forward left of one layer: ``inputs[c]`` of its ``c``-th call, ``outputs[c]``
+    its output, ``grads[k][c]`` that output's gradient in the forward's ``k``-th pass."""
 
-    ``inputs[c]`` is the input of the module's ``c``-th call in the current forward pass
-    (``outputs[c]`` its output when the capture keeps outputs); ``grads[k][c]`` the gradient of
-    that call's output in the ``k``-th recorded backward pass.
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    grads: list[dict[int, Tensor]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class ForwardRecord:
+    """One capturing forward of the model: the kinds of the backward passes through it, and
+    (with :attr:`Capture.watch_model`) its positional arguments (detached), output, autocast
+    dtype and the output gradient of each pass."""
+
+    pass_kinds: list[str] = field(default_factory=list)
+    model_args: tuple[Any, ...] = ()
+    model_output: Tensor | None = None
+    model_autocast: torch.dtype | None = None
+    output_grads: list[Tensor] = field(default_factory=list)
+
+    def passes(self, kind: str) -> list[int]:
+        """Indices of the recorded passes of ``kind``."""
+        return [index for index, recorded in enumerate(self.pass_kinds) if recorded == kind]
+
+
+class LayerIO:
+    """One Linear/Conv1d/Conv2d module as ``groups`` affine maps, and what the capture recorded
+    of it: one :class:`LayerRecord` per kept forward (:attr:`records`); :attr:`inputs`,
+    :attr:`outputs` and :attr:`grads` are the latest record's.
     """
 
-    def __init__(self, name: str, module: nn.Linear | nn.Conv2d) -> None:
+    def __init__(self, name: str, module: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
         self.name = name
         self.module = module
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, CONVOLUTIONS):
             self.groups = module.groups
-            height, width = module.kernel_size
-            self.fan_in = module.in_channels // module.groups * height * width
+            self.fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
             self.out_dim = module.out_channels // module.groups
         else:
             self.groups = 1
@@ -66,9 +107,24 @@ class LayerIO:
             self.out_dim = module.out_features
         self.has_bias = module.bias is not None
         self.in_dim = self.fan_in + int(self.has_bias)
-        self.inputs: list[Tensor] = []
-        self.outputs: list[Tensor] = []
-        self.grads: list[dict[int, Tensor]] = []
+        self.records: list[LayerRecord] = []
+
+    @property
+    def record(self) -> LayerRecord:
+        """The latest record (an empty one before any capturing forward)."""
+        return self.records[-1] if self.records else LayerRecord()
+
+    @property
+    def inputs(self) -> list[Tensor]:
+        return self.record.inputs
+
+    @property
+    def outputs(self) -> list[Tensor]:
+        return self.record.outputs
+
+    @property
+    def grads(self) -> list[dict[int, Tensor]]:
+        return self.record.grads
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -79,9 +135,7 @@ class LayerIO:
         return f"{self.name}.weight" if self.name else "weight"
 
     def clear(self) -> None:
-        self.inputs.clear()
-        self.outputs.clear()
-        self.grads.clear()
+        self.records.clear()
 
     # ------------------------------------------------------------------ layouts
     def matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -113,7 +167,7 @@ class LayerIO:
         """Input rows without the homogeneous coordinate, float32: ``(B, P, groups, fan_in)``,
         ``P`` the weight-sharing positions (conv output positions, extra Linear dims; 1 for
         ``(B, D)`` inputs)."""
-        if isinstance(self.module, nn.Conv2d):
+        if isinstance(self.module, CONVOLUTIONS):
             return self._patches(x).float()
         return x.reshape(x.shape[0], -1, 1, x.shape[-1]).float()
 
@@ -127,19 +181,25 @@ class LayerIO:
     def grad_rows(self, grad: Tensor) -> Tensor:
         """Rows of one call's output gradient, float32: ``(B, P, groups, out_dim)``."""
         batch = grad.shape[0]
-        if isinstance(self.module, nn.Conv2d):
+        if isinstance(self.module, CONVOLUTIONS):
             return grad.reshape(batch, self.groups, self.out_dim, -1).permute(0, 3, 1, 2).float()
         return grad.reshape(batch, -1, 1, grad.shape[-1]).float()
 
     def _patches(self, x: Tensor) -> Tensor:
         """Conv input patches ``(B, L, groups, fan_in)``, channel-major like the weight: strided
         views of the (padded) input, then one copy into that layout (cheaper than ``unfold``
-        followed by a transpose)."""
+        followed by a transpose). ``L`` counts the output positions (``H_out W_out`` for
+        Conv2d, ``L_out`` for Conv1d)."""
         conv = self.module
-        assert isinstance(conv, nn.Conv2d)
+        assert isinstance(conv, CONVOLUTIONS)
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or any(conv.padding):
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        if isinstance(conv, nn.Conv1d):
+            (k,), (stride,), (dilation,) = conv.kernel_size, conv.stride, conv.dilation
+            windows = x.unfold(2, dilation * (k - 1) + 1, stride)[..., ::dilation]  # (B,C,L,k)
+            return windows.permute(0, 2, 1, 3).reshape(x.shape[0], windows.shape[2],
+                                                       self.groups, self.fan_in)
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
         windows = windows[..., ::dh, ::dw]  # (B, C, H_out, W_out, kh, kw)
@@ -161,7 +221,8 @@ def autocast_like(device_type: str, dtype: torch.dtype | None) -> AbstractContex
 
 
 def supported_layers(model: nn.Module) -> list[LayerIO]:
-    """Every Linear/Conv2d module of ``model`` whose weight requires grad, by module name."""
+    """Every Linear/Conv1d/Conv2d module of ``model`` whose weight requires grad, by module
+    name."""
     return [LayerIO(name, module) for name, module in model.named_modules()
             if isinstance(module, SUPPORTED_MODULES) and module.weight.requires_grad]
 
@@ -174,25 +235,22 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, *, layers: list[LayerIO] | None = None,
-                 training_only: bool = True) -> None:
+                 training_only: bool = True, accumulate: bool = False) -> None:
         self.model = model
         self.layers = supported_layers(model) if layers is None else layers
         self.active = False
         self.watch_model = False
         self.training_only = training_only
-        #: Kind of each recorded pass, in order.
-        self.pass_kinds: list[str] = []
-        #: The watched forward's positional arguments (detached) and output.
-        self.model_args: tuple[Any, ...] = ()
-        self.model_output: Tensor | None = None
-        #: The autocast dtype of the watched forward (``None``: it ran without autocast).
-        self.model_autocast: torch.dtype | None = None
-        #: Output gradients of the recorded passes (with :attr:`watch_model`).
-        self.output_grads: list[Tensor] = []
+        self.accumulate = accumulate
+        #: The loss scale the ``training`` passes' gradients are divided by (``None``: 1).
+        self.grad_scale: Callable[[], Tensor | float] | None = None
+        #: One record per kept capturing forward (see the module docstring).
+        self.forwards: list[ForwardRecord] = []
         #: Set by every training-mode forward with grad enabled (whether capturing or not).
         self.forwarded = False
         self._mode: str | None = TRAINING
         self._recording = False
+        self._pass_scale: Tensor | float | None = None
         #: Layer outputs of the running forward whose gradient hooks wait for the model output's.
         self._pending: list[tuple[LayerIO, int, Tensor]] = []
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
@@ -202,29 +260,53 @@ class Capture:
         self._handles.append(model.register_forward_hook(self._on_model_output))
 
     # ------------------------------------------------------------------ queries
+    @property
+    def latest(self) -> ForwardRecord:
+        """The latest forward's record (an empty one before any)."""
+        return self.forwards[-1] if self.forwards else ForwardRecord()
+
+    @property
+    def pass_kinds(self) -> list[str]:
+        """Kind of each pass recorded through the latest forward, in order."""
+        return self.latest.pass_kinds
+
+    @property
+    def model_args(self) -> tuple[Any, ...]:
+        return self.latest.model_args
+
+    @property
+    def model_output(self) -> Tensor | None:
+        return self.latest.model_output
+
+    @property
+    def model_autocast(self) -> torch.dtype | None:
+        return self.latest.model_autocast
+
+    @property
+    def output_grads(self) -> list[Tensor]:
+        return self.latest.output_grads
+
     def passes(self, kind: str) -> list[int]:
-        """Indices of the recorded passes of ``kind``."""
-        return [index for index, recorded in enumerate(self.pass_kinds) if recorded == kind]
+        """Indices of the passes of ``kind`` recorded through the latest forward."""
+        return self.latest.passes(kind)
 
     def captured(self, kind: str) -> bool:
-        """Whether the last forward stored inputs and a pass of ``kind`` was recorded."""
-        return bool(self.passes(kind)) and self.captured_inputs
+        """Whether some kept forward stored inputs and had a pass of ``kind`` recorded."""
+        return self.captured_inputs and any(forward.passes(kind) for forward in self.forwards)
 
     @property
     def captured_inputs(self) -> bool:
-        return any(layer.inputs for layer in self.layers)
+        return any(record.inputs for layer in self.layers for record in layer.records)
 
     def layer_outputs(self) -> list[Tensor]:
-        """The output of every call of every layer in the captured forward."""
+        """The output of every call of every layer in the latest captured forward."""
         return [output for layer in self.layers for output in layer.outputs]
 
     # ------------------------------------------------------------------ control
     def clear(self) -> None:
         for layer in self.layers:
             layer.clear()
-        self.pass_kinds.clear()
-        self.output_grads.clear()
-        self.model_args, self.model_output, self.model_autocast = (), None, None
+        self.forwards.clear()
         self._recording = False
         self._pending.clear()
 
@@ -264,8 +346,25 @@ class Capture:
     def _on_model_forward(self, model: nn.Module, args: tuple[Any, ...]) -> None:
         if model.training and torch.is_grad_enabled():
             self.forwarded = True
-        if (self.active or self.watch_model) and self._enabled(model):
+        if not (self.active or self.watch_model) or not self._enabled(model):
+            return
+        if not self.accumulate or self._grads_discarded():
             self.clear()
+        elif self.forwards and not self.forwards[-1].pass_kinds:  # never back-propagated
+            self.forwards.pop()
+            for layer in self.layers:
+                layer.records.pop()
+        self._pending.clear()
+        self._recording = False
+        self.forwards.append(ForwardRecord())
+        for layer in self.layers:
+            layer.records.append(LayerRecord())
+
+    def _grads_discarded(self) -> bool:
+        """Whether ``zero_grad`` ran since the kept forwards' backward passes: every hooked
+        parameter's ``.grad`` is ``None``."""
+        return bool(self.forwards) and all(p.grad is None for layer in self.layers
+                                           for p in layer.params)
 
     def _on_model_output(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not (self.active or self.watch_model) or not self._enabled(model):
@@ -273,41 +372,52 @@ class Capture:
         if not isinstance(output, Tensor):
             raise TypeError(f"curvature capture needs a model whose forward returns one tensor, "
                             f"got {type(output).__name__}")
+        forward = self.latest
         if self.watch_model:
-            self.model_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            self.model_output = output
-            self.model_autocast = autocast_dtype(output.device.type)
+            forward.model_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            forward.model_output = output
+            forward.model_autocast = autocast_dtype(output.device.type)
         if output.requires_grad:  # first, so it runs before a layer hook on the same tensor
-            output.register_hook(self._on_output_grad)
+            output.register_hook(partial(self._on_output_grad, forward))
         for layer, call, layer_output in self._pending:
-            layer_output.register_hook(partial(self._on_grad, layer, call))
+            layer_output.register_hook(partial(self._on_grad, layer, layer.record, call))
         self._pending.clear()
 
-    def _on_output_grad(self, grad: Tensor) -> None:
+    def _on_output_grad(self, forward: ForwardRecord, grad: Tensor) -> None:
         """The first gradient of a backward pass: open a pass of the current kind."""
         self._recording = self._mode is not None
         if not self._recording:
             return
         assert self._mode is not None
-        self.pass_kinds.append(self._mode)
-        for layer in self.layers:
-            layer.grads.append({})
+        self._pass_scale = None
+        if self._mode == TRAINING and self.grad_scale is not None:
+            self._pass_scale = self.grad_scale()
+        forward.pass_kinds.append(self._mode)
+        index = next((i for i, kept in enumerate(self.forwards) if kept is forward), None)
+        if index is not None:
+            for layer in self.layers:
+                layer.records[index].grads.append({})
         if self.watch_model:
-            self.output_grads.append(grad.detach())
+            forward.output_grads.append(self._unscaled(grad))
+
+    def _unscaled(self, grad: Tensor) -> Tensor:
+        grad = grad.detach()
+        return grad if self._pass_scale is None else grad / self._pass_scale
 
     def _on_forward(self, layer: LayerIO, module: nn.Module, args: tuple[Tensor, ...],
                     output: Tensor) -> None:
-        if not self.active or not self._enabled(module):
+        if not self.active or not self._enabled(module) or not layer.records:
             return
-        call = len(layer.inputs)
-        layer.inputs.append(args[0].detach())
-        layer.outputs.append(output)
+        record = layer.record
+        call = len(record.inputs)
+        record.inputs.append(args[0].detach())
+        record.outputs.append(output)
         if output.requires_grad:
             self._pending.append((layer, call, output))
 
-    def _on_grad(self, layer: LayerIO, call: int, grad: Tensor) -> None:
-        if self._recording and layer.grads:
-            layer.grads[-1][call] = grad.detach()
+    def _on_grad(self, layer: LayerIO, record: LayerRecord, call: int, grad: Tensor) -> None:
+        if self._recording and record.grads:
+            record.grads[-1][call] = self._unscaled(grad)
 
 
 def backward_sampled(capture: Capture, outputs: Tensor, task: Task, samples: int,

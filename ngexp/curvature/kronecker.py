@@ -22,7 +22,16 @@ sharing enters (Eschenhagen et al. 2023) is the ``kfac_approx`` choice:
 
 Grouped convolutions get one ``(A, G)`` pair per group, stored stacked: ``A: (groups, d_in,
 d_in)``, ``G: (groups, d_out, d_out)``; a Linear layer has ``groups = 1``. ``G`` and the EKFAC
-scaling average the recorded passes they are given (several Monte-Carlo samples).
+scaling average the recorded passes of one forward they are given (several Monte-Carlo
+samples).
+
+Gradient accumulation: the estimates read every kept forward of the capture (a
+:class:`PassGroup` each) as one batch of ``N = sum_f N_f`` terms: the rows of all forwards
+enter ``A``, and the output gradients of forward ``f``'s passes, whose loss averaged ``T_f``
+terms, are per-term gradients ``T_f dL/ds``. A training pass differentiates the user's loss,
+which for k micro-batches is the mean over all ``N`` terms (``loss_f * N_f / N``, ``loss / k``
+for equal micro-batches), so ``T_f = N``; a sampled pass differentiates the forward's own mean
+loss, ``T_f = N_f``. So k micro-batches give the factors of their concatenation.
 
 EKFAC's diagonal scaling needs per-example gradients ``dW_n = sum_{calls, positions of n} g a^T``
 (George et al. 2018, Eq. 10), formed in chunks or, when cheaper, as squares of rotated rows.
@@ -31,11 +40,19 @@ EKFAC's diagonal scaling needs per-example gradients ``dW_n = sum_{calls, positi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ngexp.curvature.capture import SAMPLED, TRAINING, Capture, LayerIO, backward_sampled
+from ngexp.curvature.capture import (
+    CONVOLUTIONS,
+    SAMPLED,
+    TRAINING,
+    Capture,
+    LayerIO,
+    backward_sampled,
+)
 from ngexp.curvature.linalg import neutral_eigen, robust_eigh
 from ngexp.curvature.tasks import Task
 
@@ -47,6 +64,35 @@ PASS_KIND = {"empirical": TRAINING, "mc": SAMPLED}
 
 #: Per-example gradients are formed for chunks of examples of at most this many elements.
 CHUNK_ELEMENTS = 2**25
+
+
+@dataclass(frozen=True)
+class PassGroup:
+    """The passes of one kept forward that an estimate reads: the layer record index
+    ``record``, the pass indices ``passes`` and ``terms``, the number of terms their loss
+    averaged (a per-term output gradient is ``terms`` times the recorded one)."""
+
+    record: int
+    passes: list[int]
+    terms: int
+
+    @property
+    def weight(self) -> float:
+        """``T^2 / passes``: squares of per-term gradients carry ``T^2``; passes are averaged."""
+        return self.terms**2 / len(self.passes)
+
+
+def pass_groups(capture: Capture, fisher_type: str, task: Task) -> tuple[list[PassGroup], int]:
+    """The :class:`PassGroup` of each kept forward with passes of the Fisher type (module
+    docstring), and the number of terms ``N`` of all of them (the forwards' outputs are
+    needed: :attr:`Capture.watch_model`)."""
+    kind = PASS_KIND[fisher_type]
+    kept = [(index, forward.passes(kind), task.output_terms(forward.model_output))
+            for index, forward in enumerate(capture.forwards)
+            if forward.passes(kind) and forward.model_output is not None]
+    total = sum(terms for _, _, terms in kept)
+    return [PassGroup(index, passes, total if kind == TRAINING else terms)
+            for index, passes, terms in kept], total
 
 
 def _gram(rows: Tensor) -> Tensor:
@@ -81,7 +127,7 @@ def input_moment(layer: LayerIO, x: Tensor, reduce: bool) -> tuple[Tensor, int]:
 def output_moment(layer: LayerIO, grad: Tensor, reduce: bool) -> Tensor:
     """``sum_rows g g^T (groups, out_dim, out_dim)`` of one call's output gradient; a
     convolution's as a sum of per-example products over its positions (no transposed copy)."""
-    if isinstance(layer.module, nn.Conv2d) and not reduce:
+    if isinstance(layer.module, CONVOLUTIONS) and not reduce:
         batch, out = grad.shape[0], layer.out_dim
         per_example = grad.reshape(batch * layer.groups, out, -1).float()
         return (per_example @ per_example.mT).view(batch, layer.groups, out, out).sum(0)
@@ -89,39 +135,47 @@ def output_moment(layer: LayerIO, grad: Tensor, reduce: bool) -> Tensor:
     return _gram(rows.sum(1, keepdim=True) if reduce else rows)
 
 
-def kronecker_factors(layer: LayerIO, passes: list[int], num_terms: int,
+def kronecker_factors(layer: LayerIO, groups: list[PassGroup], num_terms: int,
                       kfac_approx: str = "expand") -> tuple[Tensor, Tensor]:
     """Batch estimates ``A (groups, in_dim, in_dim)`` and ``G (groups, out_dim, out_dim)`` of
-    the captured forward from the recorded ``passes`` (module docstring)."""
+    the kept forwards ``groups`` of ``num_terms`` terms in all (module docstring)."""
     reduce = kfac_approx == "reduce"
     device = layer.module.weight.device
     a_sum = torch.zeros(layer.groups, layer.in_dim, layer.in_dim, device=device)
     rows = 0
-    for x in layer.inputs:
-        moment, count = input_moment(layer, x, reduce)
-        a_sum += moment
-        rows += count
     g_sum = torch.zeros(layer.groups, layer.out_dim, layer.out_dim, device=device)
-    for index in passes:
-        for grad in layer.grads[index].values():
-            g_sum += output_moment(layer, grad, reduce)
-    # g = N * grad, so (1/N) sum g g^T = N sum grad grad^T
-    return a_sum / max(rows, 1), g_sum * (num_terms / max(len(passes), 1))
+    for group in groups:
+        record = layer.records[group.record]
+        for x in record.inputs:
+            moment, count = input_moment(layer, x, reduce)
+            a_sum += moment
+            rows += count
+        g_forward = torch.zeros_like(g_sum)
+        for index in group.passes:
+            for grad in record.grads[index].values():
+                g_forward += output_moment(layer, grad, reduce)
+        # g = T * grad, so (1/N) sum g g^T = (T^2 / N) sum grad grad^T
+        g_sum += g_forward * group.weight
+    return a_sum / max(rows, 1), g_sum / max(num_terms, 1)
 
 
-def eigenbasis_moments(layer: LayerIO, passes: list[int], basis_a: Tensor, basis_g: Tensor,
-                       num_terms: int) -> Tensor:
+def eigenbasis_moments(layer: LayerIO, groups: list[PassGroup], basis_a: Tensor,
+                       basis_g: Tensor, num_terms: int) -> Tensor:
     """EKFAC scaling ``s = (1/N) sum_n (U_G^T dW_n U_A)^2`` (George et al. 2018, Eq. 10):
     ``(groups, out_dim, in_dim)`` for eigenbases ``basis_a (groups, in_dim, in_dim)`` and
-    ``basis_g (groups, out_dim, out_dim)``, averaged over the recorded ``passes``."""
-    inputs = [layer.input_rows(x) for x in layer.inputs]
+    ``basis_g (groups, out_dim, out_dim)``, over the kept forwards ``groups`` (each averaged
+    over its passes) of ``num_terms`` terms in all."""
     total = torch.zeros(layer.groups, layer.out_dim, layer.in_dim, device=basis_a.device)
-    for index in passes:
-        pairs = [(inputs[call], layer.grad_rows(grad)) for call, grad in layer.grads[index].items()]
-        if pairs:
-            total += sum_squared_example_gradients(pairs, basis_a, basis_g)
-    # the grad rows are dL/ds = g / N: squares carry 1 / N^2, so multiply by N^2 / N
-    return total * (num_terms / max(len(passes), 1))
+    for group in groups:
+        record = layer.records[group.record]
+        inputs = [layer.input_rows(x) for x in record.inputs]
+        for index in group.passes:
+            pairs = [(inputs[call], layer.grad_rows(grad))
+                     for call, grad in record.grads[index].items()]
+            if pairs:
+                # the grad rows are dL/ds = g / T: squares carry 1 / T^2
+                total += sum_squared_example_gradients(pairs, basis_a, basis_g) * group.weight
+    return total / max(num_terms, 1)
 
 
 def sum_squared_example_gradients(pairs: list[tuple[Tensor, Tensor]], basis_a: Tensor,
@@ -185,7 +239,7 @@ def kronecker_diagonal(
     capture = Capture(model, training_only=False)
     capture.active = True
 
-    def each_batch() -> Iterator[tuple[int, list[int]]]:
+    def each_batch() -> Iterator[tuple[int, list[PassGroup]]]:
         """Forward and backward passes over ``data``; yields the loss's number of terms and
         the passes of the Fisher type."""
         for inputs, targets in data:
@@ -196,15 +250,16 @@ def kronecker_diagonal(
                 else:
                     torch.autograd.grad(task.loss(outputs, targets), capture.layer_outputs(),
                                         allow_unused=True)
-            yield task.num_terms(targets), capture.passes(PASS_KIND[fisher_type])
+            terms = task.num_terms(targets)
+            yield terms, [PassGroup(-1, capture.passes(PASS_KIND[fisher_type]), terms)]
 
     try:
         device = capture.layers[0].module.weight.device
         totals = [(torch.zeros(layer.groups, layer.in_dim, layer.in_dim, device=device),
                    torch.zeros(layer.groups, layer.out_dim, layer.out_dim, device=device))
                   for layer in capture.layers]
-        for num_terms, passes in each_batch():
-            batch = [kronecker_factors(layer, passes, num_terms, kfac_approx)
+        for num_terms, groups in each_batch():
+            batch = [kronecker_factors(layer, groups, num_terms, kfac_approx)
                      for layer in capture.layers]
             totals = [(a0 + a, g0 + g) for (a0, g0), (a, g) in zip(totals, batch, strict=True)]
         count: Tensor | int = len(data)
@@ -225,7 +280,7 @@ def kronecker_diagonal(
 
 
 def _ekfac_diagonals(capture: Capture, factors: list[tuple[Tensor, Tensor]],
-                     each_batch: Callable[[], Iterator[tuple[int, list[int]]]],
+                     each_batch: Callable[[], Iterator[tuple[int, list[PassGroup]]]],
                      num_batches: Tensor | int,
                      reduce: Callable[[list[Tensor]], list[Tensor]] | None) -> list[Tensor]:
     """EKFAC weight diagonals from batch-averaged ``factors``; ``each_batch`` reruns the passes
@@ -236,9 +291,9 @@ def _ekfac_diagonals(capture: Capture, factors: list[tuple[Tensor, Tensor]],
     bases = [(eigens[2 * i][1], eigens[2 * i + 1][1]) for i in range(len(capture.layers))]
     scales = [torch.zeros(layer.groups, layer.out_dim, layer.in_dim, device=basis_a.device)
               for layer, (basis_a, _) in zip(capture.layers, bases, strict=True)]
-    for num_terms, passes in each_batch():
+    for num_terms, groups in each_batch():
         for scale, layer, (basis_a, basis_g) in zip(scales, capture.layers, bases, strict=True):
-            scale += eigenbasis_moments(layer, passes, basis_a, basis_g, num_terms)
+            scale += eigenbasis_moments(layer, groups, basis_a, basis_g, num_terms)
     if reduce is not None:
         scales = reduce(scales)
     return [basis_g.square() @ (scale / num_batches) @ basis_a.square().mT

@@ -33,7 +33,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ngexp.curvature.capture import LayerIO
-from ngexp.curvature.kronecker import PASS_KIND, eigenbasis_moments
+from ngexp.curvature.kronecker import PASS_KIND, eigenbasis_moments, pass_groups
 from ngexp.optim.kronecker import (
     KroneckerPreconditioner,
     LayerGradient,
@@ -87,16 +87,17 @@ class EKFAC(KroneckerPreconditioner):
             return
         self.counters["scale_updates"] += int(captured)
         decay = min(self.scale_decay, 1 - 1 / max(self.counters["scale_updates"], 1))
-        passes = self.capture.passes(PASS_KIND[self.fisher_type])
+        groups, num_terms = pass_groups(self.capture, self.fisher_type, self.task)
         layers = [layer for layer in self.layers
                   if layer.name in self.state and "U_A" in self.state[layer.name]]
         if refreshed:
             for layer in layers:
                 self.state[layer.name]["s"] = kronecker_eigenvalues(self.state[layer.name])
-        measured = [layer for layer in layers if captured and layer.inputs]
+        measured = [layer for layer in layers if captured and
+                    any(layer.records[group.record].inputs for group in groups)]
         moments: Iterable[Tensor] = (
-            eigenbasis_moments(layer, passes, self.state[layer.name]["U_A"],
-                               self.state[layer.name]["U_G"], self._num_terms)
+            eigenbasis_moments(layer, groups, self.state[layer.name]["U_A"],
+                               self.state[layer.name]["U_G"], num_terms)
             for layer in measured)
         if self._kaisa.distributed:  # the ranks' mean: the global batch's estimate
             moments = self._kaisa.mean(list(moments))

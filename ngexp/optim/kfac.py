@@ -140,6 +140,7 @@ class KFAC(KroneckerPreconditioner):
         """``(D G_d^-1)^T ([X | 1] A_d^-1)`` when it is cheaper and ``.grad`` is ``D^T [X |
         1]`` (module docstring), else ``None``."""
         if (self._damping.device.type != "cpu" or not isinstance(layer.module, nn.Linear)
+                or len(self.capture.forwards) != 1
                 or len(layer.inputs) != 1 or layer.inputs[0].dim() != 2
                 or self._kaisa.distributed):
             return None

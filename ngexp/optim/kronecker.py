@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ngexp.curvature.capture import SAMPLED, TRAINING, LayerIO, autocast_like, backward_sampled
-from ngexp.curvature.kronecker import PASS_KIND, kronecker_factors
+from ngexp.curvature.kronecker import PASS_KIND, kronecker_factors, pass_groups
 from ngexp.curvature.linalg import neutral_eigen, robust_eigh
 from ngexp.distributed.world import current
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
@@ -250,7 +250,6 @@ class KroneckerPreconditioner(Preconditioner):
         if fisher_type == "mc":  # its own stream: MC targets do not shift other draws
             seed = (torch.initial_seed() + 1) % 2**63
             self._generator = torch.Generator(device).manual_seed(seed)
-        self._num_terms = 1
         self._adaptive: AdaptiveStep | None = None
         self._arm(0)
 
@@ -260,7 +259,7 @@ class KroneckerPreconditioner(Preconditioner):
         """Fill ``.grad`` from ``loss``; on statistics steps with ``fisher_type="mc"`` first
         record ``mc_samples`` backward passes of losses on targets sampled from the model."""
         self._begin_backward(loss, targets)
-        if (self.fisher_type == "mc" and self.capture.captured_inputs
+        if (self.fisher_type == "mc" and any(layer.inputs for layer in self.capture.layers)
                 and self._stats_due(self.steps)):
             outputs = self.capture.model_output if outputs is None else outputs
             if outputs is None:
@@ -371,8 +370,6 @@ class KroneckerPreconditioner(Preconditioner):
     def _precondition_grads(self) -> list[KLBlock]:
         step = self.steps
         self._check_statistics()
-        if self.capture.model_output is not None:  # watched on every capturing step
-            self._num_terms = self.task.output_terms(self.capture.model_output)
         if self.damping_schedule != "adaptive":
             value = self._scheduled_damping(step)
             if value != self._damping_value:
@@ -441,8 +438,8 @@ class KroneckerPreconditioner(Preconditioner):
         """Raise when this step cannot precondition: no statistics ever, or a statistics step
         whose Monte-Carlo passes are missing."""
         capture = self.capture
-        if (self.fisher_type == "mc" and capture.captured_inputs and capture.passes(TRAINING)
-                and not capture.passes(SAMPLED) and self._stats_due(self.steps)):
+        if (self.fisher_type == "mc" and capture.captured_inputs and self._stats_due(self.steps)
+                and any(f.passes(TRAINING) and not f.passes(SAMPLED) for f in capture.forwards)):
             raise RuntimeError(f"{type(self).__name__}(fisher_type='mc') needs "
                                f"pre.backward(loss) instead of loss.backward() on statistics "
                                f"steps (it back-propagates sampled targets); or use "
@@ -456,11 +453,11 @@ class KroneckerPreconditioner(Preconditioner):
     def _update_factors(self) -> None:
         count = self.counters["factor_updates"] = self.counters["factor_updates"] + 1
         decay = min(self.stat_decay, 1 - 1 / count)
-        passes = self.capture.passes(PASS_KIND[self.fisher_type])
-        layers = [layer for layer in self.layers if layer.inputs]
+        groups, num_terms = pass_groups(self.capture, self.fisher_type, self.task)
+        layers = [layer for layer in self.layers
+                  if any(layer.records[group.record].inputs for group in groups)]
         factors: Iterable[tuple[Tensor, Tensor]] = (
-            kronecker_factors(layer, passes, self._num_terms, self.kfac_approx)
-            for layer in layers)
+            kronecker_factors(layer, groups, num_terms, self.kfac_approx) for layer in layers)
         if self._kaisa.distributed:  # the ranks' mean: the global batch's factors
             flat = self._kaisa.mean([f for pair in factors for f in pair])
             factors = zip(flat[0::2], flat[1::2], strict=True)

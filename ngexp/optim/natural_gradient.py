@@ -28,8 +28,9 @@ GPU it always runs ``cg_iters`` to avoid a host sync). Measured on CPU: a step w
 factors. Products use :func:`~ngexp.curvature.products.curvature_mode`: batch norm in train
 mode uses batch statistics without updating its running statistics again, and dropout is off.
 
-The plain ``loss.backward()`` is all it needs: the batch comes from the hooked model's last
-training forward, the empirical Fisher's output gradients from its backward.
+The plain ``loss.backward()`` is all it needs: the batch comes from the hooked model's
+training forwards since the last step (several with gradient accumulation: their inputs are
+concatenated), the empirical Fisher's output gradients from their backward passes.
 
 Data-parallel (an initialized ``torch.distributed`` process group, the model in
 ``DistributedDataParallel``): each product ``C v`` is taken on the rank's batch and
@@ -45,7 +46,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ngexp.curvature.capture import TRAINING
+from ngexp.curvature.capture import TRAINING, ForwardRecord
 from ngexp.curvature.linalg import CGResult, conjugate_gradient
 from ngexp.curvature.products import (
     CurvatureProduct,
@@ -80,6 +81,17 @@ def check_natural_gradient(damping: Any, curvature: str, fisher_type: str, cg_it
     check_integer("curvature_batch_size", curvature_batch_size, 1, allow_none=True)
 
 
+def accumulated_batch(forwards: list[ForwardRecord]) -> tuple[Any, ...]:
+    """The model arguments of the kept forwards as one batch (gradient accumulation: the
+    micro-batches' inputs concatenated, for models called with one tensor)."""
+    if len(forwards) == 1:
+        return forwards[0].model_args
+    if not all(len(f.model_args) == 1 and isinstance(f.model_args[0], Tensor) for f in forwards):
+        raise RuntimeError("NaturalGradient with gradient accumulation needs a model called with "
+                           "one tensor (the micro-batches' inputs are concatenated)")
+    return (torch.cat([f.model_args[0] for f in forwards]),)
+
+
 @configurable("optimizer", "natural_gradient", extends=base_optimizer,
               defaults={"lr": 0.1, "momentum": 0.0})
 @checked(check_natural_gradient)
@@ -111,21 +123,22 @@ class NaturalGradient(Preconditioner):
 
     def _precondition_grads(self) -> list[KLBlock]:
         capture = self.capture
-        if not capture.model_args or capture.model_output is None:
+        forwards = [f for f in capture.forwards if f.model_args and f.model_output is not None]
+        if not forwards:
             raise RuntimeError("NaturalGradient.step(): no batch was seen; run the hooked model "
                                "forward in train mode with grad enabled, then loss.backward(), "
                                "before step()")
         example_grads = None
         if self._empirical:
-            passes = capture.passes(TRAINING)
-            if not passes:
+            if not all(f.passes(TRAINING) for f in forwards):
                 raise RuntimeError("NaturalGradient(fisher_type='empirical').step() needs the "
                                    "backward pass of the training loss first")
-            output_grads = capture.output_grads[passes[-1]].float()
-            example_grads = output_grads * output_grads.shape[0]
+            # dL/dz of the accumulated loss (a mean over all N terms): per-term gradients N dL/dz
+            output_grads = torch.cat([f.output_grads[f.passes(TRAINING)[-1]] for f in forwards])
+            example_grads = output_grads.float() * output_grads.shape[0]
         params = list(self.params.values())
         grad = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-        self._cg = self._solve(params, grad, capture.model_args, example_grads)
+        self._cg = self._solve(params, grad, accumulated_batch(forwards), example_grads)
         capture.clear()
         stepped = []
         for (name, p), d in zip(self.params.items(), self._cg.x.split([p.numel() for p in params]),

@@ -80,7 +80,7 @@ class Preconditioner:
         self.kl_clip = kl_clip
         #: Calls of :meth:`step` so far: the step that hyperparameter schedules read.
         self.steps = 0
-        self.capture = Capture(model)
+        self.capture = Capture(model, accumulate=True)
         self.keep_masks: dict[Tensor, Tensor] = {}
         trained = [p for p in model.parameters() if p.requires_grad]
         if not trained:
