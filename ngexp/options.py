@@ -38,8 +38,8 @@ T = TypeVar("T")
 Check = Callable[..., None]
 
 #: Parameters that are never options: what the caller supplies at build time.
-BUILD_ARGUMENTS = frozenset({"self", "model", "spec", "task", "params", "total_steps",
-                             "steps_per_epoch"})
+BUILD_ARGUMENTS = frozenset({"self", "model", "spec", "task", "params", "grad_scaler",
+                             "total_steps", "steps_per_epoch"})
 
 
 def check(condition: bool, key: str, value: Any, expected: str) -> None:

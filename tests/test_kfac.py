@@ -188,7 +188,8 @@ def test_uncovered_parameters_get_the_plain_momentum_step(caplog: pytest.LogCapt
     model = net(batch_norm=True)
     with caplog.at_level(logging.INFO, logger="ngexp"):
         pre, opt = kfac(model, lr=0.05, momentum=0.5, weight_decay=0.1)
-    assert pre.uncovered_parameters == ["1.weight", "1.bias"]
+    assert pre.coverage.plain == ["1.weight", "1.bias"]
+    assert "2 keep the plain gradient (16 values, 16.2%)" in caplog.text
     assert "1.weight, 1.bias" in caplog.text
     reference_model = net(batch_norm=True)
     bn = reference_model[1]

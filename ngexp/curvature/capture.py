@@ -220,11 +220,20 @@ def autocast_like(device_type: str, dtype: torch.dtype | None) -> AbstractContex
     return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
+def functional_children(model: nn.Module) -> set[nn.Module]:
+    """Modules whose parent calls their parameters functionally, so their hooks never run:
+    ``nn.MultiheadAttention``'s ``out_proj`` (torch applies it with ``F.linear``)."""
+    return {module.out_proj for module in model.modules()
+            if isinstance(module, nn.MultiheadAttention)}
+
+
 def supported_layers(model: nn.Module) -> list[LayerIO]:
-    """Every Linear/Conv1d/Conv2d module of ``model`` whose weight requires grad, by module
-    name."""
+    """Every Linear/Conv1d/Conv2d module of ``model`` whose weight requires grad and whose
+    forward hooks run (:func:`functional_children` excluded), by module name."""
+    bypassed = functional_children(model)
     return [LayerIO(name, module) for name, module in model.named_modules()
-            if isinstance(module, SUPPORTED_MODULES) and module.weight.requires_grad]
+            if isinstance(module, SUPPORTED_MODULES) and module.weight.requires_grad
+            and module not in bypassed]
 
 
 class Capture:

@@ -217,14 +217,6 @@ class KroneckerPreconditioner(Preconditioner):
         if not self.layers:
             raise ValueError(f"{type(self).__name__}: the model has no Linear/Conv2d layer "
                              f"whose weight requires grad")
-        covered = {id(p) for layer in self.layers for p in layer.params}
-        #: Names of trained parameters without a Kronecker factor (plain gradient).
-        self.uncovered_parameters = [name for name, p in model.named_parameters()
-                                     if p.requires_grad and id(p) not in covered]
-        if self.uncovered_parameters:
-            log.info("%s: %d parameter tensors are not preconditioned (plain gradient): %s",
-                     type(self).__name__, len(self.uncovered_parameters),
-                     ", ".join(self.uncovered_parameters))
         device = self.layers[0].module.weight.device
         world = current()
         self.grad_worker_fraction = grad_worker_fraction
@@ -246,6 +238,9 @@ class KroneckerPreconditioner(Preconditioner):
         self._kept = torch.zeros((), dtype=torch.long, device=device)
         self._skipped_statistics = torch.zeros((), dtype=torch.long, device=device)
         self._rho = torch.full((), float("nan"), device=device)
+        #: Whether this step's statistics may enter the running averages (a 0-dim bool: false
+        #: when the grad scaler found non-finite gradients and skips the step).
+        self._statistics_ok = torch.ones((), dtype=torch.bool, device=device)
         self._generator: torch.Generator | None = None
         if fisher_type == "mc":  # its own stream: MC targets do not shift other draws
             seed = (torch.initial_seed() + 1) % 2**63
@@ -370,6 +365,9 @@ class KroneckerPreconditioner(Preconditioner):
     def _precondition_grads(self) -> list[KLBlock]:
         step = self.steps
         self._check_statistics()
+        found_inf = self._scaler_found_inf()
+        if found_inf is not None:
+            self._statistics_ok = ~found_inf
         if self.damping_schedule != "adaptive":
             value = self._scheduled_damping(step)
             if value != self._damping_value:
@@ -450,12 +448,28 @@ class KroneckerPreconditioner(Preconditioner):
                                f"with grad enabled, then loss.backward() (empirical Fisher) or "
                                f"pre.backward(loss) (MC Fisher), before step()")
 
+    def _covered_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.capture.layers for p in layer.params]
+
+    def _warn_unseen(self, missing: list[LayerIO]) -> None:
+        """Warn once for each covered layer that has a gradient but whose forward hook did not
+        run in the statistics step's forwards: it was called functionally (``F.linear(x,
+        layer.weight)``) or its module's hooks were bypassed, so it keeps the plain gradient
+        until its statistics exist."""
+        for layer in missing:
+            if layer.module.weight.grad is not None and layer.name not in self.state:
+                self._warn_once(f"unseen {layer.name}", f"{type(self).__name__}: layer "
+                                f"{layer.name!r} ({type(layer.module).__name__}) got a gradient "
+                                f"but its forward hook never ran (called functionally?): its "
+                                f"parameters keep the plain gradient")
+
     def _update_factors(self) -> None:
         count = self.counters["factor_updates"] = self.counters["factor_updates"] + 1
         decay = min(self.stat_decay, 1 - 1 / count)
         groups, num_terms = pass_groups(self.capture, self.fisher_type, self.task)
         layers = [layer for layer in self.layers
                   if any(layer.records[group.record].inputs for group in groups)]
+        self._warn_unseen([layer for layer in self.layers if layer not in layers])
         factors: Iterable[tuple[Tensor, Tensor]] = (
             kronecker_factors(layer, groups, num_terms, self.kfac_approx) for layer in layers)
         if self._kaisa.distributed:  # the ranks' mean: the global batch's factors
@@ -471,11 +485,12 @@ class KroneckerPreconditioner(Preconditioner):
         old value is replaced, a non-finite batch estimate is skipped -- without host syncs.
         Finiteness is read off the sums (a NaN or inf entry makes the sum non-finite; so does,
         conservatively, an overflowing one)."""
-        if key not in state:
-            state[key] = batch
+        if key not in state:  # a skipped first estimate is replaced by the next good one
+            state[key] = torch.where(self._statistics_ok, batch, float("nan"))
             return
         old = state[key]
-        good, old_good = torch.isfinite(batch.sum()), torch.isfinite(old.sum())
+        good = torch.isfinite(batch.sum()) & self._statistics_ok
+        old_good = torch.isfinite(old.sum())
         self._skipped_statistics += ~good
         state[key] = torch.lerp(torch.where(good, batch, old), torch.where(old_good, old, batch),
                                 decay)
@@ -527,6 +542,11 @@ class KroneckerPreconditioner(Preconditioner):
 
     # ------------------------------------------------------------------ adaptive damping
     def _start_adaptive(self) -> None:
+        if len(self.capture.forwards) > 1:
+            raise RuntimeError(f"{type(self).__name__}(damping_schedule='adaptive') measures the "
+                               f"reduction ratio on one batch: it does not support gradient "
+                               f"accumulation ({len(self.capture.forwards)} forwards before one "
+                               f"step); use damping_schedule=constant or exponential")
         if self._targets is None or self._loss is None or not self.capture.model_args:
             raise RuntimeError(f"{type(self).__name__}(damping_schedule='adaptive') needs the "
                                f"batch targets: call pre.backward(loss, targets=targets) "

@@ -27,7 +27,27 @@ optimizer steps warns once.
 
 **Misuse is never silent.** ``KFAC(model.parameters())`` is a ``TypeError`` naming the fix; a
 ``step()`` with no statistics ever captured raises naming the missing call; an optimizer step
-after a training forward without ``pre.step()`` warns once.
+after a training forward without ``pre.step()`` warns once. Each preconditioner reports once,
+when it is built, which parameters it preconditions and which keep the plain gradient
+(:attr:`Preconditioner.coverage`; a warning on the ``ngexp`` logger when some do).
+
+**Gradient accumulation.** Every training forward and backward since the last ``step()``
+counts (``zero_grad`` before a forward starts over): k micro-batches, each loss scaled so that
+the accumulated gradient is that of the mean over all of them (``loss / k`` for equal sizes),
+give the curvature and direction of their concatenated batch
+(:mod:`ngexp.curvature.kronecker`).
+
+**Loss scaling** (fp16)::
+
+    pre = ngexp.KFAC(model, grad_scaler=scaler)
+    scaler.scale(loss).backward()     # or pre.backward(scaler.scale(loss))
+    scaler.unscale_(opt)              # before pre.step(): the direction is of true gradients
+    pre.step()
+    scaler.step(opt); scaler.update()
+
+The recorded output gradients are divided by the scale, so the curvature is that of the
+unscaled loss; a step whose gradients the scaler found non-finite (and skips) leaves the
+curvature statistics as they were.
 
 Subclasses implement :meth:`_precondition_grads` (replace ``.grad`` by the directions ``V``)
 and may extend :meth:`backward`, :meth:`state_dict`, :meth:`load_state_dict`, :meth:`reset`,
@@ -36,6 +56,7 @@ and may extend :meth:`backward`, :meth:`state_dict`, :meth:`load_state_dict`, :m
 
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -43,15 +64,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.amp.grad_scaler import OptState
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
 
 from ngexp.curvature.capture import Capture
+from ngexp.curvature.coverage import Coverage
 from ngexp.curvature.tasks import TASKS, Task, build_task
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
 from ngexp.options import check_choice, checked
+
+log = logging.getLogger("ngexp")
 
 #: A block of the KL sum: its parameters and <V, M> (a 0-dim tensor).
 KLBlock = tuple[list[Tensor], Tensor]
@@ -67,10 +92,12 @@ def check_preconditioner(kl_clip: Any = None, task: Any = "classification", **_:
 class Preconditioner:
     """Base class; see the module docstring. ``task`` (a :class:`Task` or its name) gives the
     loss the curvature is taken of, its sampled targets and output Hessian; ``kl_clip`` (a
-    number, a schedule of the step, or ``None`` for off) bounds the step's KL divergence."""
+    number, a schedule of the step, or ``None`` for off) bounds the step's KL divergence;
+    ``grad_scaler`` is the ``torch.amp.GradScaler`` of an fp16 loop (module docstring)."""
 
     def __init__(self, model: nn.Module, *, task: str | Task = "classification",
-                 kl_clip: Hyperparameter | None = 1e-2) -> None:
+                 kl_clip: Hyperparameter | None = 1e-2,
+                 grad_scaler: torch.amp.GradScaler | None = None) -> None:
         if not isinstance(model, nn.Module):
             name = type(self).__name__
             raise TypeError(f"{name}(model, ...) takes the nn.Module itself (it hooks the "
@@ -81,6 +108,9 @@ class Preconditioner:
         #: Calls of :meth:`step` so far: the step that hyperparameter schedules read.
         self.steps = 0
         self.capture = Capture(model, accumulate=True)
+        self.grad_scaler = grad_scaler
+        if grad_scaler is not None:
+            self.capture.grad_scale = self._loss_scale
         self.keep_masks: dict[Tensor, Tensor] = {}
         trained = [p for p in model.parameters() if p.requires_grad]
         if not trained:
@@ -109,6 +139,10 @@ class Preconditioner:
         self._hooks = [register_optimizer_step_pre_hook(before),
                        register_optimizer_step_post_hook(after)]
         weakref.finalize(self, _remove_handles, list(self._hooks))
+        #: Which parameters this preconditioner covers (:mod:`ngexp.curvature.coverage`).
+        self.coverage = Coverage.of(model, self._covered_parameters())
+        line = self.coverage.describe(type(self).__name__)
+        (log.warning if self.coverage.plain else log.info)("%s", line)
 
     # ------------------------------------------------------------------ public API
     def backward(self, loss: Tensor, outputs: Tensor | None = None,
@@ -167,6 +201,34 @@ class Preconditioner:
         _remove_handles(self._hooks)
 
     # ------------------------------------------------------------------ for subclasses
+    def _covered_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradient this preconditioner rewrites (default: all)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _loss_scale(self) -> Tensor | float:
+        """The grad scaler's current scale (1 before its first ``scale`` or when disabled)."""
+        assert self.grad_scaler is not None
+        scale = self.grad_scaler._get_scale_async()  # the device tensor: no host sync
+        return 1.0 if scale is None else scale
+
+    def _scaler_found_inf(self) -> Tensor | None:
+        """Whether the grad scaler found non-finite gradients at this step (a 0-dim bool on
+        the device; ``None`` without an enabled scaler). The scaler must have unscaled the
+        gradients already: preconditioning and KL clipping need the true gradients."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        # GradScaler keeps its per-optimizer state private; this is where unscale_ records
+        # the non-finite flags that make scaler.step skip the optimizer step
+        states = [state for state in scaler._per_optimizer_states.values()
+                  if state["stage"] is OptState.UNSCALED]
+        if not states:
+            raise RuntimeError(f"{type(self).__name__}(grad_scaler=...).step() needs "
+                               f"scaler.unscale_(optimizer) first: call it after the backward "
+                               f"and before pre.step()")
+        flags = [flag for state in states for flag in state["found_inf_per_device"].values()]
+        return torch.stack(flags).sum() > 0
+
     def _precondition_grads(self) -> list[KLBlock]:
         """Replace the ``.grad`` ``M`` of the preconditioned parameters by their directions
         ``V``; return the KL blocks ``(params, <V, M>)``."""
@@ -179,6 +241,8 @@ class Preconditioner:
         self._warn_unused_kl()
         self._targets = targets
         self._loss = loss.detach()
+        if self.grad_scaler is not None:  # the scaled loss of an fp16 loop
+            self._loss = self._loss / self._loss_scale()
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Runs after an optimizer step that updated the preconditioned parameters."""

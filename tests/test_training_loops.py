@@ -1,0 +1,261 @@
+"""The everyday training loops with a preconditioner: gradient accumulation, loss scaling
+(GradScaler), and the coverage report (ngexp/curvature/capture.py, coverage.py,
+ngexp/optim/preconditioner.py)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ngexp.curvature.kronecker import PassGroup, kronecker_factors
+from ngexp.curvature.tasks import Classification
+from ngexp.optim.ekfac import EKFAC
+from ngexp.optim.kfac import KFAC
+from ngexp.optim.natural_gradient import NaturalGradient
+
+TASK = Classification()
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2),
+                         nn.Flatten(), nn.Linear(12, 3))
+
+
+def batch(model: nn.Module, n: int = 32, seed: int = 0) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n, 6) if isinstance(model[0], nn.Linear) else (n, 2, 5, 5)
+    x = torch.randn(*shape, generator=generator)
+    return x, torch.randint(0, 3, (n,), generator=generator)
+
+
+def one_step(model: nn.Module, kind: type, x: Tensor, y: Tensor, micro: int,
+             **options) -> tuple[dict[str, dict[str, Tensor]] | None, list[Tensor]]:
+    """The curvature and the preconditioned ``.grad`` after one step on ``(x, y)`` split into
+    ``micro`` micro-batches (each loss scaled by its share of the batch)."""
+    pre = kind(model, fisher_type="empirical", kl_clip=None, **options)
+    model.zero_grad()
+    for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+        (TASK.loss(model(xs), ys) * len(ys) / len(y)).backward()
+    pre.step()
+    grads = [p.grad.clone() for p in model.parameters()]
+    curvature = pre.curvature() if isinstance(pre, (KFAC, EKFAC)) else None
+    pre.remove()
+    return curvature, grads
+
+
+@pytest.mark.parametrize("micro", [2, 4])
+@pytest.mark.parametrize("make", [mlp, cnn], ids=["linear", "conv2d"])
+@pytest.mark.parametrize("kind", [KFAC, EKFAC, NaturalGradient], ids=["kfac", "ekfac", "ng"])
+def test_accumulated_micro_batches_equal_the_concatenated_batch(make, kind, micro) -> None:
+    """k backward passes before one step: the factors, the EKFAC scaling and the direction of
+    the concatenated batch (the empirical Fisher: exact up to float rounding)."""
+    model = make()
+    x, y = batch(model)
+    # CG run to convergence: a tolerance stop may fall one iteration apart by rounding
+    options = {"cg_tol": 0.0, "cg_iters": 100} if kind is NaturalGradient else {}
+    whole_curvature, whole = one_step(copy.deepcopy(model), kind, x, y, 1, **options)
+    parts_curvature, parts = one_step(copy.deepcopy(model), kind, x, y, micro, **options)
+    for a, b in zip(parts, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 if options else 1e-6)
+    if whole_curvature is not None:
+        assert parts_curvature is not None and set(parts_curvature) == set(whole_curvature)
+        for name, state in whole_curvature.items():
+            for key in ("A", "G", "s"):
+                if key in state:
+                    torch.testing.assert_close(parts_curvature[name][key], state[key],
+                                               rtol=1e-4, atol=1e-6)
+
+
+def test_accumulated_monte_carlo_factors_have_the_fisher_expectation() -> None:
+    """MC Fisher with 2 micro-batches: the output layer's G has the expectation (1/N) sum_n
+    (diag(p_n) - p_n p_n^T) of the concatenated batch (many samples, statistical bound)."""
+    model = mlp()
+    x, y = batch(model, n=16)
+    pre = KFAC(model, fisher_type="mc", mc_samples=400, kl_clip=None)
+    for xs, ys in zip(x.chunk(2), y.chunk(2), strict=True):
+        pre.backward(TASK.loss(model(xs), ys) / 2)
+    pre.step()
+    probs = torch.softmax(model(x), -1).detach()
+    expected = (torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]).mean(0)
+    torch.testing.assert_close(pre.curvature()["2"]["G"][0], expected, rtol=0.15, atol=4e-3)
+    pre.remove()
+
+
+def test_zero_grad_before_a_forward_starts_the_statistics_over() -> None:
+    """A forward and backward whose gradients ``zero_grad`` discarded do not count."""
+    model = mlp()
+    x, y = batch(model)
+    pre = KFAC(model, fisher_type="empirical", kl_clip=None)
+    TASK.loss(model(x[:8]), y[:8]).backward()
+    model.zero_grad(set_to_none=True)
+    TASK.loss(model(x), y).backward()
+    pre.step()
+    reference = KFAC(copy.deepcopy(model), fisher_type="empirical", kl_clip=None)
+    TASK.loss(reference.model(x), y).backward()
+    reference.step()
+    for name, state in reference.curvature().items():
+        torch.testing.assert_close(pre.curvature()[name]["A"], state["A"])
+        torch.testing.assert_close(pre.curvature()[name]["G"], state["G"])
+
+
+def train(kind: type, scale: float | None, steps: int = 3, **options) -> list[Tensor]:
+    """Weights after ``steps`` SGD steps with a preconditioner, the loss scaled by a
+    GradScaler with ``scale`` (None: no scaler)."""
+    model = mlp()
+    x, y = batch(model, n=64)
+    scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+    pre = kind(model, grad_scaler=scaler, cov_update_freq=1, inv_update_freq=1, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        xs, ys = x[16 * step:16 * (step + 1)], y[16 * step:16 * (step + 1)]
+        opt.zero_grad()
+        loss = TASK.loss(model(xs), ys)
+        if scaler is None:
+            pre.backward(loss)
+            pre.step()
+            opt.step()
+        else:
+            pre.backward(scaler.scale(loss))
+            scaler.unscale_(opt)
+            pre.step()
+            scaler.step(opt)
+            scaler.update()
+    pre.remove()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+@pytest.mark.parametrize("kind", [KFAC, EKFAC], ids=["kfac", "ekfac"])
+def test_loss_scale_1024_gives_the_unscaled_weights(kind, fisher_type) -> None:
+    for scaled, plain in zip(train(kind, 1024.0, fisher_type=fisher_type),
+                             train(kind, None, fisher_type=fisher_type), strict=True):
+        torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_the_scaler_skips_leaves_the_statistics_untouched() -> None:
+    model = mlp()
+    x, y = batch(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    pre = KFAC(model, fisher_type="empirical", grad_scaler=scaler, cov_update_freq=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    states = []
+    for poison in (False, True):
+        opt.zero_grad()
+        loss = TASK.loss(model(x), y) * (float("inf") if poison else 1.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        pre.step()
+        scaler.step(opt)
+        scaler.update()
+        states.append({name: {k: v.clone() for k, v in s.items() if k in ("A", "G")}
+                       for name, s in pre.curvature().items()})
+    for name, state in states[0].items():
+        for key, value in state.items():
+            assert torch.equal(states[1][name][key], value), (name, key)
+    assert scaler.get_scale() == 512.0  # the scaler did see the overflow
+
+
+def test_grad_scaler_needs_unscale_before_step() -> None:
+    model = mlp()
+    x, y = batch(model)
+    scaler = torch.amp.GradScaler("cpu")
+    pre = KFAC(model, fisher_type="empirical", grad_scaler=scaler)
+    scaler.scale(TASK.loss(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match=r"scaler.unscale_\(optimizer\) first"):
+        pre.step()
+
+
+class Mixed(nn.Module):
+    """One of each layer kind of today's models: what K-FAC covers and what it names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.ln = nn.LayerNorm(8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.conv(self.emb(tokens).transpose(1, 2)).transpose(1, 2)
+        h = self.ln(h)
+        h = h + self.att(h, h, h, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+def test_the_coverage_report_names_exactly_the_uncovered_parameters(caplog) -> None:
+    model = Mixed()
+    with caplog.at_level(logging.INFO, logger="ngexp"):
+        pre = KFAC(model, fisher_type="empirical")
+    plain = ["emb.weight", "ln.weight", "ln.bias", "att.in_proj_weight", "att.in_proj_bias",
+             "att.out_proj.weight", "att.out_proj.bias"]
+    assert pre.coverage.plain == plain
+    assert pre.coverage.covered == ["conv.weight", "conv.bias", "head.weight", "head.bias"]
+    count = sum(p.numel() for name, p in model.named_parameters() if name in plain)
+    assert pre.coverage.plain_count == count
+    assert f"7 keep the plain gradient ({count:,} values" in caplog.text
+    assert ", ".join(plain) in caplog.text
+    natural = NaturalGradient(Mixed())
+    assert natural.coverage.plain == [] and natural.coverage.share == 1.0
+
+
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.second = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(torch.tanh(self.first(x)), self.second.weight, self.second.bias)
+
+
+def test_a_layer_called_functionally_is_named_once() -> None:
+    model = Functional()
+    x, y = batch(mlp())
+    pre = KFAC(model, fisher_type="empirical", cov_update_freq=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model.zero_grad()
+            TASK.loss(model(x), y).backward()
+            pre.step()
+    messages = [str(w.message) for w in caught if "never ran" in str(w.message)]
+    assert len(messages) == 1 and "'second'" in messages[0]
+    assert set(pre.curvature()) == {"first"}
+
+
+def test_conv1d_factors_equal_those_of_the_equivalent_conv2d() -> None:
+    """Conv1d(k) on (B, C, L) is Conv2d((1, k)) on (B, C, 1, L): the same K-FAC factors (the
+    Conv2d factors are checked against curvlinops in test_curvature.py)."""
+    torch.manual_seed(0)
+    conv1 = nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)
+    conv2 = nn.Conv2d(4, 6, (1, 3), stride=(1, 2), padding=(0, 2), dilation=(1, 2), groups=2)
+    with torch.no_grad():
+        conv2.weight.copy_(conv1.weight[:, :, None])
+        conv2.bias.copy_(conv1.bias)
+    x = torch.randn(5, 4, 11)
+    factors = []
+    for conv, inputs in ((conv1, x), (conv2, x[:, :, None])):
+        model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(3))
+        model(inputs)
+        torch.manual_seed(1)
+        model[2].reset_parameters()
+        pre = KFAC(model, fisher_type="empirical")
+        TASK.loss(model(inputs), torch.arange(5) % 3).backward()
+        layer = pre.layers[0]
+        factors.append(kronecker_factors(layer, [PassGroup(-1, pre.capture.passes("training"),
+                                                           5)], 5))
+    for one, two in zip(*factors, strict=True):
+        torch.testing.assert_close(one, two)
