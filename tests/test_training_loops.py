@@ -199,13 +199,14 @@ def test_the_coverage_report_names_exactly_the_uncovered_parameters(caplog) -> N
     model = Mixed()
     with caplog.at_level(logging.INFO, logger="ngexp"):
         pre = KFAC(model, fisher_type="empirical")
-    plain = ["emb.weight", "ln.weight", "ln.bias", "att.in_proj_weight", "att.in_proj_bias",
+    plain = ["ln.weight", "ln.bias", "att.in_proj_weight", "att.in_proj_bias",
              "att.out_proj.weight", "att.out_proj.bias"]
     assert pre.coverage.plain == plain
-    assert pre.coverage.covered == ["conv.weight", "conv.bias", "head.weight", "head.bias"]
+    assert pre.coverage.covered == ["emb.weight", "conv.weight", "conv.bias", "head.weight",
+                                    "head.bias"]
     count = sum(p.numel() for name, p in model.named_parameters() if name in plain)
     assert pre.coverage.plain_count == count
-    assert f"7 keep the plain gradient ({count:,} values" in caplog.text
+    assert f"6 keep the plain gradient ({count:,} values" in caplog.text
     assert ", ".join(plain) in caplog.text
     natural = NaturalGradient(Mixed())
     assert natural.coverage.plain == [] and natural.coverage.share == 1.0
@@ -259,3 +260,60 @@ def test_conv1d_factors_equal_those_of_the_equivalent_conv2d() -> None:
                                                            5)], 5))
     for one, two in zip(*factors, strict=True):
         torch.testing.assert_close(one, two)
+
+
+class Tokens(nn.Module):
+    """Token ids (B, T) -> embedding (lookup, or the same map as a Linear on one-hot rows) ->
+    mean over T -> Linear head."""
+
+    def __init__(self, lookup: bool, padding_idx: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lookup = lookup
+        self.emb = (nn.Embedding(7, 4, padding_idx=padding_idx) if lookup
+                    else nn.Linear(7, 4, bias=False))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if self.lookup:
+            return self.head(self.emb(tokens).mean(1))
+        return self.head(self.emb(F.one_hot(tokens, 7).float()).mean(1))
+
+
+@pytest.mark.parametrize("kind", [KFAC, EKFAC], ids=["kfac", "ekfac"])
+def test_embedding_curvature_is_that_of_a_linear_map_on_one_hot_rows(kind) -> None:
+    """nn.Embedding(V, E) is s = W^T onehot(token): its factors (A diagonal: token
+    frequencies), EKFAC scaling and direction equal those of nn.Linear(V, E) with weight W^T
+    on one-hot rows (the Linear factors are checked against curvlinops in test_curvature.py);
+    a padding_idx row gets no gradient and no statistics."""
+    tokens = torch.randint(0, 7, (16, 5), generator=torch.Generator().manual_seed(0))
+    y = torch.arange(16) % 3
+    results = []
+    for lookup in (True, False):
+        model = Tokens(lookup)
+        if not lookup:
+            reference = Tokens(True)
+            with torch.no_grad():
+                model.emb.weight.copy_(reference.emb.weight.T)
+                model.head.load_state_dict(reference.head.state_dict())
+        pre = kind(model, fisher_type="empirical", kl_clip=None)
+        assert pre.coverage.plain == []
+        TASK.loss(model(tokens), y).backward()
+        pre.step()
+        grad = model.emb.weight.grad
+        results.append((pre.curvature()["emb"], grad if lookup else grad.T))
+    (lookup_state, lookup_grad), (linear_state, linear_grad) = results
+    for key in ("A", "G", "s"):
+        if key in linear_state:
+            torch.testing.assert_close(lookup_state[key], linear_state[key])
+    a = lookup_state["A"][0]
+    assert torch.equal(a, torch.diag(a.diagonal()))
+    counts = torch.bincount(tokens.flatten(), minlength=7).float() / tokens.numel()
+    torch.testing.assert_close(a.diagonal(), counts)
+    torch.testing.assert_close(lookup_grad, linear_grad)
+    padded = Tokens(True, padding_idx=0)
+    pre = kind(padded, fisher_type="empirical", kl_clip=None)
+    TASK.loss(padded(tokens), y).backward()
+    pre.step()
+    assert pre.curvature()["emb"]["A"][0, 0, 0] == 0
+    assert torch.all(padded.emb.weight.grad[0] == 0)

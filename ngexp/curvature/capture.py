@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from ngexp.curvature.tasks import Task
 
-SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 #: Kinds of a recorded backward pass.
 TRAINING, SAMPLED = "training", "sampled"
@@ -127,8 +127,16 @@ class LayerIO:
         return self.record.grads
 
     @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.module.bias if self.has_bias else None
+
+    @property
     def params(self) -> list[nn.Parameter]:
-        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
 
     @property
     def weight_name(self) -> str:
@@ -138,9 +146,17 @@ class LayerIO:
         self.records.clear()
 
     # ------------------------------------------------------------------ layouts
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        """``W (groups, out_dim, fan_in)`` of a weight-shaped tensor (a view where possible)."""
+        return weight.reshape(self.groups, self.out_dim, self.fan_in)
+
+    def weight_like(self, matrix: Tensor) -> Tensor:
+        """Inverse of :meth:`weight_matrix`: a tensor shaped like the weight."""
+        return matrix.reshape(self.module.weight.shape)
+
     def matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``[W | b]`` from weight- and bias-shaped tensors: ``(groups, out_dim, in_dim)``."""
-        matrix = weight.reshape(self.groups, self.out_dim, self.fan_in)
+        matrix = self.weight_matrix(weight)
         if self.has_bias:
             assert bias is not None
             matrix = torch.cat([matrix, bias.reshape(self.groups, self.out_dim, 1)], dim=-1)
@@ -148,14 +164,14 @@ class LayerIO:
 
     def split(self, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
         """Inverse of :meth:`matrix`: weight-shaped and bias-shaped (or ``None``) tensors."""
-        weight = matrix[..., : self.fan_in].reshape(self.module.weight.shape)
-        bias = matrix[..., self.fan_in].reshape(self.module.bias.shape) if self.has_bias else None
+        weight = self.weight_like(matrix[..., : self.fan_in])
+        bias = matrix[..., self.fan_in].reshape(self.bias.shape) if self.bias is not None else None
         return weight, bias
 
     def gradient_matrix(self) -> Tensor | None:
         """``[dW | db]`` of the parameters' ``.grad`` in float32 (``None`` without a weight
         gradient; a missing bias gradient counts as zero)."""
-        weight, bias = self.module.weight, self.module.bias
+        weight, bias = self.weight, self.bias
         if weight.grad is None:
             return None
         bias_grad = None
@@ -208,6 +224,46 @@ class LayerIO:
                                                            self.fan_in)
 
 
+class EmbeddingIO(LayerIO):
+    """``nn.Embedding(V, E)`` as the affine map ``s = W^T a`` of one-hot rows ``a`` (length
+    ``V``, no bias): ``fan_in = V``, ``out_dim = E``, the weight matrix is ``W^T``. Its input
+    factor ``A = (1/R) sum_rows a a^T`` is diagonal, the token frequencies (Martens & Grosse
+    2015's K-FAC of a lookup table; a ``padding_idx`` row gets no gradient, so its tokens give
+    zero rows)."""
+
+    def __init__(self, name: str, module: nn.Embedding) -> None:  # noqa: D107
+        self.name, self.module = name, module
+        self.groups, self.fan_in, self.out_dim = 1, module.num_embeddings, module.embedding_dim
+        self.has_bias, self.in_dim = False, module.num_embeddings
+        self.records = []
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        return weight.T[None]
+
+    def weight_like(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.out_dim, self.fan_in).T
+
+    def features(self, x: Tensor) -> Tensor:
+        rows = F.one_hot(x.reshape(x.shape[0], -1), self.fan_in).float()
+        padding = self.module.padding_idx
+        if padding is not None:
+            rows[..., padding] = 0.0
+        return rows[:, :, None]
+
+
+def layer_io(name: str, module: nn.Module) -> LayerIO:
+    """The :class:`LayerIO` of a supported module."""
+    return EmbeddingIO(name, module) if isinstance(module, nn.Embedding) else LayerIO(name, module)
+
+
+def covered_by_kronecker(module: nn.Module) -> bool:
+    """Whether ``module`` is an affine map the capture treats exactly: Linear, Conv1d/2d, and
+    Embeddings whose gradient is the plain lookup's (dense, not scaled by frequency)."""
+    if isinstance(module, nn.Embedding):
+        return not (module.sparse or module.scale_grad_by_freq)
+    return isinstance(module, SUPPORTED_MODULES)
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts to on ``device_type`` right now, ``None`` when it is off."""
     if torch.is_autocast_enabled(device_type):
@@ -228,11 +284,12 @@ def functional_children(model: nn.Module) -> set[nn.Module]:
 
 
 def supported_layers(model: nn.Module) -> list[LayerIO]:
-    """Every Linear/Conv1d/Conv2d module of ``model`` whose weight requires grad and whose
-    forward hooks run (:func:`functional_children` excluded), by module name."""
+    """Every Linear/Conv1d/Conv2d/Embedding module of ``model`` (:func:`covered_by_kronecker`)
+    whose weight requires grad and whose forward hooks run (:func:`functional_children`
+    excluded), by module name."""
     bypassed = functional_children(model)
-    return [LayerIO(name, module) for name, module in model.named_modules()
-            if isinstance(module, SUPPORTED_MODULES) and module.weight.requires_grad
+    return [layer_io(name, module) for name, module in model.named_modules()
+            if covered_by_kronecker(module) and module.weight.requires_grad
             and module not in bypassed]
 
 

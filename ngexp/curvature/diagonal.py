@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ngexp.curvature.capture import Capture, LayerIO
+from ngexp.curvature.capture import Capture, LayerIO, layer_io
 from ngexp.curvature.tasks import Task, at_least_float32
 
 #: Per-example gradients of at most this many floats are formed at once.
@@ -38,14 +38,14 @@ def squared_example_gradients(layer: LayerIO, features: Tensor, grads: Tensor) -
     if features.shape[1] == 1:  # sum_n (sum_k g_kn^2) (a_n^2)^T, no per-example tensors
         total = torch.einsum("bgo,bgi->goi", grads[:, :, 0].square().sum(0),
                              features[:, 0].square())
-        return total.reshape(weight.shape)
+        return layer.weight_like(total)
     chunk = max(1, CHUNK_FLOATS // (weight.numel() * grads.shape[0]))
     total = grads.new_zeros(layer.groups, layer.out_dim, layer.fan_in)
     for begin in range(0, features.shape[0], chunk):
         per_example = torch.einsum("kbpgo,bpgi->kbgoi", grads[:, begin:begin + chunk],
                                    features[begin:begin + chunk])
         total += per_example.square().sum((0, 1))
-    return total.reshape(weight.shape)
+    return layer.weight_like(total)
 
 
 def diagonal_ggn(model: nn.Module, task: Task, batches: Iterable[tuple[Tensor, Tensor]],
@@ -57,7 +57,7 @@ def diagonal_ggn(model: nn.Module, task: Task, batches: Iterable[tuple[Tensor, T
     (``"<name>.weight"``). Run it with the model in eval mode so that examples are independent.
     ``reduce`` sums tensors over data-parallel ranks, each with its share of the batches (the
     sums of squares and the term counts are reduced before the division)."""
-    capture = Capture(model, layers=[LayerIO(name, module) for name, module in layers.items()],
+    capture = Capture(model, layers=[layer_io(name, module) for name, module in layers.items()],
                       training_only=False)
     capture.active = True
     diagonal = {layer.name: at_least_float32(torch.zeros_like(layer.module.weight))

@@ -112,10 +112,10 @@ class LayerGradient:
     def of(cls, layer: LayerIO) -> LayerGradient | None:
         """The ``.grad`` of ``layer`` (``None`` without a weight gradient; a missing bias
         gradient counts as zero)."""
-        weight, bias = layer.module.weight, layer.module.bias
+        weight, bias = layer.weight, layer.bias
         if weight.grad is None:
             return None
-        weight_grad = weight.grad.reshape(layer.groups, layer.out_dim, layer.fan_in).float()
+        weight_grad = layer.weight_matrix(weight.grad).float()
         bias_grad = None
         if bias is not None:
             bias_grad = (bias.grad.reshape(layer.groups, layer.out_dim).float()
@@ -146,14 +146,10 @@ class LayerGradient:
 def write_direction(layer: LayerIO, direction: Tensor) -> None:
     """Copy ``direction (groups, d_out, d_in)`` into the ``.grad`` of the layer's weight and
     bias, in place (their memory layout, e.g. channels_last, is kept)."""
-    weight_grad = layer.module.weight.grad
+    weight_grad = layer.weight.grad
     assert weight_grad is not None
-    part = direction[..., :layer.fan_in]
-    if weight_grad.is_contiguous():
-        weight_grad.view(layer.groups, layer.out_dim, layer.fan_in).copy_(part)
-    else:
-        weight_grad.copy_(part.reshape(weight_grad.shape))
-    bias = layer.module.bias
+    weight_grad.copy_(layer.weight_like(direction[..., :layer.fan_in]))
+    bias = layer.bias
     if bias is not None and bias.grad is not None:
         bias.grad.copy_(direction[..., layer.fan_in].reshape(bias.shape))
 
@@ -457,7 +453,7 @@ class KroneckerPreconditioner(Preconditioner):
         layer.weight)``) or its module's hooks were bypassed, so it keeps the plain gradient
         until its statistics exist."""
         for layer in missing:
-            if layer.module.weight.grad is not None and layer.name not in self.state:
+            if layer.weight.grad is not None and layer.name not in self.state:
                 self._warn_once(f"unseen {layer.name}", f"{type(self).__name__}: layer "
                                 f"{layer.name!r} ({type(layer.module).__name__}) got a gradient "
                                 f"but its forward hook never ran (called functionally?): its "
@@ -569,10 +565,10 @@ class KroneckerPreconditioner(Preconditioner):
                 predicted += (adaptive.raw_grads[param].float() * delta).sum()
                 predicted += 0.5 * self._damping * delta.square().sum()
             for layer in self.layers:
-                weight = layer.module.weight
+                weight = layer.weight
                 if layer.name not in self.state or weight not in deltas:
                     continue
-                bias = layer.module.bias
+                bias = layer.bias
                 bias_delta = None if bias is None else deltas.get(bias, torch.zeros_like(bias))
                 delta = layer.matrix(deltas[weight], bias_delta)
                 predicted += 0.5 * self._curvature_quadratic(self.state[layer.name], delta)
