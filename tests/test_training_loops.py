@@ -199,14 +199,15 @@ def test_the_coverage_report_names_exactly_the_uncovered_parameters(caplog) -> N
     model = Mixed()
     with caplog.at_level(logging.INFO, logger="ngexp"):
         pre = KFAC(model, fisher_type="empirical")
-    plain = ["ln.weight", "ln.bias", "att.in_proj_weight", "att.in_proj_bias",
-             "att.out_proj.weight", "att.out_proj.bias"]
+    plain = ["ln.weight", "ln.bias"]
     assert pre.coverage.plain == plain
-    assert pre.coverage.covered == ["emb.weight", "conv.weight", "conv.bias", "head.weight",
+    assert pre.coverage.covered == ["emb.weight", "conv.weight", "conv.bias",
+                                    "att.in_proj_weight", "att.in_proj_bias",
+                                    "att.out_proj.weight", "att.out_proj.bias", "head.weight",
                                     "head.bias"]
     count = sum(p.numel() for name, p in model.named_parameters() if name in plain)
     assert pre.coverage.plain_count == count
-    assert f"6 keep the plain gradient ({count:,} values" in caplog.text
+    assert f"2 keep the plain gradient ({count:,} values" in caplog.text
     assert ", ".join(plain) in caplog.text
     natural = NaturalGradient(Mixed())
     assert natural.coverage.plain == [] and natural.coverage.share == 1.0
@@ -317,3 +318,80 @@ def test_embedding_curvature_is_that_of_a_linear_map_on_one_hot_rows(kind) -> No
     pre.step()
     assert pre.curvature()["emb"]["A"][0, 0, 0] == 0
     assert torch.all(padded.emb.weight.grad[0] == 0)
+
+
+class Attention(nn.Module):
+    """Multi-head attention, then a Linear head on the mean over positions: with torch's
+    ``nn.MultiheadAttention`` (``torch_mha``) or written with four ``nn.Linear`` layers."""
+
+    def __init__(self, torch_mha: bool, cross: bool, batch_first: bool, kdim: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.torch_mha, self.cross, self.batch_first = torch_mha, cross, batch_first
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(kdim, 8), nn.Linear(kdim, 8)
+        self.out = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():  # the same weights both ways
+            weights = (self.mha.in_proj_weight.chunk(3) if self.mha._qkv_same_embed_dim else
+                       (self.mha.q_proj_weight, self.mha.k_proj_weight, self.mha.v_proj_weight))
+            for linear, weight, bias in zip((self.q, self.k, self.v), weights,
+                                            self.mha.in_proj_bias.chunk(3), strict=True):
+                linear.weight.copy_(weight)
+                linear.bias.copy_(bias)
+            self.out.load_state_dict(self.mha.out_proj.state_dict())
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, L, kdim + 8)
+        query, memory = x[..., :8], (x[..., 8:] if self.cross else x[..., :8])
+        if self.torch_mha:
+            if not self.batch_first:
+                query, memory = query.transpose(0, 1), memory.transpose(0, 1)
+            h = self.mha(query, memory, memory)[0]
+            h = h if self.batch_first else h.transpose(0, 1)
+        else:
+            heads = lambda t: t.unflatten(-1, (2, 4)).transpose(1, 2)  # noqa: E731
+            q, k, v = heads(self.q(query)), heads(self.k(memory)), heads(self.v(memory))
+            h = self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize(("cross", "batch_first", "kdim"),
+                         [(False, True, 8), (False, False, 8), (True, True, 8), (True, True, 5)],
+                         ids=["self", "seq-first", "cross", "kdim"])
+@pytest.mark.parametrize("kind", [KFAC, EKFAC], ids=["kfac", "ekfac"])
+def test_multihead_attention_projections_equal_four_linear_layers(kind, cross, batch_first,
+                                                                    kdim) -> None:
+    """nn.MultiheadAttention's q, k, v and out projections get the factors, EKFAC scaling and
+    directions of the same attention written with nn.Linear layers (whose factors are checked
+    against curvlinops), in packed self-attention, sequence-first, cross-attention and with
+    separate key/value sizes."""
+    x = torch.randn(6, 5, 8 + kdim, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(6) % 3
+    states, grads = [], []
+    for torch_mha in (True, False):
+        model = Attention(torch_mha, cross or kdim != 8, batch_first, kdim)
+        pre = kind(model, fisher_type="empirical", kl_clip=None)
+        TASK.loss(model(x), y).backward()
+        raw = model.mha.in_proj_bias.grad.clone() if torch_mha else None
+        pre.step()
+        curvature = pre.curvature()
+        prefix = "mha." if torch_mha else ""
+        states.append([curvature[prefix + role] for role in ("q", "k", "v", "out")])
+        if torch_mha:
+            assert not torch.equal(model.mha.in_proj_bias.grad, raw)  # preconditioned
+            weights = (model.mha.in_proj_weight.grad.chunk(3) if kdim == 8 else
+                       [getattr(model.mha, f"{r}_proj_weight").grad for r in ("q", "k", "v")])
+            grads.append([*weights, *model.mha.in_proj_bias.grad.chunk(3),
+                          model.mha.out_proj.weight.grad, model.mha.out_proj.bias.grad])
+        else:
+            grads.append([model.q.weight.grad, model.k.weight.grad, model.v.weight.grad,
+                          model.q.bias.grad, model.k.bias.grad, model.v.bias.grad,
+                          model.out.weight.grad, model.out.bias.grad])
+        pre.remove()
+    for mha_state, linear_state in zip(*states, strict=True):
+        for key in ("A", "G", "s"):
+            if key in linear_state:
+                torch.testing.assert_close(mha_state[key], linear_state[key], rtol=1e-4,
+                                           atol=1e-6)
+    for mha_grad, linear_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(mha_grad, linear_grad, rtol=1e-3, atol=1e-6)

@@ -42,7 +42,6 @@ curvature products need them), and the autocast dtype the forward ran under
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -50,26 +49,26 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ngexp.curvature.attention import attention_blocks
+from ngexp.curvature.layers import (
+    CONVOLUTIONS,
+    SUPPORTED_MODULES,
+    EmbeddingIO,
+    LayerIO,
+    LayerRecord,
+    covered_by_kronecker,
+    layer_io,
+)
 from ngexp.curvature.tasks import Task
 
-SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
+__all__ = ["CONVOLUTIONS", "SAMPLED", "SUPPORTED_MODULES", "TRAINING", "Capture", "EmbeddingIO",
+           "ForwardRecord", "LayerIO", "LayerRecord", "autocast_dtype", "autocast_like",
+           "backward_sampled", "layer_io", "supported_layers"]
+
 #: Kinds of a recorded backward pass.
 TRAINING, SAMPLED = "training", "sampled"
-
-
-@dataclass(eq=False)
-class LayerRecord:
-    """What one forward left of one layer: ``inputs[c]`` of its ``c``-th call, ``outputs[c]``
-    its output, ``grads[k][c]`` that output's gradient in the forward's ``k``-th pass."""
-
-    inputs: list[Tensor] = field(default_factory=list)
-    outputs: list[Tensor] = field(default_factory=list)
-    grads: list[dict[int, Tensor]] = field(default_factory=list)
-
 
 @dataclass(eq=False)
 class ForwardRecord:
@@ -88,182 +87,6 @@ class ForwardRecord:
         return [index for index, recorded in enumerate(self.pass_kinds) if recorded == kind]
 
 
-class LayerIO:
-    """One Linear/Conv1d/Conv2d module as ``groups`` affine maps, and what the capture recorded
-    of it: one :class:`LayerRecord` per kept forward (:attr:`records`); :attr:`inputs`,
-    :attr:`outputs` and :attr:`grads` are the latest record's.
-    """
-
-    def __init__(self, name: str, module: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
-        self.name = name
-        self.module = module
-        if isinstance(module, CONVOLUTIONS):
-            self.groups = module.groups
-            self.fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-            self.out_dim = module.out_channels // module.groups
-        else:
-            self.groups = 1
-            self.fan_in = module.in_features
-            self.out_dim = module.out_features
-        self.has_bias = module.bias is not None
-        self.in_dim = self.fan_in + int(self.has_bias)
-        self.records: list[LayerRecord] = []
-
-    @property
-    def record(self) -> LayerRecord:
-        """The latest record (an empty one before any capturing forward)."""
-        return self.records[-1] if self.records else LayerRecord()
-
-    @property
-    def inputs(self) -> list[Tensor]:
-        return self.record.inputs
-
-    @property
-    def outputs(self) -> list[Tensor]:
-        return self.record.outputs
-
-    @property
-    def grads(self) -> list[dict[int, Tensor]]:
-        return self.record.grads
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.module.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self.module.bias if self.has_bias else None
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [self.weight] + ([self.bias] if self.bias is not None else [])
-
-    @property
-    def weight_name(self) -> str:
-        return f"{self.name}.weight" if self.name else "weight"
-
-    def clear(self) -> None:
-        self.records.clear()
-
-    # ------------------------------------------------------------------ layouts
-    def weight_matrix(self, weight: Tensor) -> Tensor:
-        """``W (groups, out_dim, fan_in)`` of a weight-shaped tensor (a view where possible)."""
-        return weight.reshape(self.groups, self.out_dim, self.fan_in)
-
-    def weight_like(self, matrix: Tensor) -> Tensor:
-        """Inverse of :meth:`weight_matrix`: a tensor shaped like the weight."""
-        return matrix.reshape(self.module.weight.shape)
-
-    def matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """``[W | b]`` from weight- and bias-shaped tensors: ``(groups, out_dim, in_dim)``."""
-        matrix = self.weight_matrix(weight)
-        if self.has_bias:
-            assert bias is not None
-            matrix = torch.cat([matrix, bias.reshape(self.groups, self.out_dim, 1)], dim=-1)
-        return matrix
-
-    def split(self, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Inverse of :meth:`matrix`: weight-shaped and bias-shaped (or ``None``) tensors."""
-        weight = self.weight_like(matrix[..., : self.fan_in])
-        bias = matrix[..., self.fan_in].reshape(self.bias.shape) if self.bias is not None else None
-        return weight, bias
-
-    def gradient_matrix(self) -> Tensor | None:
-        """``[dW | db]`` of the parameters' ``.grad`` in float32 (``None`` without a weight
-        gradient; a missing bias gradient counts as zero)."""
-        weight, bias = self.weight, self.bias
-        if weight.grad is None:
-            return None
-        bias_grad = None
-        if bias is not None:
-            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-        return self.matrix(weight.grad, bias_grad).float()
-
-    def features(self, x: Tensor) -> Tensor:
-        """Input rows without the homogeneous coordinate, float32: ``(B, P, groups, fan_in)``,
-        ``P`` the weight-sharing positions (conv output positions, extra Linear dims; 1 for
-        ``(B, D)`` inputs)."""
-        if isinstance(self.module, CONVOLUTIONS):
-            return self._patches(x).float()
-        return x.reshape(x.shape[0], -1, 1, x.shape[-1]).float()
-
-    def input_rows(self, x: Tensor) -> Tensor:
-        """Rows ``[a; 1]`` of one call's input, float32: ``(B, P, groups, in_dim)``."""
-        rows = self.features(x)
-        if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
-        return rows
-
-    def grad_rows(self, grad: Tensor) -> Tensor:
-        """Rows of one call's output gradient, float32: ``(B, P, groups, out_dim)``."""
-        batch = grad.shape[0]
-        if isinstance(self.module, CONVOLUTIONS):
-            return grad.reshape(batch, self.groups, self.out_dim, -1).permute(0, 3, 1, 2).float()
-        return grad.reshape(batch, -1, 1, grad.shape[-1]).float()
-
-    def _patches(self, x: Tensor) -> Tensor:
-        """Conv input patches ``(B, L, groups, fan_in)``, channel-major like the weight: strided
-        views of the (padded) input, then one copy into that layout (cheaper than ``unfold``
-        followed by a transpose). ``L`` counts the output positions (``H_out W_out`` for
-        Conv2d, ``L_out`` for Conv1d)."""
-        conv = self.module
-        assert isinstance(conv, CONVOLUTIONS)
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or any(conv.padding):
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-        if isinstance(conv, nn.Conv1d):
-            (k,), (stride,), (dilation,) = conv.kernel_size, conv.stride, conv.dilation
-            windows = x.unfold(2, dilation * (k - 1) + 1, stride)[..., ::dilation]  # (B,C,L,k)
-            return windows.permute(0, 2, 1, 3).reshape(x.shape[0], windows.shape[2],
-                                                       self.groups, self.fan_in)
-        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-        windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-        windows = windows[..., ::dh, ::dw]  # (B, C, H_out, W_out, kh, kw)
-        batch, _, height, width = windows.shape[:4]
-        return windows.permute(0, 2, 3, 1, 4, 5).reshape(batch, height * width, self.groups,
-                                                           self.fan_in)
-
-
-class EmbeddingIO(LayerIO):
-    """``nn.Embedding(V, E)`` as the affine map ``s = W^T a`` of one-hot rows ``a`` (length
-    ``V``, no bias): ``fan_in = V``, ``out_dim = E``, the weight matrix is ``W^T``. Its input
-    factor ``A = (1/R) sum_rows a a^T`` is diagonal, the token frequencies (Martens & Grosse
-    2015's K-FAC of a lookup table; a ``padding_idx`` row gets no gradient, so its tokens give
-    zero rows)."""
-
-    def __init__(self, name: str, module: nn.Embedding) -> None:  # noqa: D107
-        self.name, self.module = name, module
-        self.groups, self.fan_in, self.out_dim = 1, module.num_embeddings, module.embedding_dim
-        self.has_bias, self.in_dim = False, module.num_embeddings
-        self.records = []
-
-    def weight_matrix(self, weight: Tensor) -> Tensor:
-        return weight.T[None]
-
-    def weight_like(self, matrix: Tensor) -> Tensor:
-        return matrix.reshape(self.out_dim, self.fan_in).T
-
-    def features(self, x: Tensor) -> Tensor:
-        rows = F.one_hot(x.reshape(x.shape[0], -1), self.fan_in).float()
-        padding = self.module.padding_idx
-        if padding is not None:
-            rows[..., padding] = 0.0
-        return rows[:, :, None]
-
-
-def layer_io(name: str, module: nn.Module) -> LayerIO:
-    """The :class:`LayerIO` of a supported module."""
-    return EmbeddingIO(name, module) if isinstance(module, nn.Embedding) else LayerIO(name, module)
-
-
-def covered_by_kronecker(module: nn.Module) -> bool:
-    """Whether ``module`` is an affine map the capture treats exactly: Linear, Conv1d/2d, and
-    Embeddings whose gradient is the plain lookup's (dense, not scaled by frequency)."""
-    if isinstance(module, nn.Embedding):
-        return not (module.sparse or module.scale_grad_by_freq)
-    return isinstance(module, SUPPORTED_MODULES)
-
-
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts to on ``device_type`` right now, ``None`` when it is off."""
     if torch.is_autocast_enabled(device_type):
@@ -276,21 +99,23 @@ def autocast_like(device_type: str, dtype: torch.dtype | None) -> AbstractContex
     return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
-def functional_children(model: nn.Module) -> set[nn.Module]:
-    """Modules whose parent calls their parameters functionally, so their hooks never run:
-    ``nn.MultiheadAttention``'s ``out_proj`` (torch applies it with ``F.linear``)."""
-    return {module.out_proj for module in model.modules()
-            if isinstance(module, nn.MultiheadAttention)}
-
-
 def supported_layers(model: nn.Module) -> list[LayerIO]:
-    """Every Linear/Conv1d/Conv2d/Embedding module of ``model`` (:func:`covered_by_kronecker`)
-    whose weight requires grad and whose forward hooks run (:func:`functional_children`
-    excluded), by module name."""
-    bypassed = functional_children(model)
-    return [layer_io(name, module) for name, module in model.named_modules()
-            if covered_by_kronecker(module) and module.weight.requires_grad
-            and module not in bypassed]
+    """Every covered layer of ``model`` whose weight requires grad, by module name:
+    Linear/Conv1d/Conv2d/Embedding modules (:func:`covered_by_kronecker`) and the four
+    projections of each ``nn.MultiheadAttention`` (:mod:`ngexp.curvature.attention`, which
+    also stand for its ``out_proj`` module)."""
+    attention = {name: module for name, module in model.named_modules()
+                 if isinstance(module, nn.MultiheadAttention)}
+    bypassed = {module.out_proj for module in attention.values()}
+    layers: list[LayerIO] = []
+    for name, module in model.named_modules():
+        if name in attention:
+            layers += [block for block in attention_blocks(name, module)
+                       if block.weight.requires_grad]
+        elif (covered_by_kronecker(module) and module.weight.requires_grad
+              and module not in bypassed):
+            layers.append(layer_io(name, module))
+    return layers
 
 
 class Capture:
@@ -318,10 +143,14 @@ class Capture:
         self._recording = False
         self._pass_scale: Tensor | float | None = None
         #: Layer outputs of the running forward whose gradient hooks wait for the model output's.
-        self._pending: list[tuple[LayerIO, int, Tensor]] = []
+        self._pending: list[tuple[LayerIO, int, Tensor, Callable[[Tensor], Tensor] | None]] = []
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
-        self._handles += [layer.module.register_forward_hook(partial(self._on_forward, layer))
-                          for layer in self.layers]
+        by_module: dict[nn.Module, list[LayerIO]] = {}
+        for layer in self.layers:
+            by_module.setdefault(layer.module, []).append(layer)
+        for module, layers in by_module.items():
+            self._handles += type(layers[0]).attach(module, layers, self._on_call,
+                                                    self._recording_calls)
         # last: when the model is itself a hooked layer, its layer hook has run by then
         self._handles.append(model.register_forward_hook(self._on_model_output))
 
@@ -445,8 +274,8 @@ class Capture:
             forward.model_autocast = autocast_dtype(output.device.type)
         if output.requires_grad:  # first, so it runs before a layer hook on the same tensor
             output.register_hook(partial(self._on_output_grad, forward))
-        for layer, call, layer_output in self._pending:
-            layer_output.register_hook(partial(self._on_grad, layer, layer.record, call))
+        for layer, call, layer_output, to_rows in self._pending:
+            layer_output.register_hook(partial(self._on_grad, layer.record, call, to_rows))
         self._pending.clear()
 
     def _on_output_grad(self, forward: ForwardRecord, grad: Tensor) -> None:
@@ -470,20 +299,23 @@ class Capture:
         grad = grad.detach()
         return grad if self._pass_scale is None else grad / self._pass_scale
 
-    def _on_forward(self, layer: LayerIO, module: nn.Module, args: tuple[Tensor, ...],
-                    output: Tensor) -> None:
-        if not self.active or not self._enabled(module) or not layer.records:
-            return
+    def _recording_calls(self, module: nn.Module) -> bool:
+        """Whether calls of ``module`` are recorded now."""
+        return self.active and self._enabled(module) and bool(self.forwards)
+
+    def _on_call(self, layer: LayerIO, x: Tensor, output: Tensor,
+                 to_rows: Callable[[Tensor], Tensor] | None) -> None:
         record = layer.record
         call = len(record.inputs)
-        record.inputs.append(args[0].detach())
+        record.inputs.append(x.detach())
         record.outputs.append(output)
         if output.requires_grad:
-            self._pending.append((layer, call, output))
+            self._pending.append((layer, call, output, to_rows))
 
-    def _on_grad(self, layer: LayerIO, record: LayerRecord, call: int, grad: Tensor) -> None:
+    def _on_grad(self, record: LayerRecord, call: int, to_rows: Callable[[Tensor], Tensor] | None,
+                 grad: Tensor) -> None:
         if self._recording and record.grads:
-            record.grads[-1][call] = self._unscaled(grad)
+            record.grads[-1][call] = self._unscaled(grad if to_rows is None else to_rows(grad))
 
 
 def backward_sampled(capture: Capture, outputs: Tensor, task: Task, samples: int,

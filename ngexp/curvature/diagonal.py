@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ngexp.curvature.capture import Capture, LayerIO, layer_io
+from ngexp.curvature.capture import Capture, LayerIO, supported_layers
 from ngexp.curvature.tasks import Task, at_least_float32
 
 #: Per-example gradients of at most this many floats are formed at once.
@@ -34,7 +34,7 @@ def squared_example_gradients(layer: LayerIO, features: Tensor, grads: Tensor) -
     """``sum_{k,n} (sum_p g_knp a_np^T)^2`` shaped like the weight, for the output gradients
     ``grads (K, B, P, groups, out)`` of K back-propagated vectors and the input features
     ``features (B, P, groups, fan_in)`` (every call's positions concatenated)."""
-    weight = layer.module.weight
+    weight = layer.weight
     if features.shape[1] == 1:  # sum_n (sum_k g_kn^2) (a_n^2)^T, no per-example tensors
         total = torch.einsum("bgo,bgi->goi", grads[:, :, 0].square().sum(0),
                              features[:, 0].square())
@@ -57,10 +57,16 @@ def diagonal_ggn(model: nn.Module, task: Task, batches: Iterable[tuple[Tensor, T
     (``"<name>.weight"``). Run it with the model in eval mode so that examples are independent.
     ``reduce`` sums tensors over data-parallel ranks, each with its share of the batches (the
     sums of squares and the term counts are reduced before the division)."""
-    capture = Capture(model, layers=[layer_io(name, module) for name, module in layers.items()],
-                      training_only=False)
+    wanted = {module.weight for module in layers.values()}
+    blocks = [layer for layer in supported_layers(model) if layer.weight in wanted]
+    missing = sorted(set(layers) - {layer.weight_name.rsplit(".", 1)[0] for layer in blocks})
+    if missing:
+        raise ValueError(f"the exact diagonal GGN covers Linear/Conv/Embedding layers and "
+                         f"attention projections whose weight requires grad; not: "
+                         f"{', '.join(missing)}")
+    capture = Capture(model, layers=blocks, training_only=False)
     capture.active = True
-    diagonal = {layer.name: at_least_float32(torch.zeros_like(layer.module.weight))
+    diagonal = {layer.name: at_least_float32(torch.zeros_like(layer.weight))
                 for layer in capture.layers}
     terms = 0
     try:
@@ -88,7 +94,7 @@ def diagonal_ggn(model: nn.Module, task: Task, batches: Iterable[tuple[Tensor, T
     finally:
         capture.remove()
     if reduce is not None:
-        device = capture.layers[0].module.weight.device
+        device = capture.layers[0].weight.device
         *sums, all_terms = reduce([*diagonal.values(), torch.tensor(float(terms), device=device)])
         return {layer.weight_name: total / all_terms
                 for layer, total in zip(capture.layers, sums, strict=True)}

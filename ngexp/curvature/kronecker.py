@@ -140,7 +140,7 @@ def kronecker_factors(layer: LayerIO, groups: list[PassGroup], num_terms: int,
     """Batch estimates ``A (groups, in_dim, in_dim)`` and ``G (groups, out_dim, out_dim)`` of
     the kept forwards ``groups`` of ``num_terms`` terms in all (module docstring)."""
     reduce = kfac_approx == "reduce"
-    device = layer.module.weight.device
+    device = layer.weight.device
     a_sum = torch.zeros(layer.groups, layer.in_dim, layer.in_dim, device=device)
     rows = 0
     g_sum = torch.zeros(layer.groups, layer.out_dim, layer.out_dim, device=device)
@@ -254,7 +254,7 @@ def kronecker_diagonal(
             yield terms, [PassGroup(-1, capture.passes(PASS_KIND[fisher_type]), terms)]
 
     try:
-        device = capture.layers[0].module.weight.device
+        device = capture.layers[0].weight.device
         totals = [(torch.zeros(layer.groups, layer.in_dim, layer.in_dim, device=device),
                    torch.zeros(layer.groups, layer.out_dim, layer.out_dim, device=device))
                   for layer in capture.layers]
@@ -273,8 +273,12 @@ def kronecker_diagonal(
                          * a.diagonal(dim1=-2, dim2=-1)[..., None, :] for a, g in factors]
         else:
             diagonals = _ekfac_diagonals(capture, factors, each_batch, count, reduce)
-        return {layer.weight_name: layer.split(diagonal)[0]
-                for layer, diagonal in zip(capture.layers, diagonals, strict=True)}
+        weights: dict[str, Tensor] = {}  # blocks of one weight (attention q/k/v) fill its rows
+        for layer, diagonal in zip(capture.layers, diagonals, strict=True):
+            target = weights.setdefault(layer.weight_name,
+                                        torch.zeros_like(layer.weight, dtype=diagonal.dtype))
+            layer.write_weight(target, diagonal[..., :layer.fan_in])
+        return weights
     finally:
         capture.remove()
 

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ngexp.curvature.capture import TRAINING, Capture, LayerIO
+from ngexp.curvature.coverage import Coverage
 from ngexp.curvature.kronecker import CHUNK_ELEMENTS
 
 
@@ -62,7 +63,7 @@ def layer_example_norms(layer: LayerIO, pass_index: int) -> tuple[Tensor, Tensor
     """
     grads = layer.grads[pass_index]
     calls = sorted(grads)
-    device = layer.module.weight.device
+    device = layer.weight.device
     if not calls:
         batch = layer.inputs[0].shape[0] if layer.inputs else 0
         return torch.zeros(batch, device=device), torch.zeros((), device=device)
@@ -147,10 +148,9 @@ def example_gradients(capture: Capture, pass_index: int | None = None,
     sq_norms = torch.stack([n if n.shape[0] == batch else n.new_zeros(batch)
                             for n, _ in results]) * factor**2
     mean_sq_norms = torch.stack([t for _, t in results]) * (factor / batch) ** 2
-    covered = sum(p.numel() for layer in capture.layers for p in layer.params)
-    trainable = sum(p.numel() for p in capture.model.parameters() if p.requires_grad)
+    coverage = Coverage.of(capture.model, [p for layer in capture.layers for p in layer.params])
     return ExampleGradients([layer.name for layer in capture.layers], sq_norms, mean_sq_norms,
-                            trainable - covered)
+                            coverage.plain_count)
 
 
 def noise_scale_terms(sq_norms: Tensor, mean_sq_norm: Tensor) -> tuple[Tensor, Tensor]:

@@ -209,7 +209,7 @@ class Kaisa:
             mine = [name for name in names if self.source(name) == src]
             tensors = [shared[name] if src == self.world.rank else
                        torch.empty(term_shape(self.layers[name], "s"),
-                                   device=self.layers[name].module.weight.device)
+                                   device=self.layers[name].weight.device)
                        for name in mine]
             comm.broadcast_(tensors, src, self._groups[row])
             shared.update(zip(mine, tensors, strict=True))
@@ -227,7 +227,7 @@ class Kaisa:
                 tensors = [state[name][key] for name, key in slots]
             else:
                 tensors = [torch.empty(term_shape(self.layers[name], key),
-                                       device=self.layers[name].module.weight.device)
+                                       device=self.layers[name].weight.device)
                            for name, key in slots]
             comm.broadcast_(tensors, owner, group)
             for (name, key), tensor in zip(slots, tensors, strict=True):

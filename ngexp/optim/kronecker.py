@@ -118,8 +118,7 @@ class LayerGradient:
         weight_grad = layer.weight_matrix(weight.grad).float()
         bias_grad = None
         if bias is not None:
-            bias_grad = (bias.grad.reshape(layer.groups, layer.out_dim).float()
-                         if bias.grad is not None
+            bias_grad = (layer.bias_vector(bias.grad).float() if bias.grad is not None
                          else weight_grad.new_zeros(layer.groups, layer.out_dim))
         return cls(weight_grad, bias_grad)
 
@@ -148,10 +147,10 @@ def write_direction(layer: LayerIO, direction: Tensor) -> None:
     bias, in place (their memory layout, e.g. channels_last, is kept)."""
     weight_grad = layer.weight.grad
     assert weight_grad is not None
-    weight_grad.copy_(layer.weight_like(direction[..., :layer.fan_in]))
+    layer.write_weight(weight_grad, direction[..., :layer.fan_in])
     bias = layer.bias
     if bias is not None and bias.grad is not None:
-        bias.grad.copy_(direction[..., layer.fan_in].reshape(bias.shape))
+        layer.write_bias(bias.grad, direction[..., layer.fan_in])
 
 
 def eigenbasis_precondition(grad: LayerGradient, basis_a: Tensor, basis_g: Tensor,
@@ -213,7 +212,7 @@ class KroneckerPreconditioner(Preconditioner):
         if not self.layers:
             raise ValueError(f"{type(self).__name__}: the model has no Linear/Conv2d layer "
                              f"whose weight requires grad")
-        device = self.layers[0].module.weight.device
+        device = self.layers[0].weight.device
         world = current()
         self.grad_worker_fraction = grad_worker_fraction
         self._kaisa = Kaisa(self.layers, grad_worker_fraction, world, self._terms_everywhere)

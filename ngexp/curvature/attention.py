@@ -1,0 +1,180 @@
+"""``nn.MultiheadAttention``'s projections as four affine maps the capture covers.
+
+torch computes the attention with ``F.multi_head_attention_forward``, which applies the input
+projection (``in_proj_weight``, or ``q/k/v_proj_weight`` when the key/value sizes differ) and
+``out_proj`` through ``F.linear``: no module hook sees them (kfac-pytorch's issue 267). The
+capture therefore takes them from those ``F.linear`` calls themselves: while a hooked
+attention module runs a capturing forward, ``torch.nn.functional.linear`` is replaced by a
+function that calls the original and records each call whose weight is (a row block of) one of
+the module's projection weights. So torch's own computation runs unchanged, and the blocks are:
+
+- ``q``, ``k``, ``v``: ``s = W_x [a; 1]`` with ``W_x`` the rows ``[iE, (i+1)E)`` of
+  ``in_proj_weight`` (and of ``in_proj_bias``), inputs the query, key and value rows; a packed
+  self-attention call (one ``F.linear`` for all three) feeds each block its third of the
+  output gradient;
+- ``out``: ``out_proj`` on the heads' concatenated outputs.
+
+Each is a Kronecker block like a Linear layer's (the same factors as attention written with
+four ``nn.Linear`` layers). Inside torch the rows are sequence-first (``(L, B, E)``, or ``(L
+B, E)`` flattened for ``out_proj``); they are recorded batch-first, ``(B, L, E)``, so that
+per-example sums group each example's positions. ``bias_k``/``bias_v`` (``add_bias_kv``)
+are not affine maps of the input and keep the plain gradient (named by the coverage report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ngexp.curvature.layers import LayerIO, OnCall
+
+#: The role of each block and the parameter names it reads (separate q/k/v weights).
+ROLES = ("q", "k", "v")
+
+
+class ProjectionIO(LayerIO):
+    """One projection (``q``, ``k``, ``v`` or ``out``) of an ``nn.MultiheadAttention``: rows
+    ``rows`` of ``weight`` (all rows when ``None``) and rows ``bias_rows`` of ``bias``."""
+
+    def __init__(self, name: str, module: nn.MultiheadAttention, role: str, weight: nn.Parameter,
+                 bias: nn.Parameter | None, rows: slice | None, bias_rows: slice | None,
+                 weight_name: str) -> None:
+        self.name, self.module, self.role = name, module, role
+        self._weight, self._bias, self._weight_name = weight, bias, weight_name
+        self.rows, self.bias_rows = rows, bias_rows
+        self.groups = 1
+        self.fan_in = weight.shape[1]
+        self.out_dim = weight.shape[0] if rows is None else rows.stop - rows.start
+        self.has_bias = bias is not None
+        self.in_dim = self.fan_in + int(self.has_bias)
+        self.records = []
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self._weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self._bias
+
+    @property
+    def weight_name(self) -> str:
+        return self._weight_name
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        return (weight if self.rows is None else weight[self.rows])[None]
+
+    def weight_like(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.out_dim, self.fan_in)
+
+    def bias_vector(self, bias: Tensor) -> Tensor:
+        return (bias if self.bias_rows is None else bias[self.bias_rows])[None]
+
+    def write_weight(self, target: Tensor, matrix: Tensor) -> None:
+        self.weight_matrix(target)[0].copy_(matrix[0])
+
+    def write_bias(self, target: Tensor, vector: Tensor) -> None:
+        self.bias_vector(target)[0].copy_(vector[0])
+
+    def features(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1, 1, x.shape[-1]).float()
+
+    @staticmethod
+    def attach(module: nn.Module, layers: list[LayerIO], on_call: OnCall,
+               enabled: Callable[[nn.Module], bool]) -> list[RemovableHandle]:
+        """Record the projection calls of each forward of ``module`` while ``enabled``."""
+        assert isinstance(module, nn.MultiheadAttention)
+        calls = ProjectionCalls([layer for layer in layers if isinstance(layer, ProjectionIO)],
+                                on_call)
+
+        def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if enabled(module):
+                query = args[0] if args else kwargs["query"]
+                calls.batch = batch_size(module, query)
+                calls.__enter__()
+
+        def leave(*_: Any) -> None:
+            calls.__exit__()
+
+        return [module.register_forward_pre_hook(enter, with_kwargs=True),
+                module.register_forward_hook(leave, always_call=True)]
+
+
+def attention_blocks(name: str, module: nn.MultiheadAttention) -> list[ProjectionIO]:
+    """The ``q``, ``k``, ``v`` and ``out`` blocks of ``module`` (named ``<name>.q`` ...)."""
+    prefix = f"{name}." if name else ""
+    size = module.embed_dim
+    blocks = []
+    for index, role in enumerate(ROLES):
+        rows = slice(index * size, (index + 1) * size)
+        if module._qkv_same_embed_dim:
+            weight, weight_rows, weight_name = module.in_proj_weight, rows, "in_proj_weight"
+        else:
+            weight, weight_rows = getattr(module, f"{role}_proj_weight"), None
+            weight_name = f"{role}_proj_weight"
+        blocks.append(ProjectionIO(f"{prefix}{role}", module, role, weight, module.in_proj_bias,
+                                   weight_rows, rows, f"{prefix}{weight_name}"))
+    out = module.out_proj
+    blocks.append(ProjectionIO(f"{prefix}out", module, "out", out.weight, out.bias, None, None,
+                               f"{prefix}out_proj.weight"))
+    return blocks
+
+
+class ProjectionCalls:
+    """While entered, ``F.linear`` calls on the projection weights of one attention module
+    are recorded with ``record(block, rows (B, L, E), output, to_rows)``, ``to_rows`` mapping
+    the output's gradient to the block's batch-first gradient rows. ``batch`` is the batch size
+    of the running forward (set by the caller)."""
+
+    def __init__(self, blocks: list[ProjectionIO], record: OnCall) -> None:
+        self.blocks, self.record = blocks, record
+        self.batch = 1
+        self._original: Callable[..., Tensor] | None = None
+
+    def __enter__(self) -> ProjectionCalls:
+        self._original = F.linear
+        F.linear = self._linear  # the name torch's attention functions look up at call time
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        if self._original is not None:
+            F.linear = self._original
+            self._original = None
+
+    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        assert self._original is not None
+        output = self._original(x, weight, bias)
+        for block, begin, end in self._matches(weight):
+            self.record(block, self._batch_first(x), output,
+                        lambda grad, b=begin, e=end: self._batch_first(grad[..., b:e]))
+        return output
+
+    def _matches(self, weight: Tensor) -> list[tuple[ProjectionIO, int, int]]:
+        """The blocks whose rows ``weight`` holds, with their column range in its output."""
+        found = []
+        for block in self.blocks:
+            param = block.weight
+            if weight.untyped_storage().data_ptr() != param.untyped_storage().data_ptr():
+                continue
+            first = (weight.storage_offset() - param.storage_offset()) // param.shape[1]
+            rows = block.rows or slice(0, param.shape[0])  # the block's rows of its weight
+            if first <= rows.start and rows.stop <= first + weight.shape[0]:
+                found.append((block, rows.start - first, rows.stop - first))
+        return found
+
+    def _batch_first(self, tensor: Tensor) -> Tensor:
+        """``(L, B, E)`` or ``(L B, E)`` rows inside torch's attention as ``(B, L, E)``."""
+        if tensor.dim() == 2:
+            tensor = tensor.view(-1, self.batch, tensor.shape[-1])
+        return tensor.transpose(0, 1)
+
+
+def batch_size(module: nn.MultiheadAttention, query: Tensor) -> int:
+    """The batch size of a call of ``module`` (1 for an unbatched ``(L, E)`` query)."""
+    if query.dim() == 2:
+        return 1
+    return query.shape[0] if module.batch_first else query.shape[1]

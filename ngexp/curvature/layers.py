@@ -1,0 +1,252 @@
+"""The layer kinds the curvature capture covers, each as ``groups`` affine maps ``s = [W | b]
+[a; 1]`` from input rows ``a`` to output rows ``s``, and what one forward recorded of a layer.
+
+- :class:`LayerIO`: ``nn.Linear`` (a row is the last dimension of a ``(B, *, D)`` input),
+  ``nn.Conv1d``/``nn.Conv2d`` (the input patch of one output position; KFC, Grosse & Martens
+  2016), one block per channel group;
+- :class:`EmbeddingIO`: ``nn.Embedding``, a linear map of one-hot rows;
+- :mod:`ngexp.curvature.attention`: the four projections of ``nn.MultiheadAttention``.
+
+A layer kind knows its weight layout (:meth:`LayerIO.weight_matrix` and its inverses), its
+input rows (:meth:`LayerIO.features`) and output-gradient rows (:meth:`LayerIO.grad_rows`),
+and how its module is hooked (:meth:`LayerIO.attach`); :mod:`ngexp.curvature.capture` does
+the recording.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
+#: What a hooked call reports: the layer, its input, its output, and a map from the output's
+#: gradient to the layer's output-gradient rows (``None``: the gradient itself).
+OnCall = Callable[["LayerIO", Tensor, Tensor, "Callable[[Tensor], Tensor] | None"], None]
+
+
+@dataclass(eq=False)
+class LayerRecord:
+    """What one forward left of one layer: ``inputs[c]`` of its ``c``-th call, ``outputs[c]``
+    its output, ``grads[k][c]`` that output's gradient in the forward's ``k``-th pass."""
+
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    grads: list[dict[int, Tensor]] = field(default_factory=list)
+
+
+class LayerIO:
+    """One Linear/Conv1d/Conv2d module as ``groups`` affine maps, and what the capture recorded
+    of it: one :class:`LayerRecord` per kept forward (:attr:`records`); :attr:`inputs`,
+    :attr:`outputs` and :attr:`grads` are the latest record's.
+    """
+
+    def __init__(self, name: str, module: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
+        self.name = name
+        self.module = module
+        if isinstance(module, CONVOLUTIONS):
+            self.groups = module.groups
+            self.fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+            self.out_dim = module.out_channels // module.groups
+        else:
+            self.groups = 1
+            self.fan_in = module.in_features
+            self.out_dim = module.out_features
+        self.has_bias = module.bias is not None
+        self.in_dim = self.fan_in + int(self.has_bias)
+        self.records: list[LayerRecord] = []
+
+    @property
+    def record(self) -> LayerRecord:
+        """The latest record (an empty one before any capturing forward)."""
+        return self.records[-1] if self.records else LayerRecord()
+
+    @property
+    def inputs(self) -> list[Tensor]:
+        return self.record.inputs
+
+    @property
+    def outputs(self) -> list[Tensor]:
+        return self.record.outputs
+
+    @property
+    def grads(self) -> list[dict[int, Tensor]]:
+        return self.record.grads
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.module.bias if self.has_bias else None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight" if self.name else "weight"
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    @staticmethod
+    def attach(module: nn.Module, layers: list[LayerIO], on_call: OnCall,
+               enabled: Callable[[nn.Module], bool]) -> list[RemovableHandle]:
+        """Hook ``module`` so that each of its calls reports to ``on_call`` while
+        ``enabled(module)``; ``layers`` are the blocks of this kind that read ``module``."""
+        (layer,) = layers
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if enabled(module):
+                on_call(layer, args[0], output, None)
+
+        return [module.register_forward_hook(hook)]
+
+    # ------------------------------------------------------------------ layouts
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        """``W (groups, out_dim, fan_in)`` of a weight-shaped tensor (a view where possible)."""
+        return weight.reshape(self.groups, self.out_dim, self.fan_in)
+
+    def weight_like(self, matrix: Tensor) -> Tensor:
+        """Inverse of :meth:`weight_matrix`: a tensor shaped like the weight."""
+        return matrix.reshape(self.module.weight.shape)
+
+    def bias_vector(self, bias: Tensor) -> Tensor:
+        """``b (groups, out_dim)`` of a bias-shaped tensor."""
+        return bias.reshape(self.groups, self.out_dim)
+
+    def write_weight(self, target: Tensor, matrix: Tensor) -> None:
+        """Copy ``matrix (groups, out_dim, fan_in)`` into the weight-shaped ``target`` in place
+        (its memory layout, e.g. channels_last, is kept)."""
+        if target.is_contiguous():
+            target.view(self.groups, self.out_dim, self.fan_in).copy_(matrix)
+        else:
+            target.copy_(matrix.reshape(target.shape))
+
+    def write_bias(self, target: Tensor, vector: Tensor) -> None:
+        """Copy ``vector (groups, out_dim)`` into the bias-shaped ``target`` in place."""
+        target.copy_(vector.reshape(target.shape))
+
+    def matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``[W | b]`` from weight- and bias-shaped tensors: ``(groups, out_dim, in_dim)``."""
+        matrix = self.weight_matrix(weight)
+        if self.has_bias:
+            assert bias is not None
+            matrix = torch.cat([matrix, self.bias_vector(bias)[..., None]], dim=-1)
+        return matrix
+
+    def split(self, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of :meth:`matrix`: weight-shaped and bias-shaped (or ``None``) tensors."""
+        weight = self.weight_like(matrix[..., : self.fan_in])
+        bias = matrix[..., self.fan_in].reshape(self.bias.shape) if self.bias is not None else None
+        return weight, bias
+
+    def gradient_matrix(self) -> Tensor | None:
+        """``[dW | db]`` of the parameters' ``.grad`` in float32 (``None`` without a weight
+        gradient; a missing bias gradient counts as zero)."""
+        weight, bias = self.weight, self.bias
+        if weight.grad is None:
+            return None
+        bias_grad = None
+        if bias is not None:
+            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        return self.matrix(weight.grad, bias_grad).float()
+
+    def features(self, x: Tensor) -> Tensor:
+        """Input rows without the homogeneous coordinate, float32: ``(B, P, groups, fan_in)``,
+        ``P`` the weight-sharing positions (conv output positions, extra Linear dims; 1 for
+        ``(B, D)`` inputs)."""
+        if isinstance(self.module, CONVOLUTIONS):
+            return self._patches(x).float()
+        return x.reshape(x.shape[0], -1, 1, x.shape[-1]).float()
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        """Rows ``[a; 1]`` of one call's input, float32: ``(B, P, groups, in_dim)``."""
+        rows = self.features(x)
+        if self.has_bias:
+            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+        return rows
+
+    def grad_rows(self, grad: Tensor) -> Tensor:
+        """Rows of one call's output gradient, float32: ``(B, P, groups, out_dim)``."""
+        batch = grad.shape[0]
+        if isinstance(self.module, CONVOLUTIONS):
+            return grad.reshape(batch, self.groups, self.out_dim, -1).permute(0, 3, 1, 2).float()
+        return grad.reshape(batch, -1, 1, grad.shape[-1]).float()
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """Conv input patches ``(B, L, groups, fan_in)``, channel-major like the weight: strided
+        views of the (padded) input, then one copy into that layout (cheaper than ``unfold``
+        followed by a transpose). ``L`` counts the output positions (``H_out W_out`` for
+        Conv2d, ``L_out`` for Conv1d)."""
+        conv = self.module
+        assert isinstance(conv, CONVOLUTIONS)
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or any(conv.padding):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        if isinstance(conv, nn.Conv1d):
+            (k,), (stride,), (dilation,) = conv.kernel_size, conv.stride, conv.dilation
+            windows = x.unfold(2, dilation * (k - 1) + 1, stride)[..., ::dilation]  # (B,C,L,k)
+            return windows.permute(0, 2, 1, 3).reshape(x.shape[0], windows.shape[2],
+                                                       self.groups, self.fan_in)
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+        windows = windows[..., ::dh, ::dw]  # (B, C, H_out, W_out, kh, kw)
+        batch, _, height, width = windows.shape[:4]
+        return windows.permute(0, 2, 3, 1, 4, 5).reshape(batch, height * width, self.groups,
+                                                           self.fan_in)
+
+
+class EmbeddingIO(LayerIO):
+    """``nn.Embedding(V, E)`` as the affine map ``s = W^T a`` of one-hot rows ``a`` (length
+    ``V``, no bias): ``fan_in = V``, ``out_dim = E``, the weight matrix is ``W^T``. Its input
+    factor ``A = (1/R) sum_rows a a^T`` is diagonal, the token frequencies (Martens & Grosse
+    2015's K-FAC of a lookup table; a ``padding_idx`` row gets no gradient, so its tokens give
+    zero rows)."""
+
+    def __init__(self, name: str, module: nn.Embedding) -> None:  # noqa: D107
+        self.name, self.module = name, module
+        self.groups, self.fan_in, self.out_dim = 1, module.num_embeddings, module.embedding_dim
+        self.has_bias, self.in_dim = False, module.num_embeddings
+        self.records = []
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        return weight.T[None]
+
+    def weight_like(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.out_dim, self.fan_in).T
+
+    def write_weight(self, target: Tensor, matrix: Tensor) -> None:
+        target.copy_(matrix[0].T)
+
+    def features(self, x: Tensor) -> Tensor:
+        rows = F.one_hot(x.reshape(x.shape[0], -1), self.fan_in).float()
+        padding = self.module.padding_idx
+        if padding is not None:
+            rows[..., padding] = 0.0
+        return rows[:, :, None]
+
+
+def layer_io(name: str, module: nn.Module) -> LayerIO:
+    """The :class:`LayerIO` of a supported module."""
+    return EmbeddingIO(name, module) if isinstance(module, nn.Embedding) else LayerIO(name, module)
+
+
+def covered_by_kronecker(module: nn.Module) -> bool:
+    """Whether ``module`` is an affine map the capture treats exactly: Linear, Conv1d/2d, and
+    Embeddings whose gradient is the plain lookup's (dense, not scaled by frequency)."""
+    if isinstance(module, nn.Embedding):
+        return not (module.sparse or module.scale_grad_by_freq)
+    return isinstance(module, SUPPORTED_MODULES)
+
+
