@@ -8,7 +8,7 @@ import torch
 from curvlinops import KFACLinearOperator
 from torch import Tensor, nn
 
-from ngexp.curvature import capture as capture_module
+from ngexp.curvature import layers as layers_module
 from ngexp.curvature.capture import SAMPLED, TRAINING, Capture, LayerIO, backward_sampled
 from ngexp.curvature.kronecker import (
     PassGroup,
@@ -250,7 +250,7 @@ def test_hooks_idle_when_inactive_or_in_eval(monkeypatch: pytest.MonkeyPatch) ->
     model, _, x, y = cnn()
     capture = Capture(model)
     unfolds = []
-    monkeypatch.setattr(capture_module.F, "unfold", lambda *a, **k: unfolds.append(1))
+    monkeypatch.setattr(layers_module.F, "unfold", lambda *a, **k: unfolds.append(1))
     model(x)
     assert not capture.captured_inputs
     capture.active = True

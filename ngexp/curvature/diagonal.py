@@ -57,9 +57,10 @@ def diagonal_ggn(model: nn.Module, task: Task, batches: Iterable[tuple[Tensor, T
     (``"<name>.weight"``). Run it with the model in eval mode so that examples are independent.
     ``reduce`` sums tensors over data-parallel ranks, each with its share of the batches (the
     sums of squares and the term counts are reduced before the division)."""
-    wanted = {module.weight for module in layers.values()}
-    blocks = [layer for layer in supported_layers(model) if layer.weight in wanted]
-    missing = sorted(set(layers) - {layer.weight_name.rsplit(".", 1)[0] for layer in blocks})
+    wanted = {id(module.weight) for module in layers.values()}
+    blocks = [layer for layer in supported_layers(model) if id(layer.weight) in wanted]
+    found = {id(layer.weight) for layer in blocks}
+    missing = [name for name, module in layers.items() if id(module.weight) not in found]
     if missing:
         raise ValueError(f"the exact diagonal GGN covers Linear/Conv/Embedding layers and "
                          f"attention projections whose weight requires grad; not: "
