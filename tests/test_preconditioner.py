@@ -100,8 +100,8 @@ def test_parameters_instead_of_a_model_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match=r"KFAC\(model, \.\.\.\) takes the nn.Module itself.*"
                                         r"use KFAC\(model\)"):
         KFAC(model.parameters())
-    with pytest.raises(ValueError, match="no Linear/Conv2d layer"):
-        KFAC(nn.Sequential(nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match="no layer with curvature"):
+        KFAC(nn.Sequential(nn.PReLU(3)))
     with pytest.raises(ValueError, match="no parameter that requires grad"):
         NaturalGradient(nn.Sequential(nn.Tanh()))
 

@@ -183,13 +183,14 @@ class Mixed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(10, 8)
+        self.pos = nn.Parameter(torch.zeros(6, 8))  # a raw parameter: no layer, no curvature
         self.conv = nn.Conv1d(8, 8, 3, padding=1)
         self.ln = nn.LayerNorm(8)
         self.att = nn.MultiheadAttention(8, 2, batch_first=True)
         self.head = nn.Linear(8, 3)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        h = self.conv(self.emb(tokens).transpose(1, 2)).transpose(1, 2)
+        h = self.conv((self.emb(tokens) + self.pos).transpose(1, 2)).transpose(1, 2)
         h = self.ln(h)
         h = h + self.att(h, h, h, need_weights=False)[0]
         return self.head(h.mean(1))
@@ -199,15 +200,15 @@ def test_the_coverage_report_names_exactly_the_uncovered_parameters(caplog) -> N
     model = Mixed()
     with caplog.at_level(logging.INFO, logger="ngexp"):
         pre = KFAC(model, fisher_type="empirical")
-    plain = ["ln.weight", "ln.bias"]
+    plain = ["pos"]
     assert pre.coverage.plain == plain
-    assert pre.coverage.covered == ["emb.weight", "conv.weight", "conv.bias",
-                                    "att.in_proj_weight", "att.in_proj_bias",
+    assert pre.coverage.covered == ["emb.weight", "conv.weight", "conv.bias", "ln.weight",
+                                    "ln.bias", "att.in_proj_weight", "att.in_proj_bias",
                                     "att.out_proj.weight", "att.out_proj.bias", "head.weight",
                                     "head.bias"]
     count = sum(p.numel() for name, p in model.named_parameters() if name in plain)
     assert pre.coverage.plain_count == count
-    assert f"2 keep the plain gradient ({count:,} values" in caplog.text
+    assert f"1 keep the plain gradient ({count:,} values" in caplog.text
     assert ", ".join(plain) in caplog.text
     natural = NaturalGradient(Mixed())
     assert natural.coverage.plain == [] and natural.coverage.share == 1.0
@@ -395,3 +396,67 @@ def test_multihead_attention_projections_equal_four_linear_layers(kind, cross, b
                                            atol=1e-6)
     for mha_grad, linear_grad in zip(*grads, strict=True):
         torch.testing.assert_close(mha_grad, linear_grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch2d", "group", "batch1d"])
+@pytest.mark.parametrize("kind", [KFAC, EKFAC], ids=["kfac", "ekfac"])
+def test_norm_scale_and_shift_equal_a_depthwise_1x1_convolution(kind, norm) -> None:
+    """The affine part of a LayerNorm / BatchNorm / GroupNorm, s_c = gamma_c xhat_c + beta_c,
+    is a depthwise 1 x 1 convolution of the normalized input: the same per-channel factors,
+    EKFAC scaling and directions as the norm without affine followed by that convolution
+    (whose factors are checked against curvlinops)."""
+    torch.manual_seed(0)
+    channels = 4
+    make = {"layer": lambda affine: nn.LayerNorm(channels, elementwise_affine=affine),
+            "batch2d": lambda affine: nn.BatchNorm2d(channels, affine=affine),
+            "group": lambda affine: nn.GroupNorm(2, channels, affine=affine),
+            "batch1d": lambda affine: nn.BatchNorm1d(channels, affine=affine)}[norm]
+    x = torch.randn(6, 3, 5, 5) if norm != "batch1d" else torch.randn(6, 3, 5)
+    y = torch.arange(6) % 3
+    conv = (nn.Conv1d if norm == "batch1d" else nn.Conv2d)(3, channels, 3)
+    head = nn.Sequential(nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    to_last = (lambda t: t.movedim(1, -1)) if norm == "layer" else (lambda t: t)
+    from_last = (lambda t: t.movedim(-1, 1)) if norm == "layer" else (lambda t: t)
+
+    class WithNorm(nn.Module):
+        def __init__(self, depthwise: bool) -> None:
+            super().__init__()
+            self.conv, self.norm, self.head = copy.deepcopy(conv), make(not depthwise), head
+            self.depthwise = (nn.Conv1d(channels, channels, 1, groups=channels)
+                              if depthwise else None)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = from_last(self.norm(to_last(self.conv(x))))
+            if self.depthwise is not None:
+                h = self.depthwise(h.flatten(2)).view_as(h)
+            return self.head(h)
+
+    head(conv(x))  # materialize the lazy head
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.normal_()
+    results = []
+    for depthwise in (False, True):
+        model = WithNorm(depthwise)
+        if depthwise:  # gamma, beta after init: make them random on both sides alike
+            with torch.no_grad():
+                model.depthwise.weight.copy_(results[0][2][:, None, None])
+                model.depthwise.bias.copy_(results[0][3])
+        else:
+            with torch.no_grad():
+                model.norm.weight.normal_()
+                model.norm.bias.normal_()
+        pre = kind(model, fisher_type="empirical", kl_clip=None)
+        TASK.loss(model(x), y).backward()
+        pre.step()
+        block = pre.curvature()["depthwise" if depthwise else "norm"]
+        module = model.depthwise if depthwise else model.norm
+        results.append((block, (module.weight.grad.flatten(), module.bias.grad),
+                        module.weight.detach().flatten().clone(), module.bias.detach().clone()))
+        pre.remove()
+    (norm_state, norm_grads, *_), (conv_state, conv_grads, *_) = results
+    for key in ("A", "G", "s"):
+        if key in conv_state:
+            torch.testing.assert_close(norm_state[key], conv_state[key], rtol=1e-4, atol=1e-6)
+    for mine, theirs in zip(norm_grads, conv_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)

@@ -237,16 +237,90 @@ class EmbeddingIO(LayerIO):
         return rows[:, :, None]
 
 
+class NormIO(LayerIO):
+    """The affine part ``s_c = gamma_c xhat_c + beta_c`` of a LayerNorm, GroupNorm or
+    BatchNorm as ``C`` groups (one per channel, ``C = gamma.numel()``) of an affine map from
+    the scalar normalized input ``xhat_c`` to the scalar output ``s_c``: ``fan_in = 1``,
+    ``out_dim = 1``, ``W_c = [gamma_c | beta_c]``. K-FAC's factors per channel are then ``A_c =
+    E[[xhat; 1][xhat; 1]^T]`` (2 x 2) and ``G_c = E[g_c^2]`` (1 x 1): the same structure as a
+    depthwise 1 x 1 convolution, so the channel blocks of the scale-and-shift parameters
+    (kfac-jax's ``ScaleAndShift`` blocks, here block-diagonal over channels and
+    Kronecker-factored like every other layer; EKFAC re-estimates their diagonal). The capture
+    records ``xhat``, recomputed without affine from the module's input in its forward hook
+    (batch statistics in training mode, or without running statistics; the running ones
+    otherwise). The channel axis is the last ``len(normalized_shape)`` axes for LayerNorm and
+    axis 1 otherwise."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:  # noqa: D107
+        self.name, self.module = name, module
+        self.groups, self.fan_in, self.out_dim = module.weight.numel(), 1, 1
+        self.has_bias = module.bias is not None
+        self.in_dim = 1 + int(self.has_bias)
+        self.records = []
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        return weight.reshape(self.groups, 1, 1)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self._channel_rows(x).float()
+
+    def grad_rows(self, grad: Tensor) -> Tensor:
+        return self._channel_rows(grad).float()
+
+    def _channel_rows(self, x: Tensor) -> Tensor:
+        """``(B, ...)`` with ``C`` channels -> ``(B, P, C, 1)``."""
+        if isinstance(self.module, nn.LayerNorm):
+            return x.reshape(x.shape[0], -1, self.groups, 1)
+        return x.reshape(x.shape[0], self.groups, -1).transpose(1, 2)[..., None]
+
+    @staticmethod
+    def normalized(module: nn.Module, x: Tensor) -> Tensor:
+        """``xhat``: ``module``'s normalization of ``x`` without its affine parameters."""
+        if isinstance(module, nn.LayerNorm):
+            return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        if isinstance(module, nn.GroupNorm):
+            return F.group_norm(x, module.num_groups, None, None, module.eps)
+        batch = module.training or module.running_mean is None
+        return F.batch_norm(x, None if batch else module.running_mean,
+                            None if batch else module.running_var, None, None, batch, 0.0,
+                            module.eps)
+
+    @staticmethod
+    def attach(module: nn.Module, layers: list[LayerIO], on_call: OnCall,
+               enabled: Callable[[nn.Module], bool]) -> list[RemovableHandle]:
+        (layer,) = layers
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if enabled(module):
+                with torch.no_grad():
+                    normalized = NormIO.normalized(module, args[0])
+                on_call(layer, normalized, output, None)
+
+        return [module.register_forward_hook(hook)]
+
+
+#: Normalization layers whose affine parameters :class:`NormIO` covers (SyncBatchNorm is left
+#: out: its batch statistics span the ranks, which a local recomputation would not).
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def layer_io(name: str, module: nn.Module) -> LayerIO:
     """The :class:`LayerIO` of a supported module."""
-    return EmbeddingIO(name, module) if isinstance(module, nn.Embedding) else LayerIO(name, module)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingIO(name, module)
+    if isinstance(module, NORMS):
+        return NormIO(name, module)
+    return LayerIO(name, module)
 
 
 def covered_by_kronecker(module: nn.Module) -> bool:
-    """Whether ``module`` is an affine map the capture treats exactly: Linear, Conv1d/2d, and
-    Embeddings whose gradient is the plain lookup's (dense, not scaled by frequency)."""
+    """Whether ``module`` is a layer the capture treats exactly: Linear, Conv1d/2d,
+    Embeddings whose gradient is the plain lookup's (dense, not scaled by frequency), and the
+    affine parameters of LayerNorm, GroupNorm and BatchNorm (:class:`NormIO`)."""
     if isinstance(module, nn.Embedding):
         return not (module.sparse or module.scale_grad_by_freq)
+    if isinstance(module, NORMS):
+        return getattr(module, "weight", None) is not None and type(module) in NORMS
     return isinstance(module, SUPPORTED_MODULES)
 
 

@@ -210,8 +210,9 @@ class KroneckerPreconditioner(Preconditioner):
         self.fisher_type, self.mc_samples, self.kfac_approx = fisher_type, mc_samples, kfac_approx
         self.layers: list[LayerIO] = self.capture.layers
         if not self.layers:
-            raise ValueError(f"{type(self).__name__}: the model has no Linear/Conv2d layer "
-                             f"whose weight requires grad")
+            raise ValueError(f"{type(self).__name__}: the model has no layer with curvature "
+                             f"(Linear, Conv1d/2d, Embedding, MultiheadAttention, LayerNorm, "
+                             f"GroupNorm, BatchNorm) whose weight requires grad")
         device = self.layers[0].weight.device
         world = current()
         self.grad_worker_fraction = grad_worker_fraction
