@@ -1,13 +1,11 @@
 """Layer inputs and output gradients, captured by hooks: the one mechanism every curvature
 estimator of :mod:`ngexp.curvature` reads.
 
-Each supported module is seen as ``groups`` independent affine maps ``s = [W | b] [a; 1]`` from
-input rows ``a`` to output rows ``s``: for ``nn.Linear`` a row is the last dimension of a
-``(B, *, D)`` input; for ``nn.Conv1d``/``nn.Conv2d`` (stride, padding incl.
-``same``/reflect/circular, dilation, groups) it is the input patch of one output position (KFC,
-Grosse & Martens 2016), taken from strided views of the input, one block per channel group. A
-module applied several times in one forward (the LSTM's ``W_h`` once per time step) has one
-input per *call*.
+Each covered module is seen as ``groups`` independent affine maps ``s = [W | b] [a; 1]`` from
+input rows ``a`` to output rows ``s`` (:mod:`ngexp.curvature.layers`: Linear, Conv1d/2d,
+Embedding, norm scale and shift; :mod:`ngexp.curvature.attention`: the projections of
+``nn.MultiheadAttention``). A module applied several times in one forward (the LSTM's ``W_h``
+once per time step) has one input per *call*.
 
 While :attr:`Capture.active`, each call of a hooked module (grad enabled, outside ``torch.func``
 transforms and, when ``training_only``, in training mode) stores its input and puts a tensor

@@ -15,8 +15,10 @@ Squared norms ``|u_n|_F^2`` per layer, the cheaper of (Rochette, Manoel & Tramel
   per example and group for ``P`` rows per example (``|g|^2 |a|^2`` for one row);
 - explicit: ``u_n`` formed, ``P d_in d_out``;
 
-in chunks of examples of at most :data:`CHUNK_ELEMENTS` intermediate elements. Only Linear and
-Conv2d layers are covered: other parameters (BatchNorm scale/shift) are excluded from every norm.
+in chunks of examples of at most :data:`CHUNK_ELEMENTS` intermediate elements. The layers are
+the capture's covered kinds (:mod:`ngexp.curvature.layers`: Linear, Conv, Embedding, attention
+projections, norm scale and shift; before this version Linear and Conv2d only); other
+parameters (a raw ``nn.Parameter``, ...) are excluded from every norm and counted.
 
 Noise scale (McCandlish et al. 2018, App. A): with per-example gradients ``G_n`` and their mean
 ``G = (1/B) sum_n G_n``, the unbiased estimates of ``tr(Sigma)`` and ``|G_true|^2`` are
@@ -113,7 +115,7 @@ class ExampleGradients:
     ``sq_norms[l, n] = |G_n^l|^2`` (``(layers, B)``) and ``mean_sq_norms[l] = |G^l|^2`` of the
     batch-mean gradient (``(layers,)``), for the layers ``names``; the whole-model values are
     sums over layers (the layers own disjoint coordinates). ``excluded_params`` counts the
-    model's trainable parameters outside these layers (BatchNorm scale/shift, ...), which no
+    model's trainable parameters outside these layers (raw ``nn.Parameter`` s, ...), which no
     norm here includes.
     """
 

@@ -1,8 +1,9 @@
 """Per-example gradient statistics of a model: norm quantiles and the gradient noise scale.
 
 The numbers come from :mod:`ngexp.curvature.per_example` on the one layer-I/O capture of the
-curvature core, so they cover the Linear/Conv2d parameters only (BatchNorm scale/shift and any
-other parameter are excluded). :class:`GradientProbe` piggybacks on a training step: arm it
+curvature core, so they cover its layer kinds (Linear, Conv, Embedding, attention projections,
+norm scale and shift; Linear/Conv2d only before the capture covered the others, e.g. in
+``results/dynamics_gradient_noise.md``); any other parameter is excluded and counted. :class:`GradientProbe` piggybacks on a training step: arm it
 before the step's forward, read it after the backward; the step itself is unchanged.
 
 Cost: about one SGD step per measurement on the CPU for the MLP and LeNet-5 (numbers in
@@ -41,7 +42,7 @@ def gradient_metrics(grads: ExampleGradients,
     """``grad/`` scalars of one batch: per-example gradient norm quantiles (``norm_q10``, ...)
     and mean (``norm_mean``), whole model and per layer (``grad/<layer>/...``); the unbiased
     ``trace_sigma`` and ``grad_sq`` and their ratio ``b_simple`` (whole model and per layer);
-    ``excluded_params``, the trainable parameters no statistic covers (BatchNorm, ...).
+    ``excluded_params``, the trainable parameters no statistic covers.
     Average ``trace_sigma`` and ``grad_sq`` over steps before dividing for a low-bias B_simple.
     One host transfer."""
     total_sq, mean_sq = grads.total()
