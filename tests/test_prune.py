@@ -19,7 +19,10 @@ from ngexp.data.bundle import DataBundle, Split
 from ngexp.data.spec import DataSpec
 from ngexp.optim.ekfac import EKFAC
 from ngexp.optim.kfac import KFAC
+from ngexp.optim.muon import Muon
 from ngexp.optim.natural_gradient import NaturalGradient
+from ngexp.optim.shampoo import Shampoo
+from ngexp.optim.soap import soap
 from ngexp.optim.training import TrainingOptimizer
 from ngexp.prune.criteria import saliencies, unit_scores
 from ngexp.prune.masks import Masks, prunable_layers
@@ -381,6 +384,14 @@ def make_optimizer(name: str, model: nn.Module) -> TrainingOptimizer:
     if name in ("kfac", "ekfac"):
         return TrainingOptimizer(base, (KFAC if name == "kfac" else EKFAC)(
             model, damping=0.01, cov_update_freq=1, inv_update_freq=5, fisher_type="mc"))
+    if name == "shampoo":
+        return TrainingOptimizer(Shampoo(params, lr=0.01, weight_decay=0.1,
+                                         precondition_frequency=5))
+    if name == "soap":
+        return TrainingOptimizer(soap(params, lr=0.01, weight_decay=0.1, precondition_frequency=5))
+    if name == "muon":
+        return TrainingOptimizer(Muon(model, lr=0.02, weight_decay=0.1, adam_lr=0.01,
+                                      adam_weight_decay=0.1))
     if name == "sgd":
         return TrainingOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1,
                                                  nesterov=True))
@@ -392,7 +403,7 @@ def make_optimizer(name: str, model: nn.Module) -> TrainingOptimizer:
 
 
 @pytest.mark.parametrize("name", ["sgd", "rmsprop", "adam", "adamw", "kfac", "ekfac",
-                                  "natural_gradient"])
+                                  "natural_gradient", "shampoo", "soap", "muon"])
 def test_pruned_weights_stay_exactly_zero_through_training(name):
     if name in ("kfac", "ekfac"):
         torch.set_default_dtype(torch.float32)  # their curvature is kept in float32
@@ -406,8 +417,8 @@ def test_pruned_weights_stay_exactly_zero_through_training(name):
         weight = dict(model.named_parameters())[key]
         assert bool((weight[~mask] == 0).all()), key
         assert not torch.equal(weight[mask], before[key][mask])  # the rest still trains
-        if name in ("kfac", "ekfac"):  # preconditioning mixes coordinates: only the re-mask
-            continue
+        if name in ("kfac", "ekfac", "shampoo", "soap"):  # they mix coordinates (SOAP's second
+            continue  # moment lives in the eigenbasis): only the re-mask holds pruned weights
         # masked gradients + state reset at the event: no moment of a pruned weight is non-zero
         moments = [v for v in engine.optimizer.optimizer.state[weight].values()
                    if isinstance(v, Tensor) and v.shape == weight.shape]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -17,12 +17,16 @@ BASE_KEYS = tuple(inspect.signature(base_optimizer).parameters)[1:]
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, task: Task) -> TrainingOptimizer:
-    """A torch optimizer for ``_target_: torch.optim.*``; for a preconditioner's target, the
-    preconditioner (hooked to ``model``, with ``task``) and its :func:`base_optimizer`."""
+    """A torch optimizer for ``_target_: torch.optim.*`` or another optimizer class or builder
+    (given ``params``, or ``model`` when it takes one: :class:`ngexp.optim.muon.Muon`); for a
+    preconditioner's target, the preconditioner (hooked to ``model``, with ``task``) and its
+    :func:`base_optimizer`."""
     params = [p for p in model.parameters() if p.requires_grad]
-    target = get_class(cfg._target_)
-    if not issubclass(target, Preconditioner):
-        return TrainingOptimizer(instantiate(cfg, params=params))
+    target = get_object(cfg._target_)
+    if not (isinstance(target, type) and issubclass(target, Preconditioner)):
+        takes_model = "model" in inspect.signature(target).parameters
+        return TrainingOptimizer(instantiate(cfg, **({"model": model} if takes_model
+                                                     else {"params": params})))
     options = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(options, dict)
     base = {key: options.pop(key) for key in BASE_KEYS}

@@ -90,8 +90,11 @@ class TrainingOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def reset_state(self) -> None:
-        """Forget moments and curvature (e.g. after pruning changed the network)."""
+        """Forget moments and curvature (e.g. after pruning changed the network); a step
+        count kept per group (SOAP's) restarts too."""
         self.optimizer.state.clear()
+        for group in self.optimizer.param_groups:
+            group.pop("step", None)
         if self.preconditioner is not None:
             self.preconditioner.reset()
 
