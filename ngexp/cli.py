@@ -7,6 +7,7 @@ bad value fails at once with one line naming the key, the value and the valid ch
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterable
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from ngexp.errors import OptionError
+from ngexp.options import check
 
 COMMANDS = {
     "train": "train one run, or a sweep with -m, composed from the config groups",
@@ -226,8 +230,36 @@ def known_keys(node: str, overrides: list[str]) -> str:
     return ", ".join(map(str, keys)) or "none"
 
 
+def sweep_values(override: Any) -> list[str]:
+    """The values of a sweep to validate: each of a ``choice``/``range``; the two ends of an
+    ``interval`` (a sampler's search space: ``interval(0.01,0.2)``, ``tag(log, interval(...))``,
+    ``int(interval(...))``), which must be ordered, and positive on a log scale."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    sweep = override.value()
+    if not isinstance(sweep, IntervalSweep):
+        return list(override.sweep_string_iterator())
+    text = override.input_line
+    if not sweep.start < sweep.end:
+        raise OptionError(f"{text}: the interval's lower end must be below its upper end")
+    if "log" in sweep.tags and sweep.start <= 0:
+        raise OptionError(f"{text}: a log-scale interval needs a lower end > 0")
+    return [repr(sweep.start), repr(sweep.end)]
+
+
+def real_intervals(overrides: list[str]) -> dict[str, str]:
+    """Keys swept over an interval of real numbers (not ``int(interval(...))``), by override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {o.get_key_element().lstrip("+~"): o.input_line for o in parsed
+            if isinstance(o.value(), IntervalSweep) and isinstance(o.value().start, float)}
+
+
 def sweep_variants(overrides: list[str]) -> list[list[str]]:
-    """Override lists that together use every value of every sweep once."""
+    """Override lists that together use every value of every sweep once (for an interval, its
+    two ends: :func:`sweep_values`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -236,7 +268,7 @@ def sweep_variants(overrides: list[str]) -> list[list[str]]:
     for override in parsed:
         if override.is_sweep_override():
             key = override.input_line.split("=", 1)[0]
-            values = list(override.sweep_string_iterator())
+            values = sweep_values(override)
             sweeps.append((len(base), key, values[1:]))
             base.append(f"{key}={values[0]}")
         else:
@@ -279,22 +311,57 @@ def validate_overrides(overrides: list[str]) -> None:
     launched = launched_world()
     with initialize_config_dir(str(conf_dir()), version_base=None):
         pending = sweep_variants(overrides)
+        intervals = real_intervals(overrides)
         checked_sweeper = False
         while pending:
             variant = pending.pop(0)
-            cfg = compose("train", overrides=variant, return_hydra_config=True)
+            try:
+                cfg = compose("train", overrides=variant, return_hydra_config=True)
+            except Exception as error:
+                message = f"{error} {error.__cause__}"
+                for key, text in intervals.items():
+                    if f"{key}=" in message and "Integer" in message:
+                        raise OptionError(f"{text}: {key} is an integer but interval(...) samples "
+                                          f"real numbers; use int(interval(...))") from None
+                raise
             if not checked_sweeper:  # sweep parameters set by an experiment file
                 checked_sweeper = True
                 params = cfg.hydra.sweeper.get("params") or {}
                 extra = [f"{k}={v}" for k, v in params.items()]
                 if extra:
                     pending += sweep_variants(variant + extra)
+                    intervals.update(real_intervals(extra))
+                sweeper = cfg.hydra.sweeper
             with open_dict(cfg):
                 del cfg["hydra"]
             validate(cfg)
+            check_sweeper_direction(sweeper.get("direction"), cfg)
             devices = cfg.trainer.devices
             check_world(cfg, launched if launched.distributed else World(0, devices, 0, devices),
                         launched.distributed)
+
+
+def check_sweeper_direction(direction: Any, cfg: Any) -> None:
+    """A sweeper that optimizes (it has a ``direction``, as Optuna's) gets one objective, named
+    (``objective=...``), whose direction is the sweeper's: ngexp cannot know before a run
+    whether the default metric is an accuracy or a loss, and a sweeper that minimizes an
+    accuracy would be silently wrong."""
+    from omegaconf import ListConfig
+
+    from ngexp.train.objective import minimizes
+
+    if direction is None:
+        return
+    if isinstance(direction, (list, ListConfig)):
+        check(len(direction) == 1, "hydra.sweeper.direction", list(direction),
+              "one direction (an ngexp run returns one objective)")
+        direction = direction[0]
+    direction = getattr(direction, "name", direction)  # an enum (Optuna's Direction) or a str
+    check(cfg.objective is not None, "objective", None,
+          f"a metric for the sweeper to {direction} (e.g. objective=val/loss, objective=test/acc)")
+    wanted = "minimize" if minimizes(cfg.objective, cfg.objective_mode) else "maximize"
+    check(str(direction).lower() == wanted, "hydra.sweeper.direction", direction,
+          f"{wanted} for objective={cfg.objective} (objective_mode={cfg.objective_mode})")
 
 
 # --------------------------------------------------------------------------- train
@@ -307,10 +374,12 @@ def run_hydra(args: list[str]) -> int:
     from ngexp.config import register_all, validate
     from ngexp.distributed.world import launched_world
     from ngexp.errors import IncompatibleData, UserError
+    from ngexp.train import rundir
     from ngexp.train.engine import RunInterrupted, RunWriteError, train
     from ngexp.train.rundir import GROUPS as RUN_GROUPS
 
-    def task(cfg: DictConfig) -> None:
+    def task(cfg: DictConfig) -> float:
+        """One run; returns its objective (:mod:`ngexp.train.objective`) for a sweeper."""
         validate(cfg)
         runtime = HydraConfig.get()
         choices = {group: runtime.runtime.choices.get(group) for group in RUN_GROUPS}
@@ -325,7 +394,8 @@ def run_hydra(args: list[str]) -> int:
         launched = launched_world().distributed
         if cfg.trainer.devices > 1 and not launched:  # this job as N processes (torchrun)
             launch_job(cfg, choices, runtime, job_dir, multirun)
-            return
+            return run_objective(cfg, None, rundir.run_directory(cfg, choices,
+                                                                 cfg.trainer.devices))
         if multirun and cfg.trainer.device == "auto" and not launched:  # one GPU per job
             from ngexp.train.devices import assign_device
 
@@ -351,8 +421,16 @@ def run_hydra(args: list[str]) -> int:
             raise SystemExit(error_line(str(error))) from None
         except RunInterrupted:
             raise KeyboardInterrupt from None
+        except Exception as error:  # the run's summary says failed(...); a sweep goes on
+            if not multirun:
+                raise
+            logging.getLogger("ngexp").warning("job %s failed (%s: %s); its objective is the "
+                                               "worst value", runtime.job.num,
+                                               type(error).__name__, error)
+            summary = {"status": "failed"}
         if summary is not None and summary["status"] == "failed" and not multirun:
             raise SystemExit(1)  # a diverged job does not stop a sweep
+        return run_objective(cfg, summary, run_dir or rundir.run_directory(cfg, choices))
 
     register_all()
     configure_logging()
@@ -368,6 +446,17 @@ def run_hydra(args: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def run_objective(cfg: Any, summary: dict[str, Any] | None, run_dir: Path) -> float:
+    """The objective of the run of ``cfg``: from ``summary``, else (a finished run skipped, or
+    one trained by worker processes) from the summary in ``run_dir``."""
+    from ngexp.train.objective import objective_value
+    from ngexp.train.rundir import read_summary
+
+    if summary is None:
+        summary = read_summary(run_dir)
+    return objective_value(summary, cfg.objective, cfg.objective_at, cfg.objective_mode)
 
 
 def launch_job(cfg: Any, choices: dict[str, str | None], runtime: Any, job_dir: Path | None,

@@ -35,6 +35,7 @@ from ngexp.options import (
     REGISTRY,
     Spec,
     check,
+    check_choice,
     check_choices,
     check_integer,
     check_positive,
@@ -106,9 +107,20 @@ class TrainConfig:
     init_from: str | None = None  # run dir or checkpoint whose model weights start this run
     resume: bool = True  # resume an interrupted run with the same config
     force: bool = False  # re-run even if a finished run with this config exists
+    # what the run returns to a sweeper (ngexp/train/objective.py): a metric (null: val/acc, or
+    # test/acc without a validation split), its final value or best evaluation, the direction
+    objective: str | None = None
+    objective_at: str = choice_field("final", ("final", "best"))
+    objective_mode: str = choice_field("auto", ("auto", "min", "max"))
 
     def __post_init__(self) -> None:
         check_integer("seed", self.seed, 0)
+        check(self.objective is None or (self.objective.count("/") >= 1
+                                         and all(self.objective.split("/"))),
+              "objective", self.objective, "null or a metric name such as val/loss, test/acc, "
+              "train/loss")
+        check_choice("objective_at", self.objective_at, ("final", "best"))
+        check_choice("objective_mode", self.objective_mode, ("auto", "min", "max"))
 
 
 def config_type(annotation: Any) -> Any:
@@ -183,6 +195,9 @@ NON_SEMANTIC_KEYS = (
     "name",
     "resume",
     "force",
+    "objective",  # what a sweeper optimizes, not what the run computes
+    "objective_at",
+    "objective_mode",
     "data.root",
     "data.download",
     "trainer.device",

@@ -38,6 +38,7 @@ from ngexp.report.aggregate import (
 )
 from ngexp.report.scan import Run, find_run_dirs, load_run
 from ngexp.report.tables import RUN_DIRS, console_table, markdown, write_csv
+from ngexp.report.target import time_to_target
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +69,14 @@ def parser() -> argparse.ArgumentParser:
                    help="folder for report.md, report.csv and the plots (default: report/ in "
                         "the scanned directory; with several, in their common directory)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG figures")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target", metavar="METRIC=VALUE",
+                        help="time to target: steps, examples and seconds each group takes to "
+                             "first reach METRIC=VALUE (e.g. val/loss=0.5), and performance "
+                             "profiles (target.csv, performance_profile_*.png)")
+    target.add_argument("--target-from", metavar="GROUP",
+                        help="time to target where the target is the value of --metric that "
+                             "the runs of group GROUP (e.g. adam) reach at best (median)")
     p.add_argument("--dynamics", choices=dynamics.SELECTIONS, default="all",
                    help="dynamics/ quantities of the instrument callbacks to plot against step "
                         "and tabulate: all (default), model (whole-model ones, no per-layer "
@@ -97,6 +106,7 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
         raise UserError(message)
     rows = aggregate(runs, keys, metric, args.best)
     summaries = dynamics.summarize(rows, dynamics.select(available, args.dynamics))
+    section: tuple[list[str], list[Path]] | None = None
 
     states = Counter(run.state for run in runs)
     counts = ", ".join(f"{n} {state}" for state, n in
@@ -112,8 +122,14 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
              "each row's run directories (`;`-separated) relative to this folder."]
     out = (args.out or default_out(args.paths)).resolve()
     try:
+        if args.target or args.target_from:
+            out.mkdir(parents=True, exist_ok=True)
+            section = time_to_target(rows, keys, args.target, args.target_from, metric, out,
+                                     plots=not args.no_plots)
         written = write_report(out, rows, keys, metric, args.best, intro, summaries,
-                               plots=not args.no_plots)
+                               plots=not args.no_plots,
+                               sections=[section[0]] if section else [])
+        written += section[1] if section else []
     except OSError as error:
         raise UserError(f"cannot write the report to {out}: {error.strerror or error}; "
                         "choose another folder with --out") from None
@@ -138,9 +154,9 @@ def default_out(paths: Sequence[str]) -> Path:
 
 def write_report(out: Path, rows: Sequence[Row], keys: Sequence[str], metric: str, best: bool,
                  intro: Sequence[str], summaries: Sequence[dynamics.Summary],
-                 plots: bool) -> list[Path]:
-    """report.md, report.csv, dynamics.csv (with ``summaries``) and (with ``plots``) the
-    figures in ``out``; their paths."""
+                 plots: bool, sections: Sequence[Sequence[str]] = ()) -> list[Path]:
+    """report.md (with the lines of ``sections`` at its end), report.csv, dynamics.csv (with
+    ``summaries``) and (with ``plots``) the figures in ``out``; their paths."""
     out.mkdir(parents=True, exist_ok=True)
     figures: list[Path] = []
     curves: dict[str, Path] = {}
@@ -150,7 +166,8 @@ def write_report(out: Path, rows: Sequence[Row], keys: Sequence[str], metric: st
         figures = plot_all(rows, keys, metric, best, out)
         curves = plot_dynamics(rows, keys, list(dict.fromkeys(s.metric for s in summaries)),
                                out)
-    extra = dynamics.markdown_section(summaries, keys, curves)
+    extra = dynamics.markdown_section(summaries, keys, curves) + [
+        line for section in sections for line in ["", *section]]
     (out / "report.md").write_text(markdown(rows, keys, metric, best, intro, figures, extra),
                                    encoding="utf-8")
     write_csv(out / "report.csv", rows, keys, metric)
