@@ -70,19 +70,20 @@ def test_performance_profile_ratios(sweep: Path) -> None:
 
 
 def test_target_from_a_baseline_group_and_the_command(sweep: Path, tmp_path: Path) -> None:
-    assert target_from(rows_of(sweep), ["optimizer"], "adam", "val/loss") == 0.45  # median best
+    """Adam's best values 0.45, 0.4, 0.7: every seed reaches 0.7."""
+    assert target_from(rows_of(sweep), ["optimizer"], "adam", "val/loss") == 0.7
     out = tmp_path / "report"
     assert report_main([str(sweep), "--metric", "val/loss", "--target-from", "adam",
                         "--out", str(out)]) == 0
     with (out / "target.csv").open() as stream:
         lines = list(csv.DictReader(stream))
     steps = {(r["optimizer"], r["seed"]): float(r["steps"]) for r in lines}
-    assert steps == {("adam", "0"): 300, ("adam", "1"): 300, ("adam", "2"): math.inf,
-                     ("kfac", "0"): 200, ("kfac", "1"): 200, ("kfac", "2"): 100}
+    assert steps == {("adam", "0"): 200, ("adam", "1"): 100, ("adam", "2"): 300,
+                     ("kfac", "0"): 100, ("kfac", "1"): 100, ("kfac", "2"): 100}
     text = (out / "report.md").read_text()
-    assert "| adam | completed | 2/3 | 300 (300-300) |" in text
-    assert ("| kfac | completed | 3/3 | 200 (100-200) | 25600 (12800-25600) "
-            "| 40.00 (19.00-42.00) |") in text
+    assert "| adam | completed | 3/3 | 200 (100-300) | 25600 (12800-38400) |" in text
+    assert ("| kfac | completed | 3/3 | 100 (100-100) | 12800 (12800-12800) "
+            "| 20.00 (19.00-21.00) |") in text
     for measure in ("steps", "examples", "seconds"):
         assert (out / f"performance_profile_{measure}.png").stat().st_size > 5000
 

@@ -1,8 +1,9 @@
 """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, from pytorch-optimizer.
 
-For a weight matrix with gradient ``G`` (a kernel's trailing dims merged into columns when
-``merge_dims``), with ``L = EMA(G G^T)``, ``R = EMA(G^T G)`` (rate ``shampoo_beta``, default
-``beta2``) and their eigenbases ``Q_L``, ``Q_R`` (``eigh`` at the first step, then one power
+For a weight matrix with gradient ``G`` (a kernel ``(out, in, kh, kw)`` gets one factor and
+basis per dimension, as in the authors' code without dimension merging), with
+``L = EMA(G G^T)``, ``R = EMA(G^T G)`` (rate ``shampoo_beta``, default ``beta2``) and their
+eigenbases ``Q_L``, ``Q_R`` (``eigh`` at the first step, then one power
 iteration and a QR every ``precondition_frequency`` steps, paper's Alg. 4)::
 
     G' = Q_L^T G Q_R,   M = EMA_beta1(G),   V = EMA_beta2(G' * G')
@@ -52,12 +53,14 @@ def check_soap(lr: float, betas: tuple[float, float], shampoo_beta: float | None
 def soap(params: Any, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
          shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.0,
          precondition_frequency: int = 10, max_precondition_dim: int = 10000,
-         merge_dims: bool = False, precondition_1d: bool = False) -> torch.optim.Optimizer:
+         precondition_1d: bool = False) -> torch.optim.Optimizer:
     """``pytorch_optimizer.SOAP`` with the paper's defaults (lr 3e-3, betas (0.95, 0.95),
-    bases refreshed every 10 steps), without weight decay like ngexp's other optimizers."""
+    bases refreshed every 10 steps), without weight decay like ngexp's other optimizers.
+    pytorch-optimizer's ``merge_dims`` is not offered: its merging of small dimensions fails
+    on common shapes (in 4.1, a 2560-entry gradient is reshaped to [1])."""
     from pytorch_optimizer import SOAP
 
     return SOAP(params, lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta,
                 weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                max_precondition_dim=max_precondition_dim, merge_dims=merge_dims,
-                precondition_1d=precondition_1d, eps=eps)
+                max_precondition_dim=max_precondition_dim, precondition_1d=precondition_1d,
+                eps=eps)

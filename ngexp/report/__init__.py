@@ -76,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
                              "profiles (target.csv, performance_profile_*.png)")
     target.add_argument("--target-from", metavar="GROUP",
                         help="time to target where the target is the value of --metric that "
-                             "the runs of group GROUP (e.g. adam) reach at best (median)")
+                             "every run of group GROUP (e.g. adam) reaches (the worst of their "
+                             "best values)")
     p.add_argument("--dynamics", choices=dynamics.SELECTIONS, default="all",
                    help="dynamics/ quantities of the instrument callbacks to plot against step "
                         "and tabulate: all (default), model (whole-model ones, no per-layer "

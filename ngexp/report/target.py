@@ -8,12 +8,12 @@ that record's ``step``, ``step x global batch`` examples and ``time`` seconds (t
 wall time the engine logs with every record; evaluations are recorded at ``trainer.eval_every``
 steps or each epoch end, which bounds the resolution). A run that never reaches it (or failed
 first) took ``inf``: it is counted in the group's ``reached k/n`` and its median (the median of
-all the group's runs, ``inf`` when more than half missed), and left out of the spread (min-max
+all the group's runs, ``inf`` when half or more missed), and left out of the spread (min-max
 of the runs that reached it).
 
 The target is given (``--target val/loss=0.5``) or taken from a baseline group (``--target-from
-adam``): the median over that group's runs of each run's best value of the metric, the value
-a typical seed of the baseline reaches.
+adam``): the worst over that group's runs of each run's best value of the metric, the value
+every seed of the baseline reaches (so the baseline's own time to target is defined).
 
 Performance profile: a *problem* is a workload (data set and model) with one seed; for group
 ``s`` on problem ``p`` the ratio ``r = t(p, s) / min_s' t(p, s')`` of its time to target over the
@@ -79,8 +79,8 @@ def first_hit(run: Run, metric: str, target: float) -> dict[str, float]:
 
 
 def target_from(rows: Sequence[Row], keys: Sequence[str], group: str, metric: str) -> float:
-    """The median over the runs of the completed group labelled ``group`` of their best value
-    of ``metric``."""
+    """The value of ``metric`` that every run of the completed group labelled ``group``
+    reaches: the worst over its runs of each run's best value."""
     labels = {label(keys, row.key): row for row in rows if row.completed}
     if group not in labels:
         raise UserError(f"--target-from {group!r} is not a group of completed runs; choices: "
@@ -88,7 +88,7 @@ def target_from(rows: Sequence[Row], keys: Sequence[str], group: str, metric: st
     best = [v for run in labels[group].runs if (v := run_value(run, metric, True)) is not None]
     if not best:
         raise UserError(f"--target-from {group!r}: its runs logged no {metric}")
-    return statistics.median(best)
+    return max(best) if lower_is_better(metric) else min(best)
 
 
 @dataclass
@@ -117,7 +117,7 @@ def target_rows(rows: Sequence[Row], metric: str, target: float) -> list[TargetR
 
 
 def cell(item: TargetRow, measure: str) -> str:
-    """``1.2k (1.1k-1.4k)``, or ``never`` when the median run missed."""
+    """``1200 (1100-1400)``, or ``never`` when the median run missed."""
     median, spread = item.median(measure), item.spread(measure)
     if median == UNREACHED:
         return "never"
@@ -139,7 +139,7 @@ def markdown_section(items: Sequence[TargetRow], keys: Sequence[str], metric: st
     head = [*keys, "status", "reached", *MEASURES]
     lines = ["## Time to target", "",
              f"First record with `{metric} {sign} {number(target)}` ({source}): median over "
-             "the runs (misses count as never; `never` when more than half missed), min-max of "
+             "the runs (misses count as never; `never` when half or more missed), min-max of "
              "the runs that reached it in parentheses. Seconds are training wall time.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for item in items:
@@ -228,11 +228,11 @@ def time_to_target(rows: Sequence[Row], keys: Sequence[str], target: str | None,
                    baseline: str | None, metric: str, out: Path,
                    plots: bool) -> tuple[list[str], list[Path]]:
     """Write target.csv (and the profiles) to ``out``: the report.md section and the files.
-    The target is ``target`` (``METRIC=VALUE``) or, with ``baseline``, the median best value
-    of ``metric`` over that group's runs."""
+    The target is ``target`` (``METRIC=VALUE``) or, with ``baseline``, the value of ``metric``
+    every run of that group reaches (:func:`target_from`)."""
     if baseline is not None:
         value = target_from(rows, keys, baseline, metric)
-        source = f"the median over the runs of {baseline} of their best value"
+        source = f"the value every run of {baseline} reaches: the worst of their best values"
     else:
         assert target is not None
         metric, value = parse_target(target)
