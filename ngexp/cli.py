@@ -29,6 +29,8 @@ GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune", "logger", "callb
 LIST_GROUPS = ("logger", "callbacks")
 #: Launcher presets and the plugin each needs.
 LAUNCHER_PLUGINS = {"joblib": "parallel", "submitit_slurm": "slurm", "submitit_local": "slurm"}
+#: Sweeper plugins and the extra that brings each.
+SWEEPER_PLUGINS = {"optuna": "tune"}
 
 
 def conf_dir() -> Path:
@@ -203,6 +205,9 @@ def describe(error: BaseException, overrides: Iterable[str]) -> str:
         if group == "hydra/launcher" and option in LAUNCHER_PLUGINS:
             return (f"hydra/launcher={LAUNCHER_PLUGINS[option]} needs Hydra's {option} launcher "
                     f"plugin: pip install 'ngexp[sweep]'")
+        if group == "hydra/sweeper" and option in SWEEPER_PLUGINS:
+            return (f"hydra/sweeper={option} needs Hydra's {option} sweeper plugin: pip install "
+                    f"'ngexp[{SWEEPER_PLUGINS[option]}]'")
         return (f"{group}={option!r} is not an option of '{group}'; choices: "
                 f"{', '.join(sorted(error.options or options(group)))}")
     cause = error.__cause__ or error
@@ -312,7 +317,7 @@ def validate_overrides(overrides: list[str]) -> None:
     with initialize_config_dir(str(conf_dir()), version_base=None):
         pending = sweep_variants(overrides)
         intervals = real_intervals(overrides)
-        checked_sweeper = False
+        checked_sweeper, sweeper = False, {}
         while pending:
             variant = pending.pop(0)
             try:

@@ -3,8 +3,12 @@ search space, and a 3-trial Optuna sweep from the command line."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ import yaml
 from ngexp.cli import validate_overrides
 from ngexp.errors import OptionError
 from ngexp.train.objective import objective_value
-from tests.conftest import ngexp, read_summary, run_dirs
+from tests.conftest import REPO, ngexp, read_summary, requires_fashion_mnist, run_dirs
 
 try:
     import hydra_plugins.hydra_optuna_sweeper  # noqa: F401
@@ -105,3 +109,36 @@ def test_a_diverged_trial_is_the_worst_not_the_end_of_the_sweep(tmp_path: Path) 
     assert statuses == ["completed", "failed"]
     [results] = list((tmp_path / "sweeps").glob("*/optimization_results.yaml"))
     assert yaml.safe_load(results.read_text())["best_params"]["optimizer.lr"] == 0.05
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+@requires_optuna
+def test_frontier_study_driver_at_a_tiny_budget(tmp_path: Path) -> None:
+    """scripts/frontier_study.py end to end: 1 trial per optimizer, 2 seeds, 256 images."""
+    result = subprocess.run(
+        [sys.executable, "scripts/frontier_study.py", "autoencoder", "--trials", "1",
+         "--subset", "256", "--epochs", "1", "--seeds", "0,1", "--optimizers", "adam,muon",
+         "--out", str(tmp_path), "--output-root", str(tmp_path / "runs")],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (tmp_path / "frontier_autoencoder.md").read_text()
+    assert "| adam | `optimizer.lr=tag(log" in text and "| muon | `optimizer.lr=" in text
+    assert "## Time to target" in text and "| adam | completed | 2/2 |" in text
+    with (tmp_path / "frontier_autoencoder" / "target.csv").open() as stream:
+        assert len(stream.read().splitlines()) == 1 + 4  # header, 2 optimizers x 2 seeds
+
+
+def test_a_skipped_finished_run_returns_the_objective_in_its_summary(tmp_path: Path) -> None:
+    """A re-run sweep skips finished runs (train returns no summary): the objective is read
+    from the run directory."""
+    from omegaconf import OmegaConf
+
+    from ngexp.cli import run_objective
+
+    (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
+    cfg = OmegaConf.create({"objective": "test/loss", "objective_at": "best",
+                            "objective_mode": "auto"})
+    assert run_objective(cfg, None, tmp_path) == 0.6
+    assert run_objective(cfg, None, tmp_path / "missing") == math.inf

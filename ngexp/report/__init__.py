@@ -38,7 +38,7 @@ from ngexp.report.aggregate import (
 )
 from ngexp.report.scan import Run, find_run_dirs, load_run
 from ngexp.report.tables import RUN_DIRS, console_table, markdown, write_csv
-from ngexp.report.target import time_to_target
+from ngexp.report.target import TargetReport, time_to_target
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,7 +107,7 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
         raise UserError(message)
     rows = aggregate(runs, keys, metric, args.best)
     summaries = dynamics.summarize(rows, dynamics.select(available, args.dynamics))
-    section: tuple[list[str], list[Path]] | None = None
+    section: TargetReport | None = None
 
     states = Counter(run.state for run in runs)
     counts = ", ".join(f"{n} {state}" for state, n in
@@ -129,14 +129,16 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
                                      plots=not args.no_plots)
         written = write_report(out, rows, keys, metric, args.best, intro, summaries,
                                plots=not args.no_plots,
-                               sections=[section[0]] if section else [])
-        written += section[1] if section else []
+                               sections=[section.lines] if section else [])
+        written += section.paths if section else []
     except OSError as error:
         raise UserError(f"cannot write the report to {out}: {error.strerror or error}; "
                         "choose another folder with --out") from None
 
     console = Console()
     console.print(console_table(rows, keys, metric, args.best, f"{len(runs)} runs: {counts}"))
+    if section:
+        console.print(section.table)
     console.print(f"wrote {', '.join(p.name for p in written)} to", highlight=False,
                   soft_wrap=True)
     print(out, flush=True)  # whole, on its own line, for copying

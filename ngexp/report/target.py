@@ -224,9 +224,32 @@ def plot_profiles(items: Sequence[TargetRow], keys: Sequence[str], metric: str, 
     return paths
 
 
+def console_table(items: Sequence[TargetRow], keys: Sequence[str], title: str) -> Any:
+    """The section's table for the terminal (a ``rich`` table)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in [*keys, "status", "reached", *MEASURES]:
+        table.add_column(name, justify="left" if name in (*keys, "status") else "right")
+    for item in items:
+        table.add_row(*(label([k], [v]) for k, v in zip(keys, item.row.key, strict=True)),
+                      item.row.status, f"{item.reached}/{item.row.n}",
+                      *(cell(item, m) for m in MEASURES))
+    return table
+
+
+@dataclass
+class TargetReport:
+    """What :func:`time_to_target` made: report.md's lines, the files written, the terminal
+    table."""
+
+    lines: list[str]
+    paths: list[Path]
+    table: Any
+
+
 def time_to_target(rows: Sequence[Row], keys: Sequence[str], target: str | None,
-                   baseline: str | None, metric: str, out: Path,
-                   plots: bool) -> tuple[list[str], list[Path]]:
+                   baseline: str | None, metric: str, out: Path, plots: bool) -> TargetReport:
     """Write target.csv (and the profiles) to ``out``: the report.md section and the files.
     The target is ``target`` (``METRIC=VALUE``) or, with ``baseline``, the value of ``metric``
     every run of that group reaches (:func:`target_from`)."""
@@ -240,5 +263,8 @@ def time_to_target(rows: Sequence[Row], keys: Sequence[str], target: str | None,
     items = target_rows(rows, metric, value)
     write_csv(out / "target.csv", items, keys)
     figures = plot_profiles(items, keys, metric, value, out) if plots else []
-    return (markdown_section(items, keys, metric, value, source, figures),
-            [out / "target.csv", *figures])
+    sign = "<=" if lower_is_better(metric) else ">="
+    return TargetReport(markdown_section(items, keys, metric, value, source, figures),
+                        [out / "target.csv", *figures],
+                        console_table(items, keys, f"time to {metric} {sign} {number(value)} "
+                                                   "(median, min-max)"))
