@@ -43,7 +43,7 @@ def fractional_power(matrix: Tensor, power: float) -> Tensor:
 
 # ---------------------------------------------------------------------------- Shampoo
 def dense_shampoo(w: Tensor, b: Tensor, grads: list[list[Tensor]], lr: float, betas, eps: float,
-                  frequency: int, max_dim: int, graft_beta2: float = 0.999,
+                  frequency: int, max_dim: int, start: int = 1, graft_beta2: float = 0.999,
                   graft_eps: float = 1e-8) -> tuple[Tensor, Tensor]:
     """Shampoo with Adam grafting as in ngexp/optim/shampoo.py's docstring, the Kronecker
     preconditioner applied as the full matrix ``(L (x) R)^(-1/2k)`` on ``vec(M)``."""
@@ -71,22 +71,26 @@ def dense_shampoo(w: Tensor, b: Tensor, grads: list[list[Tensor]], lr: float, be
             full = fractional_power(torch.kron(lhat, rhat), -1 / (2 * len(sides)))
         filtered = moments[0] / (1 - beta1 ** t)
         shampoo = (full @ filtered.flatten()).view(m, n)
-        w -= lr * directions[0].norm() / shampoo.norm() * shampoo
+        w -= lr * (directions[0].norm() / shampoo.norm() * shampoo if t >= start
+                   else directions[0])  # Adam (the graft) before start_preconditioning_step
         b -= lr * directions[1]
     return w, b
 
 
-@pytest.mark.parametrize(("frequency", "max_dim"), [(1, 100), (2, 100), (1, 3)])
-def test_shampoo_equals_its_dense_update(frequency: int, max_dim: int) -> None:
-    """Two-sided (-1/4 roots, refreshed every step or every other step) and one-sided (the
-    4-wide side over max_precondition_dim keeps the identity: -1/2 root on the 3-wide side)."""
+@pytest.mark.parametrize(("frequency", "max_dim", "start"), [(1, 100, 1), (2, 100, 1),
+                                                            (1, 3, 1), (2, 100, 4)])
+def test_shampoo_equals_its_dense_update(frequency: int, max_dim: int, start: int) -> None:
+    """Two-sided (-1/4 roots, refreshed every step or every other step), one-sided (the
+    4-wide side over max_precondition_dim keeps the identity: -1/2 root on the 3-wide side),
+    and Adam grafting alone for the first 3 steps."""
     w = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     b = torch.zeros(3, dtype=torch.float64)
     grads = fixed_grads([w.shape, b.shape], STEPS)
-    expected = dense_shampoo(w, b, grads, 0.1, (0.9, 0.99), 1e-3, frequency, max_dim)
+    expected = dense_shampoo(w, b, grads, 0.1, (0.9, 0.99), 1e-3, frequency, max_dim, start)
     params = [w.clone().requires_grad_(), b.clone().requires_grad_()]
     optimizer = Shampoo(params, lr=0.1, betas=(0.9, 0.99), eps=1e-3,
-                        precondition_frequency=frequency, max_precondition_dim=max_dim)
+                        precondition_frequency=frequency, max_precondition_dim=max_dim,
+                        start_preconditioning_step=start)
     run(optimizer, params, grads)
     for got, want in zip(params, expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
