@@ -340,14 +340,32 @@ def validate_overrides(overrides: list[str]) -> None:
             with open_dict(cfg):
                 del cfg["hydra"]
             validate(cfg)
-            check_sweeper_direction(sweeper.get("direction"), cfg)
+            check_sweeper_direction(sweeper_direction(sweeper), cfg)
             devices = cfg.trainer.devices
             check_world(cfg, launched if launched.distributed else World(0, devices, 0, devices),
                         launched.distributed)
 
 
+def sweeper_direction(sweeper: Any) -> Any:
+    """What an optimizing sweeper does with the returned value: Optuna's ``direction``
+    (``minimize``/``maximize``, an enum, or a list for several objectives), Nevergrad's
+    ``optim.maximize``, Ax's ``ax_config.experiment.minimize``; ``None`` for a sweeper that
+    does not optimize (the basic grid)."""
+    from omegaconf import DictConfig
+
+    def node(parent: Any, key: str) -> Any:
+        return parent.get(key) if isinstance(parent, (dict, DictConfig)) else None
+
+    if node(sweeper, "direction") is not None:
+        return sweeper.get("direction")
+    if node(node(sweeper, "optim"), "maximize") is not None:
+        return "maximize" if sweeper.optim.maximize else "minimize"
+    minimize = node(node(node(sweeper, "ax_config"), "experiment"), "minimize")
+    return None if minimize is None else ("minimize" if minimize else "maximize")
+
+
 def check_sweeper_direction(direction: Any, cfg: Any) -> None:
-    """A sweeper that optimizes (it has a ``direction``, as Optuna's) gets one objective, named
+    """A sweeper that optimizes (:func:`sweeper_direction`) gets one objective, named
     (``objective=...``), whose direction is the sweeper's: ngexp cannot know before a run
     whether the default metric is an accuracy or a loss, and a sweeper that minimizes an
     accuracy would be silently wrong."""
@@ -365,8 +383,10 @@ def check_sweeper_direction(direction: Any, cfg: Any) -> None:
     check(cfg.objective is not None, "objective", None,
           f"a metric for the sweeper to {direction} (e.g. objective=val/loss, objective=test/acc)")
     wanted = "minimize" if minimizes(cfg.objective, cfg.objective_mode) else "maximize"
-    check(str(direction).lower() == wanted, "hydra.sweeper.direction", direction,
-          f"{wanted} for objective={cfg.objective} (objective_mode={cfg.objective_mode})")
+    check(str(direction).lower() == wanted, "the sweeper's direction", direction,
+          f"{wanted} for objective={cfg.objective} (objective_mode={cfg.objective_mode}; "
+          f"Optuna: hydra.sweeper.direction, Nevergrad: hydra.sweeper.optim.maximize, Ax: "
+          f"hydra.sweeper.ax_config.experiment.minimize)")
 
 
 # --------------------------------------------------------------------------- train

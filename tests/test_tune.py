@@ -65,6 +65,19 @@ def test_search_spaces_are_validated(overrides: list[str], message: str) -> None
         validate_overrides(["objective=test/loss", *overrides])
 
 
+@pytest.mark.parametrize(("sweeper", "direction"), [
+    ({"direction": "maximize"}, "maximize"), ({"direction": ["minimize"]}, ["minimize"]),
+    ({"optim": {"maximize": True}}, "maximize"), ({"optim": {"maximize": False}}, "minimize"),
+    ({"ax_config": {"experiment": {"minimize": True}}}, "minimize"),
+    ({"params": None}, None)])
+def test_the_direction_of_optuna_nevergrad_and_ax(sweeper: dict, direction) -> None:
+    from omegaconf import OmegaConf
+
+    from ngexp.cli import sweeper_direction
+
+    assert sweeper_direction(OmegaConf.create(sweeper)) == direction
+
+
 def test_valid_search_spaces_pass() -> None:
     validate_overrides(["optimizer.lr=tag(log, interval(1e-4,1e-1))",
                         "trainer.batch_size=tag(log, int(interval(32,256)))",
@@ -75,7 +88,8 @@ def test_valid_search_spaces_pass() -> None:
 def test_an_optimizing_sweeper_needs_a_named_objective_of_its_direction() -> None:
     with pytest.raises(OptionError, match="objective=None is invalid"):
         validate_overrides(["hydra/sweeper=optuna", "optimizer.lr=interval(0.01,0.1)"])
-    with pytest.raises(OptionError, match="expected maximize for objective=test/acc"):
+    with pytest.raises(OptionError, match="direction='minimize' is invalid: expected maximize for "
+                                          "objective=test/acc"):
         validate_overrides(["hydra/sweeper=optuna", "objective=test/acc"])
     validate_overrides(["hydra/sweeper=optuna", "objective=test/acc",
                         "hydra.sweeper.direction=maximize"])
