@@ -74,6 +74,7 @@ def fixed(workload: dict, optimizer: str, args: argparse.Namespace) -> list[str]
     choice = ([f"+experiment={name}"] if optimizer in workload["presets"]
               else [f"optimizer={optimizer}"])
     budget = [f"trainer.epochs={args.epochs}", "trainer.progress=none",
+              "trainer.log_every=10",  # train/ records every 10 steps: time-to-target resolution
               f"objective={workload['objective']}"]
     return [*workload["base"], *choice, *budget,
             *([f"data.subset={args.subset}"] if args.subset else [])]
