@@ -319,16 +319,19 @@ def test_gradient_probe_reads_the_training_step_and_disarms() -> None:
     probe.remove()
 
 
-def test_batch_norm_parameters_are_excluded_and_counted() -> None:
-    """Per-example norms cover the Linear/Conv2d layers; the BN scale/shift (2 * 4) are not in
-    any norm and are reported as excluded."""
+def test_uncovered_parameters_are_excluded_and_counted() -> None:
+    """Per-example norms cover the capture's layer kinds, BatchNorm's scale and shift included
+    (exact in eval mode); a PReLU slope (4) is in no norm and is reported as excluded."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.PReLU(4), nn.Flatten(),
                           nn.Linear(4 * 6 * 6, 3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].weight.normal_()
     inputs, targets = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
     grads = measure_example_gradients(model, CLASSIFY, inputs, targets)
-    assert grads.names == ["0", "4"] and grads.excluded_params == 8
-    assert gradient_metrics(grads)["grad/excluded_params"] == 8
+    assert grads.names == ["0", "1", "4"] and grads.excluded_params == 4
+    assert gradient_metrics(grads)["grad/excluded_params"] == 4
     reference = looped_example_gradients(model, inputs, targets, grads.names)
     torch.testing.assert_close(grads.total()[0], reference.square().sum(1), rtol=1e-4, atol=1e-7)
 
