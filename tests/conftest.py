@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from ngexp.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 #: Under pytest-xdist (``make test`` runs 2 workers on 2 cores) each worker and each ``ngexp``
@@ -66,6 +69,17 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class InterruptAfter(Callback):
+    """Stops the run after ``step`` steps as SIGTERM does (checkpoint, then interrupted)."""
+
+    def __init__(self, step: int) -> None:
+        self.at = step
+
+    def after_optimizer_step(self, trainer: Any) -> None:
+        if trainer.step + 1 == self.at:
+            trainer.stop_signal = signal.SIGTERM
 
 
 def compose(*overrides: str):

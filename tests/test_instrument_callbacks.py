@@ -5,7 +5,6 @@ end restoring the weights, and one-line errors."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,12 +13,18 @@ import pytest
 import torch
 from torch import nn
 
-from ngexp.callbacks import Callback
 from ngexp.cli import main
 from ngexp.data.bundle import Split
 from ngexp.instruments.callbacks import FilterSparsity, GradientNoise, TangentAlignment
 from ngexp.instruments.tangent import probe_indices
-from tests.conftest import compose, read_metrics, read_summary, requires_fashion_mnist, run_dirs
+from tests.conftest import (
+    InterruptAfter,
+    compose,
+    read_metrics,
+    read_summary,
+    requires_fashion_mnist,
+    run_dirs,
+)
 
 #: 1000 examples, batch 128: 7 steps per epoch; 20 steps end in epoch 3 (evaluations 7, 14, 20).
 SMALL = ["model=lenet5", "data.subset=1000", "trainer.max_steps=20", "trainer.device=cpu",
@@ -136,17 +141,6 @@ def test_instruments_do_not_change_training(tmp_path: Path, capsys: pytest.Captu
 
 
 # ---------------------------------------------------------------------------- resume
-class InterruptAfter(Callback):
-    """Stops the run after ``step`` steps as SIGTERM does (checkpoint, then interrupted)."""
-
-    def __init__(self, step: int) -> None:
-        self.at = step
-
-    def after_optimizer_step(self, trainer: Any) -> None:
-        if trainer.step + 1 == self.at:
-            trainer.stop_signal = signal.SIGTERM
-
-
 @requires_fashion_mnist
 def test_resume_keeps_the_probe_set_and_the_running_averages(tmp_path: Path) -> None:
     from ngexp.train.engine import Engine, RunInterrupted

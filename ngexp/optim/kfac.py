@@ -66,7 +66,8 @@ class KFAC(KroneckerPreconditioner):
                  pi_correction: bool = True, **options: Any) -> None:
         self.damping_mode, self.pi_correction = damping_mode, pi_correction
         super().__init__(model, **options)
-        #: Whether a layer's factored preconditioning pays off at the batch last seen.
+        #: Whether a layer's factored preconditioning pays off at the batch last seen (saved in
+        #: the state dict: it decides whether the next steps capture, see ``_arm``).
         self._cheaper: dict[str, bool] = {}
         #: Fixed random probes ``(d_in, 2)`` per layer for the factored path's check.
         self._probes: dict[str, Tensor] = {}
@@ -75,6 +76,16 @@ class KFAC(KroneckerPreconditioner):
     def _captures_every_step(self) -> bool:
         return (self.damping_mode == "factored" and self._damping.device.type == "cpu"
                 and any(self._cheaper.values()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "cheaper": dict(self._cheaper)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # before the base arms the capture for the next step: recomputed instead (first seen at
+        # the next statistics step), the steps up to it would take the direct path and round
+        # differently from the uninterrupted run
+        self._cheaper = dict(state.get("cheaper", {}))
+        super().load_state_dict(state)
 
     def _refreshed(self, state: dict[str, Tensor]) -> bool:
         return ("A_inv" if self.damping_mode == "factored" else "U_A") in state
@@ -152,8 +163,8 @@ class KFAC(KroneckerPreconditioner):
             return None
         inputs, output_grads = layer.inputs[0].float(), layer.grads[passes[0]][0].float()
         probes = self._probes.get(layer.name)
-        if probes is None:
-            generator = torch.Generator().manual_seed(len(self._probes))
+        if probes is None:  # seeded by the layer's place: the same whenever first needed
+            generator = torch.Generator().manual_seed(self.layers.index(layer))
             probes = self._probes[layer.name] = torch.randn(size, 2, generator=generator)
         fan_in = layer.fan_in
         expected = grad.weight[0] @ probes[:fan_in]
