@@ -151,9 +151,32 @@ def test_step_is_dense_damped_natural_gradient(kind: str, curvature: str,
     before = flatten(params_of(model).values()).clone()
     pair = exact_optimizer(model, task, lr=0.5, curvature=curvature, fisher_type=fisher_type)
     ng_step(pair, model, task, inputs, targets)
-    direction = (before - flatten(params_of(model).values())) / 0.5
-    assert relative_error(direction, expected) < 1e-4
+    direction = flatten([p.grad for p in model.parameters()])  # .grad: the direction
+    assert direction.dtype == torch.float64  # a float64 model is solved in float64
+    assert relative_error(direction, expected) < 1e-12
+    stepped = (before - flatten(params_of(model).values())) / 0.5
+    assert relative_error(stepped, expected) < 1e-10
     assert torch.dot(direction, grad) > 0  # a descent direction
+
+
+def test_empirical_fisher_under_bf16_autocast_solves_in_float32() -> None:
+    """A float32 model whose forward runs under bf16 autocast: the bf16 output gradients are
+    upcast, the direction is float32 and the dense float32 solve up to bf16's rounding of them."""
+    model, task, inputs, targets = problem("classification")
+    model, inputs = model.float(), inputs.float()
+    matrix = dense_empirical_fisher(model, task, inputs, targets)
+    grad = batch_gradient(model, task, inputs, targets)
+    expected = torch.linalg.solve(matrix + DAMPING * torch.eye(len(grad)), grad)
+    pre, opt = exact_optimizer(model, task, curvature="fisher", fisher_type="empirical")
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(inputs)
+    assert outputs.dtype == torch.bfloat16
+    task.loss(outputs, targets).backward()
+    pre.step()
+    direction = flatten([p.grad for p in model.parameters()])
+    assert direction.dtype == torch.float32
+    assert relative_error(direction, expected) < 5e-2
 
 
 def test_restricted_step_solves_on_the_free_coordinates_only() -> None:

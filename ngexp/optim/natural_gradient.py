@@ -55,6 +55,7 @@ from ngexp.curvature.products import (
     flatten,
     ggn_output_product,
 )
+from ngexp.curvature.tasks import at_least_float32
 from ngexp.distributed import comm
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
 from ngexp.optim.preconditioner import KLBlock, Preconditioner
@@ -133,9 +134,10 @@ class NaturalGradient(Preconditioner):
             if not all(f.passes(TRAINING) for f in forwards):
                 raise RuntimeError("NaturalGradient(fisher_type='empirical').step() needs the "
                                    "backward pass of the training loss first")
-            # dL/dz of the accumulated loss (a mean over all N terms): per-term gradients N dL/dz
+            # dL/dz of the accumulated loss (a mean over all N terms): per-term gradients N dL/dz;
+            # bf16/fp16 gradients upcast to float32, float32 and float64 models keep theirs
             output_grads = torch.cat([f.output_grads[f.passes(TRAINING)[-1]] for f in forwards])
-            example_grads = output_grads.float() * output_grads.shape[0]
+            example_grads = at_least_float32(output_grads) * output_grads.shape[0]
         params = list(self.params.values())
         grad = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         self._cg = self._solve(params, grad, accumulated_batch(forwards), example_grads)
