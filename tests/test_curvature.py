@@ -13,6 +13,7 @@ from ngexp.curvature.capture import SAMPLED, TRAINING, Capture, LayerIO, backwar
 from ngexp.curvature.kronecker import (
     PassGroup,
     eigenbasis_moments,
+    input_moment,
     kronecker_diagonal,
     kronecker_factors,
 )
@@ -67,6 +68,25 @@ def test_conv_patches_reproduce_the_convolution(options: dict) -> None:
     matrix = layer.matrix(conv.weight, conv.bias)
     ours = torch.einsum("bpgi,goi->bpgo", rows, matrix)
     torch.testing.assert_close(ours, layer.grad_rows(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [(3, 2), (5, 5), (1, 1), (3, 3)])
+@pytest.mark.parametrize("options", [*CONV_CASES, dict(stride=3), dict(stride=(1, 2))])
+def test_conv_input_moment_equals_the_gram_matrix_of_the_patches(options: dict,
+                                                                 kernel: tuple) -> None:
+    """``input_moment`` of a convolution (from row segments where that is cheaper, else from
+    the patches) is ``sum_rows [f; 1] [f; 1]^T`` of the unfolded patches, whatever the
+    layout of the input (channels-last too)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, kernel_size=kernel, **options)
+    layer = LayerIO("conv", conv)
+    x = torch.randn(3, 4, 11, 10, dtype=torch.float64)
+    rows = layer.input_rows(x).double()
+    expected = torch.einsum("bpgi,bpgj->gij", rows, rows)
+    for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+        moment, count = input_moment(layer, layout, reduce=False)
+        assert count == rows.shape[0] * rows.shape[1] and moment.dtype == torch.float32
+        torch.testing.assert_close(moment.double(), expected, rtol=1e-6, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- curvlinops

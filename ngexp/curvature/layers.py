@@ -184,6 +184,15 @@ class LayerIO:
             return grad.reshape(batch, self.groups, self.out_dim, -1).permute(0, 3, 1, 2).float()
         return grad.reshape(batch, -1, 1, grad.shape[-1]).float()
 
+    def padded(self, x: Tensor) -> Tensor:
+        """A convolution's input ``(B, C, *spatial)`` with the convolution's padding applied."""
+        conv = self.module
+        assert isinstance(conv, CONVOLUTIONS)
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or any(conv.padding):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        return x
+
     def _patches(self, x: Tensor) -> Tensor:
         """Conv input patches ``(B, L, groups, fan_in)``, channel-major like the weight: strided
         views of the (padded) input, then one copy into that layout (cheaper than ``unfold``
@@ -191,9 +200,7 @@ class LayerIO:
         Conv2d, ``L_out`` for Conv1d)."""
         conv = self.module
         assert isinstance(conv, CONVOLUTIONS)
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or any(conv.padding):
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        x = self.padded(x)
         if isinstance(conv, nn.Conv1d):
             (k,), (stride,), (dilation,) = conv.kernel_size, conv.stride, conv.dilation
             windows = x.unfold(2, dilation * (k - 1) + 1, stride)[..., ::dilation]  # (B,C,L,k)
