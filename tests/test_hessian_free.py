@@ -97,13 +97,24 @@ def test_preconditioned_cg_converges_to_the_same_solution_in_fewer_iterations() 
         torch.testing.assert_close(r, b - matrix @ x, rtol=1e-6, atol=1e-8)
 
 
+class Scale(nn.Module):
+    """A raw ``nn.Parameter`` the capture does not cover."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
 def test_cg_preconditioner_is_the_damped_empirical_fisher_diagonal_to_the_075() -> None:
     """M = ((1/B) sum_n g_n^2 + lambda)^0.75 with per-example gradients g_n from vmap(grad), for
-    Conv2d and Linear weights and biases; lambda^0.75 for a LayerNorm (no per-example
-    gradients in the capture)."""
+    the weights and biases of a Conv2d, a Linear and a LayerNorm; lambda^0.75 for a raw
+    parameter (no per-example gradients in the capture)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(),
-                          nn.Linear(2 * 3 * 3, 4), nn.LayerNorm(4))
+                          nn.Linear(2 * 3 * 3, 4), nn.LayerNorm(4), Scale(4))
     inputs, targets = torch.randn(6, 1, 5, 5), torch.randint(0, 4, (6,))
     task = Classification()
     pre = HessianFree(model, task=task, damping=0.5)
@@ -118,8 +129,7 @@ def test_cg_preconditioner_is_the_damped_empirical_fisher_diagonal_to_the_075() 
 
     grads = vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))(params, inputs, targets)
     squares = {name: g.square().mean(0) for name, g in grads.items()}
-    for name in ("4.weight", "4.bias"):
-        squares[name] = torch.zeros_like(squares[name])
+    squares["5.scale"] = torch.zeros_like(squares["5.scale"])
     expected = (flatten(list(squares.values())) + 0.5) ** 0.75
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
 
@@ -276,6 +286,12 @@ def test_config_builds_and_misuse_is_clear() -> None:
     opt.zero_grad()
     task.loss(model(inputs), targets).backward()  # the next step without its targets
     with pytest.raises(RuntimeError, match=r"pre.backward\(loss, targets=targets\)"):
+        pre.step()
+    opt.zero_grad()
+    for rows in (slice(0, 4), slice(4, 8)):  # gradient accumulation: one batch per step only
+        outputs = model(inputs[rows])
+        pre.backward(task.loss(outputs, targets[rows]) / 2, outputs, targets=targets[rows])
+    with pytest.raises(RuntimeError, match="does not support gradient accumulation"):
         pre.step()
 
 

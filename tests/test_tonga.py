@@ -136,6 +136,24 @@ def test_held_coordinates_stay_zero_and_the_rest_is_the_free_subspace_solve() ->
     assert torch.equal(direction[~keep], torch.zeros(int((~keep).sum()), dtype=torch.float64))
 
 
+def test_accumulated_micro_batches_give_the_direction_of_their_union() -> None:
+    """TONGA reads only .grad: two halves with loss / 2 each step as the whole batch does."""
+    directions = []
+    for micro in (1, 2):
+        model = tiny()
+        pre = TONGA(model, rank=2, refresh_interval=1, damping=DAMPING)
+        opt = sgd(model, lr=0.1)
+        for x, y in batches(4):
+            opt.zero_grad()
+            for part in range(micro):
+                rows = slice(part * 8 // micro, (part + 1) * 8 // micro)
+                (TASK.loss(model(x[rows]), y[rows]) / micro).backward()
+            pre.step()
+            opt.step()
+        directions.append(flatten([p.grad for p in model.parameters()]))
+    torch.testing.assert_close(directions[1], directions[0], rtol=1e-9, atol=1e-12)
+
+
 def training_run(state: dict | None = None) -> tuple[nn.Module, TONGA, torch.optim.Optimizer]:
     model = tiny()
     pre = TONGA(model, rank=2, refresh_interval=2, damping=DAMPING, kl_clip=1e-2)

@@ -43,9 +43,10 @@ of ``q``, Sec. 4.4), and ``g`` is the training batch's gradient (Sec. 4.3: the d
 large part of it; the curvature batch is the first ``curvature_batch_size`` examples of it).
 
 It needs the batch targets (the loss at trial points): ``pre.backward(loss, targets=y)``, as
-``ngexp train`` does, and one batch per step (no gradient accumulation). Each loss evaluation is one forward pass of the curvature batch without
-gradients; backtracking costs one per kept iterate it visits, the line search one per extra
-try. The comparisons read losses on the host (one sync each).
+``ngexp train`` does, and one batch per step (no gradient accumulation). Each loss evaluation
+is one forward pass of the curvature batch without gradients; backtracking costs one per kept
+iterate it visits, the line search one per extra try. The comparisons read losses on the host
+(one sync each).
 """
 
 from __future__ import annotations
