@@ -18,6 +18,8 @@ _EXPORTS = {
     "KFAC": "ngexp.optim.kfac",
     "EKFAC": "ngexp.optim.ekfac",
     "NaturalGradient": "ngexp.optim.natural_gradient",
+    "HessianFree": "ngexp.optim.hessian_free",
+    "TONGA": "ngexp.optim.tonga",
     "Preconditioner": "ngexp.optim.preconditioner",
     "hyperparams": "ngexp.optim",
 }

@@ -21,8 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 from ngexp.curvature.tasks import Classification
 from ngexp.distributed.world import World, current
 from ngexp.optim.ekfac import EKFAC
+from ngexp.optim.hessian_free import HessianFree
 from ngexp.optim.kfac import KFAC
 from ngexp.optim.natural_gradient import NaturalGradient
+from ngexp.optim.tonga import TONGA
 from ngexp.prune.masks import Masks, prunable_layers
 from ngexp.prune.pruner import Pruner
 
@@ -136,6 +138,9 @@ SCENARIOS: dict[str, Scenario] = {
                               grad_worker_fraction=0.5), resume_at=4),
     "natural_gradient": lambda world: train(
         world, lambda m: NaturalGradient(m, cg_iters=5, damping=0.1), steps=4),
+    "hessian_free": lambda world: train(
+        world, lambda m: HessianFree(m, cg_iters=5, damping=0.1), steps=4),
+    "tonga": lambda world: train(world, lambda m: TONGA(m, rank=2, refresh_interval=2), steps=6),
     "masks_obd": masks("obd", "mc"),
     "masks_kfac_empirical": masks("kfac", "empirical"),
     "masks_kfac_mc": masks("kfac", "mc"),

@@ -100,8 +100,12 @@ def test_resumed_distributed_kfac_continues_the_same_run(results: dict) -> None:
         assert_close(ours, theirs, "weight.")
 
 
-def test_natural_gradient_all_reduces_its_products(results: dict) -> None:
-    single, *ranks = results["natural_gradient"]
+@pytest.mark.parametrize("scenario", ["natural_gradient", "hessian_free", "tonga"])
+def test_cg_and_tonga_steps_equal_one_process(results: dict, scenario: str) -> None:
+    """Every rank equals one process on the union batch: the natural gradient's and
+    Hessian-free's products, losses and CG preconditioner are all-reduced; TONGA needs nothing
+    (the gradients it keeps are already the ranks' mean)."""
+    single, *ranks = results[scenario]
     for rank in ranks:
         assert_close(rank, single, "weight.")
         assert_close(rank, single, "grad.")

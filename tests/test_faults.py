@@ -96,6 +96,25 @@ def test_corrupted_last_checkpoint_resumes_from_the_previous_one(
     assert checkpoint.verify(run / "checkpoints" / "last.pt") is None
 
 
+@pytest.mark.parametrize("optimizer", [["optimizer=tonga"],
+                                       ["optimizer=hessian_free", "optimizer.cg_iters=5"]])
+def test_second_order_state_resumes_from_the_previous_checkpoint_bit_identically(
+        optimizer: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """TONGA's low-rank covariance and Hessian-free's damping and CG warm start travel in the
+    checkpoint: resumed at step 16 (last.pt lost), the run ends with the weights of the
+    uninterrupted one."""
+    assert train(tmp_path / "reference", capsys, *optimizer)[0] == 0
+    [reference_run] = run_dirs(tmp_path / "reference")
+    assert train(tmp_path / "run", capsys, *optimizer)[0] == 0
+    [run] = run_dirs(tmp_path / "run")
+    mark_interrupted(run)
+    corrupt(run / "checkpoints" / "last.pt", "empty")
+    rc, out, _ = train(tmp_path / "run", capsys, *optimizer)
+    assert rc == 0 and "resuming from step 16 (previous.pt)" in out
+    final, expected = weights(run), weights(reference_run)
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
+
+
 def test_both_checkpoints_corrupted_start_over(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                reference: dict[str, torch.Tensor]) -> None:
     assert train(tmp_path, capsys)[0] == 0
@@ -298,6 +317,9 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path: Path,
     (["data.val_size=70000"], "data.val_size=70000 is invalid: expected fewer than the 60000"),
     (["optimizer.lr=inf"], "optimizer.lr=inf is invalid: expected a finite number > 0"),
     (["optimizer=kfac", "optimizer.damping=nan"], "optimizer.damping=nan is invalid"),
+    (["optimizer=tonga", "optimizer.rank=0"], "optimizer.rank=0 is invalid"),
+    (["optimizer=hessian_free", "optimizer.damping_max=0.5"],
+     "optimizer.damping_max=0.5 is invalid: expected a finite number >= damping=1.0"),
     (["+trainer.epoch=3"], "trainer.epoch: 'epoch' is not a key of trainer; valid keys: epochs"),
     (["+foo=1"], "foo: 'foo' is not a key of the run config"),
     (["init_from=README.md"], "README.md is not a PyTorch checkpoint"),

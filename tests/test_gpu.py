@@ -39,7 +39,9 @@ SCHEDULE = ["optimizer.cov_update_freq=2", "optimizer.inv_update_freq=3"]
     ["optimizer=kfac", "optimizer.damping_schedule=adaptive", "optimizer.adapt_interval=2",
      *SCHEDULE],
     ["optimizer=ekfac", *SCHEDULE], ["optimizer=natural_gradient", "optimizer.cg_iters=3"],
-], ids=["sgd", "adam", "kfac", "kfac-adaptive", "ekfac", "natural_gradient"])
+    # rank 1 + 3 columns: the low-rank truncation (an eigh) on steps 3 and 6
+    ["optimizer=tonga", "optimizer.rank=1", "optimizer.refresh_interval=3"],
+], ids=["sgd", "adam", "kfac", "kfac-adaptive", "ekfac", "natural_gradient", "tonga"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_training_step_never_waits_for_the_device(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: list[str],
@@ -50,7 +52,7 @@ def test_the_training_step_never_waits_for_the_device(
                         "trainer.channels_last=true", "trainer.log_every=1000")
     counter = SyncCounter(monkeypatch)
     batches = training_batches(engine)
-    preconditioned = "optimizer=kfac" in optimizer or "optimizer=ekfac" in optimizer
+    preconditioned = any(f"optimizer={name}" in optimizer for name in ("kfac", "ekfac", "tonga"))
     engine.train_step(*next(batches))  # first step: lazy CUDA initialization, first refresh
     for step in range(1, 8):
         refresh = preconditioned and step % 3 == 0

@@ -53,8 +53,9 @@ HOST_SIDE = {
     ["optimizer=kfac", "optimizer.damping_mode=eigen", *SCHEDULE],
     ["optimizer=ekfac", *SCHEDULE],
     ["optimizer=natural_gradient", "optimizer.cg_iters=3"],
+    ["optimizer=tonga", "optimizer.refresh_interval=2"],
 ], ids=["sgd-clip-augment", "adam", "kfac", "kfac-empirical", "kfac-adaptive", "kfac-eigen",
-        "ekfac", "natural_gradient"])
+        "ekfac", "natural_gradient", "tonga"])
 def test_the_training_step_never_waits_for_the_device(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: list[str]) -> None:
     """Outside logging, evaluation and checkpoint steps (none here: they run between steps),

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ngexp.curvature.tasks import Classification
 from ngexp.data.images import image_data
 from ngexp.models.mlp import MLP
-from ngexp.optim import EKFAC, KFAC, NaturalGradient
+from ngexp.optim import EKFAC, KFAC, TONGA, HessianFree, NaturalGradient
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.hyperparams import Exponential
 from tests.conftest import REPO, compose, ngexp, requires_fashion_mnist, run_dirs
@@ -69,6 +69,34 @@ def test_library_loops_give_the_weights_of_ngexp_train(name: str, fisher_type: s
             documented_step(model, pre, opt, TASK, x, y)
         else:
             plain_step(model, pre, opt, TASK, x, y)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=1e-6)
+
+
+@requires_fashion_mnist
+@pytest.mark.parametrize("name", ["tonga", "hessian_free"])
+def test_tonga_and_hessian_free_loops_give_the_weights_of_ngexp_train(name: str,
+                                                                       tmp_path: Path) -> None:
+    """4 steps of the documented loop with TONGA / Hessian-free and their presets' SGD (lr 1, no
+    momentum) equal ``ngexp train``."""
+    options = ["optimizer.cg_iters=5"] if name == "hessian_free" else []
+    ngexp("train", f"optimizer={name}", *options, "lr_schedule=constant", "data.subset=1000",
+          "trainer.max_steps=4", "trainer.log_every=2", "trainer.device=cpu",
+          "trainer.progress=none", f"output_root={tmp_path}")
+    [run] = run_dirs(tmp_path)
+    trained = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+    torch.manual_seed(0)
+    data = image_data("fashion_mnist", subset=1000)
+    generator = torch.Generator().manual_seed(0)
+    model = MLP(data.spec)
+    pre = TONGA(model) if name == "tonga" else HessianFree(model, cg_iters=5)
+    opt = sgd(model, lr=1.0)
+    order = torch.randperm(1000, generator=generator)
+    for step in range(4):
+        index = order[step * 128:(step + 1) * 128]
+        documented_step(model, pre, opt, TASK, data.train.inputs[index],
+                        data.train.targets[index])
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, trained[key], rtol=0, atol=1e-6)
 

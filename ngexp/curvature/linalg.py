@@ -17,7 +17,7 @@ raises; ``cholesky_ex``'s status is read once per refresh).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import NamedTuple
 
 import torch
@@ -149,23 +149,32 @@ def _retry_in_float64(stack: Tensor, inverse: Tensor, failed: Tensor, names: lis
 
 
 class CGResult(NamedTuple):
-    """Solution ``x`` (P,), iterations that changed it and final ``|r| / |b|`` (0-dim tensors)."""
+    """Solution ``x`` (P,), iterations that changed it and final ``|r| / |b|`` (0-dim tensors);
+    ``iterates``: ``(i, x_i, r_i)`` after the ``i``-th iteration for each ``i`` of ``keep_at``
+    that the loop reached, then the last iterate (``r_i = b - A x_i``, the recurrence's
+    residual); empty without ``keep_at``."""
 
     x: Tensor
     iterations: Tensor
     residual: Tensor
+    iterates: tuple[tuple[int, Tensor, Tensor], ...] = ()
 
 
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None,
-                       iters: int, tol: float, early_exit: bool | None = None) -> CGResult:
+                       iters: int, tol: float, early_exit: bool | None = None,
+                       preconditioner: Tensor | None = None,
+                       keep_at: Collection[int] = ()) -> CGResult:
     """Solve ``A x = b`` for symmetric positive definite ``A`` by conjugate gradient (Hestenes &
-    Stiefel 1952; Nocedal & Wright 2006, Alg. 5.2) from ``x0`` (``None``: zero, saving a product).
+    Stiefel 1952; Nocedal & Wright 2006, Alg. 5.2, or with ``preconditioner`` the diagonal ``M``
+    (P,) > 0, preconditioned CG, Alg. 5.3: ``z = M^-1 r``) from ``x0`` (``None``: zero, saving a
+    product).
 
     Stops when ``|b - A x| <= tol |b|`` (or at a direction of non-positive curvature, which only
     rounding produces for a damped Fisher) without host/device syncs: the stop is a tensor mask
     that freezes ``x`` for the rest of the ``iters`` iterations. With ``early_exit`` (default: on
     the CPU, where reading the mask costs nothing) the loop also ends there; the result is the
-    same either way.
+    same either way. ``keep_at``: iterations whose iterate is returned too (Martens 2010, Sec.
+    4.6: CG iterate backtracking).
     """
     if early_exit is None:
         early_exit = b.device.type == "cpu"
@@ -173,25 +182,35 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor
         x, r = torch.zeros_like(b), b.clone()
     else:
         x, r = x0.clone(), b - matvec(x0)
-    p = r.clone()
-    rr = torch.dot(r, r)
+    z = r if preconditioner is None else r / preconditioner
+    p = z.clone()
+    rz = torch.dot(r, z)
     norm_b = torch.linalg.vector_norm(b)
     threshold = (tol * norm_b).square().clamp_min(torch.finfo(b.dtype).tiny)
+    rr = rz if preconditioner is None else torch.dot(r, r)
     active = rr > threshold
     iterations = torch.zeros((), dtype=torch.long, device=b.device)
-    for _ in range(iters):
+    iterates, done = [], 0
+    for step in range(1, iters + 1):
         if early_exit and not active:
             break
+        done = step
         ap = matvec(p)
         curvature = torch.dot(p, ap)
         active = active & (curvature > 0)
-        alpha = torch.where(active, rr / curvature, 0.0)
+        alpha = torch.where(active, rz / curvature, 0.0)
         x.add_(alpha * p)
         r.sub_(alpha * ap)
-        rr_next = torch.dot(r, r)
-        p = r + torch.where(active, rr_next / rr, 0.0) * p
+        z = r if preconditioner is None else r / preconditioner
+        rz_next = torch.dot(r, z)
+        p = z + torch.where(active, rz_next / rz, 0.0) * p
         iterations += active
-        rr = rr_next
+        rz = rz_next
+        rr = rz if preconditioner is None else torch.dot(r, r)
         active = active & (rr > threshold)
+        if step in keep_at:
+            iterates.append((step, x.clone(), r.clone()))
+    if keep_at and (not iterates or iterates[-1][0] != done):
+        iterates.append((done, x.clone(), r.clone()))
     residual = rr.sqrt() / norm_b.clamp_min(torch.finfo(b.dtype).tiny)
-    return CGResult(x, iterations, residual)
+    return CGResult(x, iterations, residual, tuple(iterates))

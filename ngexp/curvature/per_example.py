@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ngexp.curvature.capture import TRAINING, Capture, LayerIO
 from ngexp.curvature.coverage import Coverage
+from ngexp.curvature.diagonal import squared_example_gradients
 from ngexp.curvature.kronecker import CHUNK_ELEMENTS
 
 
@@ -163,3 +164,32 @@ def noise_scale_terms(sq_norms: Tensor, mean_sq_norm: Tensor) -> tuple[Tensor, T
         raise ValueError(f"the gradient noise scale needs a batch of at least 2, got {batch}")
     trace = (sq_norms.sum(-1) - batch * mean_sq_norm) / (batch - 1)
     return trace, mean_sq_norm - trace / batch
+
+
+def example_gradient_squares(capture: Capture, pass_index: int | None = None,
+                             scale: float | None = None) -> dict[Tensor, Tensor]:
+    """``sum_n G_n * G_n`` (elementwise) for the weight and bias of every layer of ``capture``
+    with a gradient in one recorded pass of its latest forward (default: the last ``training``
+    pass), keyed by the parameter, shaped like it, float32; ``G_n = scale * u_n`` as in
+    :func:`example_gradients` (default ``scale = B``). The diagonal of the empirical Fisher is
+    this over ``B``."""
+    if pass_index is None:
+        training = capture.passes(TRAINING)
+        if not training or not capture.captured_inputs:
+            raise ValueError("example_gradient_squares needs a capturing forward and a recorded "
+                             "training backward pass")
+        pass_index = training[-1]
+    squares: dict[Tensor, Tensor] = {}
+    for layer in capture.layers:
+        calls = sorted(layer.grads[pass_index])
+        if not calls:
+            continue
+        features = torch.cat([layer.features(layer.inputs[c]) for c in calls], 1)
+        grads = torch.cat([layer.grad_rows(layer.grads[pass_index][c]) for c in calls], 1)
+        factor = float(grads.shape[0]) if scale is None else scale
+        weight = squared_example_gradients(layer, features, grads[None])
+        squares[layer.weight] = weight * factor**2
+        if layer.bias is not None:
+            bias = grads.sum(1).square().sum(0)  # (groups, out_dim)
+            squares[layer.bias] = bias.reshape(layer.bias.shape) * factor**2
+    return squares

@@ -94,6 +94,14 @@ class CurvatureProduct:
         self._output_product = output_product
         self.outputs, self._vjp = torch.func.vjp(self._forward, self.params)
 
+    def outputs_at(self, delta: Tensor) -> Tensor:
+        """The model's outputs on the batch at ``params + delta`` (``delta`` (P,)), with the same
+        random draws as the products; no graph is kept."""
+        shifted = {name: p + d for (name, p), d in
+                   zip(self.params.items(), unflatten(delta, self.params).values(), strict=True)}
+        with torch.no_grad():
+            return self._forward(shifted)
+
     def __call__(self, vector: Tensor) -> Tensor:
         tangents = unflatten(vector, self.params)
         _, jv = torch.func.jvp(self._forward, (self.params,), (tangents,))

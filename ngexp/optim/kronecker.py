@@ -54,6 +54,7 @@ from ngexp.curvature.capture import SAMPLED, TRAINING, LayerIO, autocast_like, b
 from ngexp.curvature.kronecker import PASS_KIND, kronecker_factors, pass_groups
 from ngexp.curvature.linalg import neutral_eigen, robust_eigh
 from ngexp.distributed.world import current
+from ngexp.optim.damping import levenberg_marquardt
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
 from ngexp.optim.kaisa import GlobalSamples, Kaisa, reduced_kept
 from ngexp.optim.preconditioner import KLBlock, Preconditioner
@@ -582,10 +583,7 @@ class KroneckerPreconditioner(Preconditioner):
             if self._kaisa.distributed:  # the global batch's losses
                 loss_after, loss_before = self._kaisa.mean([loss_after, loss_before])
             self._rho = (loss_after - loss_before) / predicted
-            omega = (19 / 20) ** self.adapt_interval
-            factor = torch.where(self._rho > 0.75, omega,
-                                 torch.where(self._rho < 0.25, 1 / omega, 1.0))
-            factor = torch.where(predicted < 0, factor, 1 / omega)  # no predicted decrease
-            self._damping.copy_((self._damping * factor).clamp(self.damping_min,
-                                                               self.damping_max))
+            damping = levenberg_marquardt(self._damping, self._rho, predicted,
+                                          (19 / 20) ** self.adapt_interval)
+            self._damping.copy_(damping.clamp(self.damping_min, self.damping_max))
         self._damping_changed = True

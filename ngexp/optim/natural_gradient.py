@@ -41,6 +41,7 @@ floats per iteration; ``curvature_batch_size`` counts examples per rank).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -140,20 +141,22 @@ class NaturalGradient(Preconditioner):
             example_grads = at_least_float32(output_grads) * output_grads.shape[0]
         params = list(self.params.values())
         grad = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-        self._cg = self._solve(params, grad, accumulated_batch(forwards), example_grads)
+        self._cg, direction = self._solve(params, grad, accumulated_batch(forwards), example_grads)
         capture.clear()
         stepped = []
-        for (name, p), d in zip(self.params.items(), self._cg.x.split([p.numel() for p in params]),
-                                strict=True):
-            self.solutions[name] = d.view_as(p).clone()
+        sizes = [p.numel() for p in params]
+        for (name, p), x, d in zip(self.params.items(), self._cg.x.split(sizes),
+                                   direction.split(sizes), strict=True):
+            self.solutions[name] = x.view_as(p).clone()
             if p.grad is not None:
-                p.grad.copy_(self.solutions[name])
+                p.grad.copy_(d.view_as(p))
                 stepped.append(p)
-        return [(stepped, torch.dot(self._cg.x, grad))] if stepped else []
+        return [(stepped, torch.dot(direction, grad))] if stepped else []
 
     def _solve(self, params: list[Tensor], grad: Tensor, args: tuple[Any, ...],
-               example_grads: Tensor | None) -> CGResult:
-        """CG solution (P,) of (C + damping I) d = grad (P,) on the batch ``args``."""
+               example_grads: Tensor | None) -> tuple[CGResult, Tensor]:
+        """CG solution (P,) of (C + damping I) d = grad (P,) on the batch ``args``, and the
+        direction handed to the optimizer (:meth:`_minimize`)."""
         count = self.curvature_batch_size or len(args[0])
         if example_grads is not None:
             output_product = empirical_output_product(example_grads[:count])
@@ -163,7 +166,7 @@ class NaturalGradient(Preconditioner):
         if self.warm_start_decay > 0 and len(self.solutions) == len(self.params):
             x0 = self.warm_start_decay * flatten(list(self.solutions.values()))
             x0 = torch.where(torch.isfinite(x0).all(), x0, 0.0)  # a bad step does not persist
-        damping = value_at(self.damping, self.steps)
+        damping = self._current_damping()
         batch = (args[0][:count], *args[1:])
         with curvature_mode(self.model), torch.enable_grad():
             product = CurvatureProduct(self.model, self.params, batch, output_product)
@@ -180,7 +183,19 @@ class NaturalGradient(Preconditioner):
                 curvature = local if keep is None else keep * local
                 return curvature + damping * v
 
-            return conjugate_gradient(operator, grad, x0, self.cg_iters, self.cg_tol)
+            return self._minimize(operator, grad, x0, product, count)
+
+    def _current_damping(self) -> float | Tensor:
+        """The damping of this step's solve."""
+        return value_at(self.damping, self.steps)
+
+    def _minimize(self, operator: Callable[[Tensor], Tensor], grad: Tensor, x0: Tensor | None,
+                  product: CurvatureProduct, count: int) -> tuple[CGResult, Tensor]:
+        """CG on ``operator`` (the damped curvature, free coordinates) from ``x0``; the
+        direction is its solution. Subclasses may choose another point of the CG run using
+        ``product`` (its batch: the first ``count`` examples)."""
+        result = conjugate_gradient(operator, grad, x0, self.cg_iters, self.cg_tol)
+        return result, result.x
 
     def reset(self) -> None:
         self.solutions.clear()

@@ -7,7 +7,8 @@ One training step is the same whichever optimizer was chosen::
     ... gradient masks, clipping ...
     optimizer.step()                             # pre.step(), then the torch optimizer's step
 
-A preconditioned optimizer from the command line (``optimizer=kfac|ekfac|natural_gradient``)
+A preconditioned optimizer from the command line
+(``optimizer=kfac|ekfac|natural_gradient|hessian_free|tonga``)
 gets its torch optimizer from :func:`base_optimizer` (``optimizer.base=sgd|adam|rmsprop`` with
 ``lr``, ``momentum``, ``nesterov``, ``weight_decay``).
 """
