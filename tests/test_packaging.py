@@ -89,7 +89,8 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path: Path) -> None
     sources = {p.relative_to(REPO).as_posix() for p in (REPO / "ngexp").rglob("*.py")}
     configs = {"ngexp/conf/" + p.relative_to(REPO / "conf").as_posix()
                for p in (REPO / "conf").rglob("*.yaml")}
-    assert sources | configs <= shipped, f"missing from the wheel: {sorted((sources | configs) - shipped)}"
+    missing = sorted((sources | configs) - shipped)
+    assert not missing, f"missing from the wheel: {missing}"
 
     # A fresh virtual environment with only the wheel installed; the third-party packages come
     # from this interpreter's site-packages through a .pth path line (which, unlike the
