@@ -86,7 +86,8 @@ def build_wheel(tmp_path: Path) -> Path:
 def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path: Path) -> None:
     wheel = build_wheel(tmp_path)
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "ngexp").rglob("*.py")}
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "ngexp").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
     configs = {"ngexp/conf/" + p.relative_to(REPO / "conf").as_posix()
                for p in (REPO / "conf").rglob("*.yaml")}
     missing = sorted((sources | configs) - shipped)

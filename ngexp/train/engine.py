@@ -735,7 +735,11 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
     world = join(cfg.trainer.device)
     if not world.is_main:
         console = Console(quiet=True)
-    run_dir = run_dir or rundir.run_directory(cfg, choices, world.size)
+    if run_dir is None:
+        run_dir = rundir.run_directory(cfg, choices, world.size)
+        if run_dir.parent.name != rundir.config_hash(cfg, world.size):
+            console.print(f"using {run_dir}: the run of this config written by an earlier "
+                          f"ngexp version (its directory hash was computed another way)")
     if not cfg.force and on_main(world, lambda: skip_finished(run_dir, console)):
         return None
     engine = Engine(cfg, choices, run_dir, console)
