@@ -121,6 +121,10 @@ class TrainConfig:
               "train/loss")
         check_choice("objective_at", self.objective_at, ("final", "best"))
         check_choice("objective_mode", self.objective_mode, ("auto", "min", "max"))
+        if self.name is not None:  # one folder inside output_root
+            check(bool(self.name) and "/" not in self.name and "\\" not in self.name
+                  and self.name not in (".", ".."), "name", self.name,
+                  "a folder name inside output_root, without '/', '\\' or '..'")
 
 
 def config_type(annotation: Any) -> Any:

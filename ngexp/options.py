@@ -210,7 +210,9 @@ def dataclass_options(cls: type) -> list[Option]:
     for item in dataclasses.fields(cls):
         if item.name.startswith("_"):
             continue
-        option = Option.of(item.name, hints.get(item.name, Any), item.default)
+        default = item.default_factory() if item.default_factory is not dataclasses.MISSING \
+            else item.default
+        option = Option.of(item.name, hints.get(item.name, Any), default)
         if "choices" in item.metadata:
             option = dataclasses.replace(option, choices=item.metadata["choices"])
         found.append(option)

@@ -610,7 +610,8 @@ class Engine:
         except OSError as error:
             self.say(f"could not write {self.run_dir / 'summary.json'}: "
                      f"{describe_os_error(error)}")
-        self.console.print(summary_table(self._summary_rows(status, reason)))
+        if self.progress.mode != "none":  # progress=none: silence (summary.json has it)
+            self.console.print(summary_table(self._summary_rows(status, reason)))
         self.say(f"run dir: {self.run_dir}")
         if run_log is not None:
             detach_run_log(run_log)
