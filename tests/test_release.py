@@ -1,12 +1,14 @@
 """Small lapses a new user meets: run names that would leave output_root, Adam's betas of the
-wrong length, the generated ``--help``, and ``trainer.progress=none``."""
+wrong length, the generated ``--help``, ``trainer.progress=none``, and a diverged run whose
+metrics must show how it diverged."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
-from conftest import ngexp
+from conftest import ngexp, read_metrics, read_summary, run_dirs
 
 from ngexp.cli import main
 
@@ -45,3 +47,28 @@ def test_progress_none_prints_no_summary_box(tmp_path: Path) -> None:
     plain = ngexp("train", "data=synthetic", "trainer.max_steps=2", "trainer.progress=plain",
                   f"output_root={tmp_path}", "force=true")
     assert "│ status" in plain.stdout
+
+
+def test_a_diverged_run_logs_the_steps_up_to_the_failure(tmp_path: Path) -> None:
+    """lr=1e5 blows the loss up within a few steps, long before the first log_every=50 record:
+    the finite steps before it and the non-finite step reach metrics.jsonl, TensorBoard and
+    the CSV logger."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = ngexp("train", "data=synthetic", "optimizer.lr=1e5", "trainer.max_steps=40",
+                   "trainer.log_every=50", "trainer.progress=plain", "logger=[tensorboard,csv]",
+                   f"output_root={tmp_path}", check=False)
+    assert result.returncode == 1
+    (run_dir,) = run_dirs(tmp_path)
+    bad = int(read_summary(run_dir)["reason"].removeprefix("nan at step "))
+    assert 1 < bad < 40
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [bad - 1, bad]
+    assert math.isfinite(records[0]["train/loss"]) and records[0]["train/loss"] > 10
+    assert not math.isfinite(records[1]["train/loss"])
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [bad - 1, bad]
+    csv_steps = {int(line.split(",")[0]) for line in
+                 (run_dir / "csv" / "metrics.csv").read_text().splitlines()[1:]}
+    assert csv_steps == {bad - 1, bad}
