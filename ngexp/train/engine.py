@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -301,8 +302,10 @@ class Engine:
         metrics = ("train/loss", *(f"{split}/{name}" for split in splits
                                    for name in ("loss", *self.task.metric_names)))
         family, config_hash, seed = self.run_dir.parts[-3:]
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
         return RunInfo(self.run_dir, family, f"{config_hash}/{seed}", f"{family}/{config_hash}",
-                       Path(self.cfg.output_root), hparams, metrics, resumed_step)
+                       Path(self.cfg.output_root), hparams, metrics, resumed_step,
+                       rundir.run_label(overrides))
 
     # ----------------------------------------------------------------- training step
     def _to_memory_format(self, inputs: Tensor) -> Tensor:

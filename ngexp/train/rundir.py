@@ -17,13 +17,14 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ngexp.identity import identity, matches_stored
+from ngexp.config import NON_SEMANTIC_KEYS
+from ngexp.identity import NOT_IDENTITY, identity, matches_stored
 
 GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune")
 
@@ -31,6 +32,19 @@ GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune")
 def config_hash(cfg: DictConfig, world_size: int = 1) -> str:
     text = json.dumps(identity(cfg, world_size), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_label(overrides: Iterable[str]) -> str:
+    """The settings of a run's command line (Hydra's task overrides) that name a configuration
+    for people: ``optimizer=kfac optimizer.lr=0.1`` (the seed, logging, paths and other
+    non-semantic keys left out)."""
+    kept = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key != "seed" and key not in NON_SEMANTIC_KEYS and key.split(".")[0] not in (
+                "hydra", *NOT_IDENTITY):
+            kept.append(override.lstrip("+~"))
+    return " ".join(kept)
 
 
 def run_name(cfg: DictConfig, choices: Mapping[str, str | None]) -> str:
