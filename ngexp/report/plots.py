@@ -4,8 +4,8 @@
   seeds with a ± 1 sample-std band (seeds matched by step, e.g. for wall-clock time, else
   interpolated onto a common grid: :func:`ngexp.report.aggregate.band`); runs in other states
   dashed, one line each; runs with nothing to draw (e.g. failed before their first record) are
-  named in a note under the axes. The y axis is logarithmic when the positive values plotted
-  span more than :data:`LOG_DECADES` decades.
+  legend entries of their own (a cross, no line). The y axis is logarithmic when the positive
+  values plotted span more than :data:`LOG_DECADES` decades.
 - Legends sit outside the axes (right, or below when long) and label the lines by the report
   keys that differ among them; the keys equal for every line go into the title once.
 - ``<metric>_vs_sparsity.png`` (pruning runs only): metric against final sparsity, one line per
@@ -113,9 +113,8 @@ def _curves(plt: Any, rows: Sequence[Row], keys: Sequence[str], metric: str, axi
     plotted: list[np.ndarray] = []
     drawn = [row for row in rows if any(len(series(run, metric, axis)[0]) for run in row.runs)]
     shown, shared = varying_keys(keys, [row.key for row in drawn or rows])
-    missing = [f"{label([keys[i] for i in shown], tuple(row.key[i] for i in shown))}"
-               f"{f', seed {run.seed}' if run.seed is not None else ''}: {run.status}"
-               for row in rows for run in row.runs if not len(series(run, metric, axis)[0])]
+    missing = [(row, run) for row in rows for run in row.runs
+               if not len(series(run, metric, axis)[0])]
     for row in drawn:
         logged = [(run, c) for run in row.runs if len((c := series(run, metric, axis))[0])]
         curves = [curve for _, curve in logged]
@@ -147,9 +146,13 @@ def _curves(plt: Any, rows: Sequence[Row], keys: Sequence[str], metric: str, axi
     ax.set_ylabel(y_label(metric, values))
     ax.set_title(f"{metric} vs {X_LABELS[axis]}: mean ± 1 std over seeds"
                  + (f"\n{shared}" if shared else ""), fontsize="medium")
+    for row, run in missing:  # said in the legend, drawn nowhere
+        name = label([keys[i] for i in shown], tuple(row.key[i] for i in shown)) if keys \
+            else "all runs"
+        seed = f", seed {run.seed}" if run.seed is not None else ""
+        ax.plot([], [], color=colors[row.key], ls="none", marker="x",
+                label=f"{name}{seed}: {run.status}, no {metric} to draw")
     _legend(ax)
-    if missing:
-        _note(fig, f"not drawn (no {metric}): " + "; ".join(missing))
     return _save(fig, out_dir / f"{slug(metric)}_vs_{axis}.png")
 
 
