@@ -108,11 +108,13 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return found
 
 
-def semantic_settings(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat semantic settings of a (semantic) config tree, :data:`NOT_IDENTITY` and
-    ``_target_`` (the schema id stands for it: moving a class moves no run) dropped."""
+def semantic_settings(tree: Mapping[str, Any], targets: bool = False) -> dict[str, Any]:
+    """The flat semantic settings of a (semantic) config tree, :data:`NOT_IDENTITY` dropped,
+    and ``_target_`` unless ``targets`` (in the hash the schema id stands for it: moving a
+    class moves no run)."""
     return {key: value for key, value in flatten(tree).items()
-            if key.split(".")[0] not in NOT_IDENTITY and not key.endswith("_target_")}
+            if key.split(".")[0] not in NOT_IDENTITY
+            and (targets or not key.endswith("_target_"))}
 
 
 def identity(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
@@ -130,14 +132,15 @@ def identity(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
 def matches_stored(cfg: DictConfig, stored: Mapping[str, Any], world_size: int = 1,
                    stored_world_size: int = 1) -> bool:
     """Whether ``stored`` (a run's ``config.yaml``, from any ngexp version) is the run of
-    ``cfg``: equal semantic settings, a setting ``stored`` lacks counting as its reference
-    default; a stored setting that no longer exists makes it another run."""
+    ``cfg``: equal semantic settings and ``_target_`` classes (the stored config has no schema
+    ids), a setting ``stored`` lacks counting as its reference default; a stored setting that
+    no longer exists makes it another run."""
     try:
         theirs = semantic_settings(semantic_config(OmegaConf.create(dict(stored)),
-                                                   stored_world_size))
+                                                   stored_world_size), targets=True)
     except Exception:  # noqa: BLE001  (an unreadable or foreign config is not this run)
         return False
-    ours = semantic_settings(semantic_config(cfg, world_size))
+    ours = semantic_settings(semantic_config(cfg, world_size), targets=True)
     references = reference_defaults(schema_nodes(cfg))
     missing = object()
     for key in ours.keys() | theirs.keys():

@@ -111,6 +111,9 @@ def test_a_stored_config_matches_under_todays_defaults() -> None:
                                        stored)
     stored["optimizer"]["lr"] = 0.5
     assert not identity.matches_stored(cfg, stored)
+    # another lr schedule with the same settings is another run
+    assert not identity.matches_stored(compose("trainer.max_steps=2", "lr_schedule=constant"),
+                                       OmegaConf.to_container(cfg, resolve=True))
     stored["optimizer"]["lr"] = cfg.optimizer.lr
     stored["optimizer"]["gone"] = 1  # an option this version does not have: another run
     assert not identity.matches_stored(cfg, stored)
