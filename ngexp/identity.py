@@ -32,6 +32,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ngexp.config import TrainConfig, TrainerConfig, semantic_config
+from ngexp.options import is_missing
 
 RECORDED = Path(__file__).with_name("identity_defaults.json")
 #: Schema id of the two top-level schemas (group schemas carry ``__schema_id__``).
@@ -54,9 +55,9 @@ def schema_id(schema: type | None) -> str | None:
 
 def field_default(item: dataclasses.Field[Any]) -> Any:
     """A field's default (``dataclasses.MISSING`` when required)."""
-    if item.default_factory is not dataclasses.MISSING:
+    if not is_missing(item.default_factory):
         return plain(item.default_factory())
-    if item.default is dataclasses.MISSING or item.default == "???":
+    if is_missing(item.default) or item.default == "???":
         return dataclasses.MISSING
     return plain(item.default)
 

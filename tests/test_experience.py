@@ -226,7 +226,7 @@ def test_missing_optional_logger_gives_the_install_line(monkeypatch: pytest.Monk
 @requires_fashion_mnist
 def test_early_stopping_ends_the_run_when_the_metric_stalls(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    rc, out, _ = train(tmp_path, capsys, "trainer.epochs=5", "trainer.progress=none",
+    rc, out, _ = train(tmp_path, capsys, "trainer.epochs=5", "trainer.progress=plain",
                        "callbacks=[early_stopping]", "callbacks.early_stopping.patience=2",
                        "callbacks.early_stopping.min_delta=1.0")  # nothing improves by 1.0
     assert rc == 0
