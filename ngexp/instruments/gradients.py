@@ -3,8 +3,9 @@
 The numbers come from :mod:`ngexp.curvature.per_example` on the one layer-I/O capture of the
 curvature core, so they cover its layer kinds (Linear, Conv, Embedding, attention projections,
 norm scale and shift; Linear/Conv2d only before the capture covered the others, e.g. in
-``results/dynamics_gradient_noise.md``); any other parameter is excluded and counted. :class:`GradientProbe` piggybacks on a training step: arm it
-before the step's forward, read it after the backward; the step itself is unchanged.
+``results/dynamics_gradient_noise.md``); any other parameter is excluded and counted.
+:class:`GradientProbe` piggybacks on a training step: arm it before the step's forward, read it
+after the backward; the step itself is unchanged.
 
 Cost: about one SGD step per measurement on the CPU for the MLP and LeNet-5 (numbers in
 :mod:`ngexp.curvature.per_example`).
