@@ -33,6 +33,7 @@ train: data
 	$(VENV)/bin/ngexp train
 
 test: data
+	$(PY) -m ruff check ngexp tests scripts setup.py
 	$(PY) -m pytest -q -n 2
 
 test-slow: data
@@ -42,7 +43,7 @@ test-gpu: setup
 	$(PY) -m pytest -q -m gpu
 
 lint: setup
-	$(PY) -m ruff check ngexp tests scripts
+	$(PY) -m ruff check ngexp tests scripts setup.py
 
 bench: data
 	$(PY) scripts/bench_engine.py

@@ -121,6 +121,10 @@ class TrainConfig:
               "train/loss")
         check_choice("objective_at", self.objective_at, ("final", "best"))
         check_choice("objective_mode", self.objective_mode, ("auto", "min", "max"))
+        if self.name is not None:  # one folder inside output_root
+            check(bool(self.name) and "/" not in self.name and "\\" not in self.name
+                  and self.name not in (".", ".."), "name", self.name,
+                  "a folder name inside output_root, without '/', '\\' or '..'")
 
 
 def config_type(annotation: Any) -> Any:
@@ -153,6 +157,7 @@ def qualified_name(target: Any) -> str:
 def schema_class(group: str, name: str, spec: Spec) -> type:
     """The dataclass schema of ``spec`` (see the module docstring)."""
     if spec.dataclass_schema is not None:
+        spec.dataclass_schema.__schema_id__ = f"{group}/{name}"  # type: ignore[attr-defined]
         return spec.dataclass_schema
     fields: list[tuple[str, Any, Any]] = [("_target_", str,
                                            field(default=qualified_name(spec.target)))]
@@ -175,7 +180,8 @@ def schema_class(group: str, name: str, spec: Spec) -> type:
                 raise OptionError(f"{group}.{error}") from None
 
     return dataclasses.make_dataclass(f"{group}_{name}_schema", fields,
-                                      namespace={"__post_init__": __post_init__})
+                                      namespace={"__post_init__": __post_init__,
+                                                 "__schema_id__": f"{group}/{name}"})
 
 
 def register_all() -> None:
@@ -208,9 +214,6 @@ NON_SEMANTIC_KEYS = (
     "trainer.devices",  # the world size enters through the global batch (semantic_config)
     "optimizer.grad_worker_fraction",  # where K-FAC's work runs, not what it computes
 )
-#: Keys added after runs existed, left out of the hash at these values so that the runs of
-#: earlier versions keep their directories.
-OMITTED_AT_DEFAULT = {"trainer.sync_bn": False}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -239,21 +242,20 @@ def check_keys(node: DictConfig, path: str = "") -> None:
 
 
 def semantic_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
-    """Resolved config as a plain dict without :data:`NON_SEMANTIC_KEYS` (nor
-    :data:`OMITTED_AT_DEFAULT` keys at those values) and ``seed``; for a run of ``world_size``
+    """Resolved config as a plain dict without :data:`NON_SEMANTIC_KEYS` and ``seed``; for a
+    run of ``world_size``
     processes ``trainer.batch_size`` is the global batch, so the world size does not matter
     as long as the global batch is the same."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     container.pop("hydra", None)
     container.pop("seed", None)
-    for dotted in (*NON_SEMANTIC_KEYS, *OMITTED_AT_DEFAULT):
+    for dotted in NON_SEMANTIC_KEYS:
         node: Any = container
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and (
-                dotted not in OMITTED_AT_DEFAULT or node[leaf] == OMITTED_AT_DEFAULT[dotted]):
+        if isinstance(node, dict) and leaf in node:
             node.pop(leaf)
     trainer = container.get("trainer")
     if world_size > 1 and isinstance(trainer, dict) and "batch_size" in trainer:

@@ -202,6 +202,12 @@ class Option:
         return cls(name, annotation, default, choices)
 
 
+def is_missing(value: Any) -> bool:
+    """Whether ``value`` is ``dataclasses.MISSING`` (also a copy: a dataclass made at run time
+    and pickled by value to a worker process carries its own)."""
+    return isinstance(value, type(dataclasses.MISSING))
+
+
 def dataclass_options(cls: type) -> list[Option]:
     """The options of a config dataclass: its fields (``_target_`` left out), with choices from
     :func:`choice_field` metadata or ``Literal``/``bool`` types."""
@@ -210,7 +216,8 @@ def dataclass_options(cls: type) -> list[Option]:
     for item in dataclasses.fields(cls):
         if item.name.startswith("_"):
             continue
-        option = Option.of(item.name, hints.get(item.name, Any), item.default)
+        default = item.default if is_missing(item.default_factory) else item.default_factory()
+        option = Option.of(item.name, hints.get(item.name, Any), default)
         if "choices" in item.metadata:
             option = dataclasses.replace(option, choices=item.metadata["choices"])
         found.append(option)

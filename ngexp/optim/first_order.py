@@ -62,6 +62,7 @@ class AdamConfig:
 
     def __post_init__(self) -> None:
         check_common(self.lr, self.weight_decay)
-        check(all(is_number(beta) and 0 <= beta < 1 for beta in self.betas), "optimizer.betas",
-              self.betas, "two numbers in [0, 1)")
+        check(len(self.betas) == 2 and all(is_number(beta) and 0 <= beta < 1
+                                           for beta in self.betas),
+              "optimizer.betas", list(self.betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
         check_positive("optimizer.eps", self.eps)

@@ -135,7 +135,8 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
         raise UserError(f"cannot write the report to {out}: {error.strerror or error}; "
                         "choose another folder with --out") from None
 
-    console = Console()
+    # on a terminal its width; written to a file or pipe, as wide as the table needs
+    console = Console(width=None if sys.stdout.isatty() else 1000)
     console.print(console_table(rows, keys, metric, args.best, f"{len(runs)} runs: {counts}"))
     if section:
         console.print(section.table)

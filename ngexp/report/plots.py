@@ -3,8 +3,11 @@
 - ``<metric>_vs_{epoch,step,time}.png``: one line per group of completed runs, the mean over its
   seeds with a ± 1 sample-std band (seeds matched by step, e.g. for wall-clock time, else
   interpolated onto a common grid: :func:`ngexp.report.aggregate.band`); runs in other states
-  dashed, one line each. The y axis is logarithmic when the positive values plotted span more
-  than :data:`LOG_DECADES` decades.
+  dashed, one line each; runs with nothing to draw (e.g. failed before their first record) are
+  legend entries of their own (a cross, no line). The y axis is logarithmic when the positive
+  values plotted span more than :data:`LOG_DECADES` decades.
+- Legends sit outside the axes (right, or below when long) and label the lines by the report
+  keys that differ among them; the keys equal for every line go into the title once.
 - ``<metric>_vs_sparsity.png`` (pruning runs only): metric against final sparsity, one line per
   pruning criterion, error bars ± 1 sample std over seeds.
 - ``dynamics/<quantity>_vs_step.png``: each selected ``dynamics/`` quantity of the instrument
@@ -14,13 +17,14 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ngexp.report.aggregate import Row, band, label, pruning_curves, series
+from ngexp.report.aggregate import Row, band, label, pruning_curves, series, show
 from ngexp.report.dynamics import FOLDER
 
 LOG_DECADES = 1.5
@@ -92,18 +96,32 @@ def _time_unit(rows: Sequence[Row]) -> tuple[float, str]:
     return (60.0, "min") if longest <= 3 * 3600 else (3600.0, "h")
 
 
+def varying_keys(keys: Sequence[str], row_keys: Sequence[tuple[Any, ...]]
+                 ) -> tuple[list[int], str]:
+    """Indices of ``keys`` whose values differ among ``row_keys`` (all when none does), and
+    ``k=v, ...`` of the others, shared by every line."""
+    varying = [i for i in range(len(keys)) if len({key[i] for key in row_keys}) > 1]
+    varying = varying or list(range(len(keys)))
+    shared = [i for i in range(len(keys)) if i not in varying]
+    return varying, ", ".join(f"{keys[i]}={show(row_keys[0][i])}" for i in shared)
+
+
 def _curves(plt: Any, rows: Sequence[Row], keys: Sequence[str], metric: str, axis: str,
             colors: dict[tuple[Any, ...], Any], out_dir: Path) -> Path | None:
     scale, unit = _time_unit(rows) if axis == "time" else (1.0, "")
     fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
     plotted: list[np.ndarray] = []
-    for row in rows:
+    drawn = [row for row in rows if any(len(series(run, metric, axis)[0]) for run in row.runs)]
+    shown, shared = varying_keys(keys, [row.key for row in drawn or rows])
+    missing = [(row, run) for row in rows for run in row.runs
+               if not len(series(run, metric, axis)[0])]
+    for row in drawn:
         logged = [(run, c) for run in row.runs if len((c := series(run, metric, axis))[0])]
-        if not logged:
-            continue
         curves = [curve for _, curve in logged]
         steps = [series(run, metric, "step")[0] for run, _ in logged]
-        color, name = colors[row.key], label(keys, row.key) if keys else "all runs"
+        name = label([keys[i] for i in shown], tuple(row.key[i] for i in shown)) if keys \
+            else "all runs"
+        color = colors[row.key]
         summary = band(curves, steps=steps) if row.completed else None
         if summary is not None:
             grid, mean, std = summary
@@ -114,7 +132,7 @@ def _curves(plt: Any, rows: Sequence[Row], keys: Sequence[str], metric: str, axi
             plotted.append(mean)
             continue
         for i, (run, (x, y)) in enumerate(logged):  # one line per run
-            text = name if row.completed else f"{name}, seed {run.seed}: {run.state}"
+            text = name if row.completed else f"{name}, seed {run.seed}: {run.status}"
             ax.plot(x / scale, y, color=color, lw=1.0, ls="-" if row.completed else "--",
                     marker="o" if len(x) == 1 else None, label=None if i else text)
             plotted.append(y)
@@ -126,7 +144,14 @@ def _curves(plt: Any, rows: Sequence[Row], keys: Sequence[str], metric: str, axi
         ax.set_yscale("log")
     ax.set_xlabel(X_LABELS[axis] + (f" ({unit})" if unit else ""))
     ax.set_ylabel(y_label(metric, values))
-    ax.set_title(f"{metric} vs {X_LABELS[axis]}: mean ± 1 std over seeds")
+    ax.set_title(f"{metric} vs {X_LABELS[axis]}: mean ± 1 std over seeds"
+                 + (f"\n{shared}" if shared else ""), fontsize="medium")
+    for row, run in missing:  # said in the legend, drawn nowhere
+        name = label([keys[i] for i in shown], tuple(row.key[i] for i in shown)) if keys \
+            else "all runs"
+        seed = f", seed {run.seed}" if run.seed is not None else ""
+        ax.plot([], [], color=colors[row.key], ls="none", marker="x",
+                label=f"{name}{seed}: {run.status}, no {metric} to draw")
     _legend(ax)
     return _save(fig, out_dir / f"{slug(metric)}_vs_{axis}.png")
 
@@ -148,20 +173,30 @@ def _sparsity(plt: Any, rows: Sequence[Row], keys: Sequence[str], metric: str, b
 
 
 def _legend(ax: Any) -> None:
-    """Inside up to 12 entries; below the axes up to :data:`MAX_LEGEND` (in two columns for
-    labels up to 60 characters; the figure grows to hold it); beyond that a note only."""
+    """Outside the axes: right of them up to 12 entries of up to 40 characters (the figure
+    widens to hold it); else below up to :data:`MAX_LEGEND` (in two columns for labels up to
+    60 characters; the figure grows to hold it); beyond that a note only."""
     labels = ax.get_legend_handles_labels()[1]
+    figure = ax.figure
+    width, height = figure.get_size_inches()
     if len(labels) > MAX_LEGEND:
-        ax.text(0.01, 0.01, f"{len(labels)} lines: legend left out, see report.md",
-                transform=ax.transAxes, fontsize="small")
-    elif len(labels) > 12:
+        _note(figure, f"{len(labels)} lines: legend left out, see report.md")
+    elif len(labels) > 12 or (labels and max(map(len, labels)) > 40):
         columns = 2 if max(map(len, labels)) <= 60 else 1
-        width, height = ax.figure.get_size_inches()
-        ax.figure.set_size_inches(width, height + 0.16 * math.ceil(len(labels) / columns))
-        ax.figure.legend(fontsize="x-small", loc="outside lower center", ncols=columns)
+        figure.set_size_inches(width, height + 0.16 * math.ceil(len(labels) / columns))
+        figure.legend(fontsize="x-small", loc="outside lower center", ncols=columns)
     elif labels:
-        ax.legend(fontsize="small")
+        figure.set_size_inches(width + 0.3 + 0.075 * max(map(len, labels)), height)
+        figure.legend(fontsize="small", loc="outside right upper")
     ax.grid(alpha=0.3)
+
+
+def _note(figure: Any, text: str) -> None:
+    """A line of small text under the axes (wrapped; the figure grows to hold it)."""
+    lines = textwrap.wrap(text, 120)
+    width, height = figure.get_size_inches()
+    figure.set_size_inches(width, height + 0.16 * len(lines))
+    figure.supxlabel("\n".join(lines), fontsize="x-small", ha="left", x=0.01)
 
 
 def _save(fig: Any, path: Path) -> Path:

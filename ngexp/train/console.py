@@ -6,7 +6,7 @@ summary at the end -- every number labelled with its split and formatted for peo
 - ``plain`` (the default when the output is not a terminal): one line per training record and
   one per evaluation, ``step 200/1000  epoch 1.00  train/loss 0.5734  train/acc 0.8125
   train/examples_per_s 10.4k``;
-- ``none``: only the summary.
+- ``none``: no progress and no summary box (``summary.json`` and ``train.log`` have it).
 """
 
 from __future__ import annotations

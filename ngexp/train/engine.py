@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -271,11 +272,12 @@ class Engine:
             [sums.double(), torch.tensor(float(count), dtype=torch.float64, device=sums.device)])
         return total, int(terms)
 
-    def log(self, metrics: Mapping[str, float]) -> None:
-        """Record ``metrics`` at the current step with every logger (metrics.jsonl first)."""
-        epoch = self.step / self.steps_per_epoch
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record ``metrics`` at ``step`` (default: the current step) with every logger
+        (metrics.jsonl first)."""
+        step = self.step if step is None else step
         for logger in self.loggers:
-            logger.log(self.step, epoch, self.elapsed, metrics)
+            logger.log(step, step / self.steps_per_epoch, self.elapsed, metrics)
 
     def request_stop(self, reason: str) -> None:
         """End training after the current step as completed, e.g. early stopping."""
@@ -300,8 +302,10 @@ class Engine:
         metrics = ("train/loss", *(f"{split}/{name}" for split in splits
                                    for name in ("loss", *self.task.metric_names)))
         family, config_hash, seed = self.run_dir.parts[-3:]
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
         return RunInfo(self.run_dir, family, f"{config_hash}/{seed}", f"{family}/{config_hash}",
-                       Path(self.cfg.output_root), hparams, metrics, resumed_step)
+                       Path(self.cfg.output_root), hparams, metrics, resumed_step,
+                       rundir.run_label(overrides))
 
     # ----------------------------------------------------------------- training step
     def _to_memory_format(self, inputs: Tensor) -> Tensor:
@@ -310,8 +314,11 @@ class Engine:
         return inputs
 
     def _reset_window(self) -> None:
-        self.window_sums: dict[str, Tensor] = {}
-        self.window_terms = 0
+        #: per step of the window: the task's metric sums (k,) and the number of terms
+        self.window_rows: list[Tensor] = []
+        self.window_terms: list[int] = []
+        self.window_keys: tuple[str, ...] = ()
+        self.window_grad_norm: Tensor | None = None
         self.window_steps = 0
         self.window_start = time.perf_counter()
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
@@ -335,47 +342,61 @@ class Engine:
         if clip is not None or logging_step:
             norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip else math.inf)
             if logging_step:
-                self.window_sums["grad_norm"] = norm.detach()
+                self.window_grad_norm = norm.detach()
         self.optimizer.step()
         self.scheduler.step()
         for callback in self.callbacks:
             callback.after_optimizer_step(self)
 
         with torch.no_grad():
-            for key, value in self.task.metric_sums(outputs.detach(), targets, loss).items():
-                self.window_sums[key] = self.window_sums.get(key, 0) + value
+            sums = self.task.metric_sums(outputs.detach(), targets, loss)
+            self.window_keys = tuple(sums)
+            self.window_rows.append(torch.stack([value.float() for value in sums.values()]))
             self.step_counter += 1
             bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
             self.first_bad_step = torch.where(bad, self.step_counter, self.first_bad_step)
-        self.window_terms += self.task.num_terms(targets)
+        self.window_terms.append(self.task.num_terms(targets))
         self.window_steps += 1
         self.step += 1
 
     def _check_finite(self) -> None:
+        """Stop the run (``FloatingPointError``) when a training loss of this window was not
+        finite, after logging what led there: the window's finite steps as one record at the
+        step before, and the first non-finite step's own metrics at that step."""
         bad = int(self.first_bad_step)
         if self.world.distributed:  # the first on any rank: every rank stops
             bad = comm.agree_min(bad if bad >= 0 else NO_BAD_STEP)
             bad = -1 if bad == NO_BAD_STEP else bad
-        if bad >= 0:
-            raise FloatingPointError(f"nan at step {bad}")
+        if bad < 0:
+            return
+        finite = bad - (self.step - self.window_steps) - 1  # steps of the window before it
+        records = [(bad - 1, slice(0, finite))] if finite > 0 else []
+        for step, steps in [*records, (bad, slice(finite, finite + 1))]:
+            metrics = self._train_metrics(steps)
+            self.log(metrics, step=step)
+            self.progress.update(step, metrics)
+        raise FloatingPointError(f"nan at step {bad}")
+
+    def _train_metrics(self, steps: slice) -> dict[str, float]:
+        """The ``train/`` averages over the window's ``steps`` (one host sync; data-parallel,
+        over every rank's examples)."""
+        sums, terms = torch.stack(self.window_rows[steps]).sum(0), sum(self.window_terms[steps])
+        if self.world.distributed:
+            sums, terms = self._sum_over_ranks(sums, terms)
+        averages = self.task.finalize(dict(zip(self.window_keys, sums.tolist(), strict=True)),
+                                      terms)
+        return {f"train/{k}": v for k, v in averages.items()}
 
     def _flush_window(self) -> None:
         """Read the accumulated training metrics (one host sync) and log them."""
         self._check_finite()
         if self.window_steps == 0:
             return
-        sums = dict(self.window_sums)
-        grad_norm = sums.pop("grad_norm", None)  # of the ranks' mean gradient: the same on all
-        stacked, terms = torch.stack([v.float() for v in sums.values()]), self.window_terms
-        if self.world.distributed:
-            stacked, terms = self._sum_over_ranks(stacked, terms)
-        values = dict(zip(sums, stacked.tolist(), strict=True))
         seconds = time.perf_counter() - self.window_start
-        averages = self.task.finalize(values, terms)
-        metrics = {f"train/{k}": v for k, v in averages.items()}
+        metrics = self._train_metrics(slice(0, self.window_steps))
         metrics["optim/lr"] = self.optimizer.param_groups[0]["lr"]
-        if grad_norm is not None:
-            metrics["optim/grad_norm"] = float(grad_norm)
+        if self.window_grad_norm is not None:  # of the ranks' mean gradient: the same on all
+            metrics["optim/grad_norm"] = float(self.window_grad_norm)
         metrics.update({f"optim/{k}": v for k, v in self.optimizer.log_metrics().items()})
         metrics["train/examples_per_s"] = self.window_steps * self.global_batch / seconds
         metrics["train/step_time_ms"] = 1000 * seconds / self.window_steps
@@ -610,7 +631,8 @@ class Engine:
         except OSError as error:
             self.say(f"could not write {self.run_dir / 'summary.json'}: "
                      f"{describe_os_error(error)}")
-        self.console.print(summary_table(self._summary_rows(status, reason)))
+        if self.progress.mode != "none":  # progress=none: silence (summary.json has it)
+            self.console.print(summary_table(self._summary_rows(status, reason)))
         self.say(f"run dir: {self.run_dir}")
         if run_log is not None:
             detach_run_log(run_log)
@@ -735,7 +757,11 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
     world = join(cfg.trainer.device)
     if not world.is_main:
         console = Console(quiet=True)
-    run_dir = run_dir or rundir.run_directory(cfg, choices, world.size)
+    if run_dir is None:
+        run_dir = rundir.run_directory(cfg, choices, world.size)
+        if run_dir.parent.name != rundir.config_hash(cfg, world.size):
+            console.print(f"using {run_dir}: the run of this config written by an earlier "
+                          f"ngexp version (its directory hash was computed another way)")
     if not cfg.force and on_main(world, lambda: skip_finished(run_dir, console)):
         return None
     engine = Engine(cfg, choices, run_dir, console)

@@ -1,10 +1,12 @@
 """Run directories: naming by config hash, state on disk, atomic writes.
 
-Layout: ``<output_root>/<name>/<hash>/seed_<seed>/`` where ``hash`` covers the resolved config
-minus non-semantic keys (:data:`ngexp.config.NON_SEMANTIC_KEYS`) and the seed, so the seeds of one
-configuration sit side by side. A data-parallel run hashes its global batch in place of
+Layout: ``<output_root>/<name>/<hash>/seed_<seed>/`` where ``hash`` covers what the user chose
+(:mod:`ngexp.identity`: the schemas and the semantic settings that differ from their reference
+defaults; not the seed), so the seeds of one configuration sit side by side and a new option
+moves no directory. A data-parallel run hashes its global batch in place of
 ``trainer.batch_size``: runs of any world size with the same global batch share a directory
-(and resume each other).
+(and resume each other). A run directory of an earlier ngexp (another hash of the same config)
+is found by its stored ``config.yaml`` and used.
 """
 
 from __future__ import annotations
@@ -15,20 +17,34 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ngexp.config import semantic_config
+from ngexp.config import NON_SEMANTIC_KEYS
+from ngexp.identity import NOT_IDENTITY, identity, matches_stored
 
 GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune")
 
 
 def config_hash(cfg: DictConfig, world_size: int = 1) -> str:
-    text = json.dumps(semantic_config(cfg, world_size), sort_keys=True, default=str)
+    text = json.dumps(identity(cfg, world_size), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_label(overrides: Iterable[str]) -> str:
+    """The settings of a run's command line (Hydra's task overrides) that name a configuration
+    for people: ``optimizer=kfac optimizer.lr=0.1`` (the seed, logging, paths and other
+    non-semantic keys left out)."""
+    kept = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key != "seed" and key not in NON_SEMANTIC_KEYS and key.split(".")[0] not in (
+                "hydra", *NOT_IDENTITY):
+            kept.append(override.lstrip("+~"))
+    return " ".join(kept)
 
 
 def run_name(cfg: DictConfig, choices: Mapping[str, str | None]) -> str:
@@ -40,8 +56,31 @@ def run_name(cfg: DictConfig, choices: Mapping[str, str | None]) -> str:
 
 def run_directory(cfg: DictConfig, choices: Mapping[str, str | None],
                   world_size: int = 1) -> Path:
-    return (Path(cfg.output_root) / run_name(cfg, choices) / config_hash(cfg, world_size)
-            / f"seed_{cfg.seed}")
+    """The run's directory: the hashed one, or, while that holds nothing, a directory of the
+    same config that an earlier ngexp version wrote (:func:`earlier_run_directory`)."""
+    family = Path(cfg.output_root) / run_name(cfg, choices)
+    run_dir = family / config_hash(cfg, world_size) / f"seed_{cfg.seed}"
+    if has_outputs(run_dir) or not family.is_dir():
+        return run_dir
+    return earlier_run_directory(cfg, family, world_size) or run_dir
+
+
+def earlier_run_directory(cfg: DictConfig, family: Path, world_size: int) -> Path | None:
+    """A ``<family>/<other hash>/seed_<seed>`` whose ``config.yaml`` is the run of ``cfg``
+    (:func:`ngexp.identity.matches_stored`); directories set aside (``.replaced-``) are not."""
+    for candidate in sorted(family.glob(f"*/seed_{cfg.seed}")):
+        stored_path = candidate / "config.yaml"
+        if "." in candidate.parent.name or not stored_path.is_file():
+            continue
+        try:
+            stored = OmegaConf.to_container(OmegaConf.load(stored_path))
+        except Exception:  # noqa: BLE001  (unreadable: not this run)
+            continue
+        summary = read_summary(candidate) or {}
+        if isinstance(stored, dict) and matches_stored(
+                cfg, stored, world_size, int(summary.get("world_size", 1) or 1)):
+            return candidate
+    return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -45,6 +45,9 @@ class RunInfo:
     metrics: tuple[str, ...] = ()
     #: The checkpoint's step when the session resumes a run, else ``None``.
     resumed_step: int | None = None
+    #: The run's choices for people, seed left out: its command line's settings
+    #: (``optimizer=kfac optimizer.lr=0.1``), or '' when it has none.
+    label: str = ""
 
 
 class Logger:
