@@ -4,16 +4,24 @@ A :class:`Callback` sees the trainer at fixed points of every step. The order wi
 training step is::
 
     on_step_start        (e.g. a gradual pruning schedule prunes here)
-    forward, loss, backward (preconditioners capture curvature during this)
+    forward, loss (+ every callback's loss_term), backward (preconditioners capture
+                          curvature during this)
     before_optimizer_step (e.g. mask gradients, before any preconditioning)
     gradient clipping, preconditioner and optimizer step, lr schedule step
     after_optimizer_step  (e.g. re-apply masks to the weights)
 
-``on_evaluation`` sees the metrics of every evaluation (e.g. early stopping).
-``on_train_start`` runs at the start of every training session, after a resumed run's state
-(including the callback's own ``load_state_dict``) is restored. Callbacks with state implement
-``state_dict``/``load_state_dict``; the trainer saves it in every checkpoint under the callback's
-``name``. ``metrics`` returns scalars (keys with a TensorBoard prefix such as ``prune/``) that the
+``on_model_built`` runs once, when the model is built and before the optimizer is: a callback
+may add modules with parameters to the model there (variational pruning's gates), which the
+optimizer then trains and checkpoints hold; ``trainer.optimizer`` does not exist yet.
+``loss_term`` returns a differentiable scalar added to the step's loss before the backward (a
+KL term) or ``None``; it must not synchronize with the host. ``on_evaluation`` sees the
+metrics of every evaluation (e.g. early stopping). ``on_train_start`` runs at the start of
+every training session, after a resumed run's state (including the callback's own
+``load_state_dict``) is restored. Callbacks with state implement
+``state_dict``/``load_state_dict``; the trainer saves it in every checkpoint under the
+callback's ``name`` and, resuming, loads it before the model's state (a callback that changed
+the model's structure, e.g. removed pruned units, restores that structure there).
+``metrics`` returns scalars (keys with a TensorBoard prefix such as ``prune/``) that the
 trainer logs at each evaluation and puts in ``summary.json``.
 
 Callbacks are written against :class:`Trainer`, the part of the engine they may use, so they
@@ -74,7 +82,12 @@ class Callback:
 
     name: str = "callback"
 
+    def on_model_built(self, trainer: Trainer) -> None: ...
+
     def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def loss_term(self, trainer: Trainer) -> Tensor | None:
+        return None
 
     def on_step_start(self, trainer: Trainer) -> None: ...
 

@@ -51,6 +51,12 @@ class LayerIO:
     def __init__(self, name: str, module: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
         self.name = name
         self.module = module
+        self.read_shape()
+        self.records: list[LayerRecord] = []
+
+    def read_shape(self) -> None:
+        """Read the layer's dimensions from its module (again after pruning removed units)."""
+        module = self.module
         if isinstance(module, CONVOLUTIONS):
             self.groups = module.groups
             self.fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
@@ -61,7 +67,6 @@ class LayerIO:
             self.out_dim = module.out_features
         self.has_bias = module.bias is not None
         self.in_dim = self.fan_in + int(self.has_bias)
-        self.records: list[LayerRecord] = []
 
     @property
     def record(self) -> LayerRecord:

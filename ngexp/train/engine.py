@@ -174,6 +174,12 @@ class Engine:
         self.task: Task = build_task(getattr(self.model, "task", self.data.spec.task))
         if cfg.init_from:
             load_init_weights(self.model, cfg.init_from)
+        self.callbacks: list[Callback] = [instantiate(node, _partial_=True)()
+                                          for node in (cfg.get("callbacks") or {}).values()]
+        if cfg.get("prune"):
+            self.callbacks.append(instantiate(cfg.prune, _partial_=True)())
+        for callback in self.callbacks:  # e.g. variational gates: parameters to train
+            callback.on_model_built(self)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.task)
         # Compiled forward passes; the steps whose forward a preconditioner captures (its
         # statistics, its batch) run the eager model, whose hooks then record.
@@ -198,10 +204,6 @@ class Engine:
         multiplier = instantiate(cfg.lr_schedule, _partial_=True)(
             total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, multiplier)
-        self.callbacks: list[Callback] = [instantiate(node, _partial_=True)()
-                                          for node in (cfg.get("callbacks") or {}).values()]
-        if cfg.get("prune"):
-            self.callbacks.append(instantiate(cfg.prune, _partial_=True)())
         self.loggers: list[Logger] = ([MetricsFile(), *build_loggers(cfg.get("logger") or {})]
                                       if self.world.is_main else [])
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -334,7 +336,12 @@ class Engine:
         with self.autocast():
             outputs = forward(inputs)
             loss = self.task.loss(outputs, targets)
-        self.optimizer.backward(loss, outputs, targets)
+        objective = loss
+        for callback in self.callbacks:
+            term = callback.loss_term(self)
+            if term is not None:  # e.g. a KL term of variational pruning
+                objective = objective + term
+        self.optimizer.backward(objective, outputs, targets)
         for callback in self.callbacks:
             callback.before_optimizer_step(self)
         clip = self.trainer.grad_clip
@@ -474,11 +481,11 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        for callback in self.callbacks:  # first: one may restore the model's structure
+            callback.load_state_dict(state["callbacks"].get(callback.name, {}))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        for callback in self.callbacks:
-            callback.load_state_dict(state["callbacks"].get(callback.name, {}))
         set_rng_state(state["rng"], self.generator)
         self.step, self.epoch = state["step"], state["epoch"]
         permutation = state["permutation"]

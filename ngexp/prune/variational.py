@@ -1,0 +1,516 @@
+"""Pruning while training by variational inference: ``prune=variational_bernoulli`` and
+``prune=spike_and_slab`` (equations and papers: ``docs/pruning_variational.md``).
+
+Every unit ``j`` (Linear output neuron, Conv2d filter) of the gated layers -- the prunable
+layers of :func:`ngexp.prune.masks.prunable_layers` without the output layer -- is multiplied
+by a gate ``z_j`` with variational posterior ``q(z_j) = Bern(pi_j)``, ``pi_j = sigmoid(l_j)``.
+Training samples ``z`` per example from the binary concrete relaxation (Maddison et al. 2017;
+Jang et al. 2017) ``z = sigmoid((l + log u - log(1 - u)) / tau)``, ``u ~ U(0, 1)``; evaluation
+uses the posterior mean ``pi``. The gate multiplies the layer's output after its batch norm,
+if one follows it (where a unit's output is zero, it is removed).
+
+The loss per example is the negative ELBO divided by the number of training examples ``N``:
+``-ELBO / N = E_q[NLL] + KL / N`` (the task's mean loss is the first term, :meth:`loss_term`
+the second; ``kl_weight`` tempers it). KL terms, in closed form:
+
+- gates: ``KL(Bern(pi) || Bern(pi_0)) = pi log(pi/pi_0) + (1-pi) log((1-pi)/(1-pi_0))``;
+- ``variational_bernoulli``: the hyper-prior ``Beta(a, b)`` on ``pi`` (``-log Beta(pi; a, b)``,
+  U-shaped for ``a, b < 1``) and the Gaussian scale-mixture prior (Blundell et al. 2015)
+  ``p(w) = m N(0, s1^2) + (1-m) N(0, s2^2)`` on point-estimated weights (``-log p(w)``);
+- ``spike_and_slab``: Gaussian slabs ``q(w | z=1) = N(mu, sigma^2)`` with the local
+  reparameterization trick (Kingma et al. 2015), prior ``N(0, s0^2)`` and layer-wise prior
+  inclusion ``pi_0``: ``sum_j KL(Bern(pi_j) || Bern(pi_0)) + pi_j KL(N(mu_j, sigma_j^2) ||
+  N(0, s0^2))`` (the spikes at 0 of posterior and prior cancel).
+
+Every ``fix_every`` steps, gates with ``pi < fix_below`` are fixed to 0 and gates with
+``pi > fix_above`` to 1: they stop being random (their ``pi`` gets no gradient and no KL).
+After the last step the remaining gates are fixed at 1/2. Units fixed to 0 are removed from
+the network (:mod:`ngexp.prune.shrink`) where the model is a plain chain; elsewhere (residual
+connections) they stay, gated to 0, and a warning says so.
+
+The variational parameters (gate logits, slab log-variances) live in a ``variational_gates``
+submodule of each gated layer, added before the optimizer is built, so every optimizer trains
+them and every checkpoint holds them; K-FAC/EKFAC leave them their plain gradient (its coverage report
+names them). Data-parallel training is refused: DDP cannot follow parameters that shrink.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ngexp.callbacks import Callback, Trainer
+from ngexp.distributed.world import current
+from ngexp.errors import UserError
+from ngexp.options import (
+    check,
+    check_integer,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    checked,
+    configurable,
+)
+from ngexp.prune.masks import PRUNABLE_TYPES, Masks, prunable_layers, unwrap
+from ngexp.prune.report import output_positions, sparsity_report
+from ngexp.prune.shrink import (
+    Link,
+    along_units,
+    call_order,
+    chain_links,
+    norms_after,
+    num_units,
+    remove_units,
+    take,
+)
+
+#: Gate state: random (``-1``) or fixed to 0 or 1.
+RANDOM = -1.0
+
+
+# --------------------------------------------------------------------------- closed forms
+def bernoulli_kl(pi: Tensor, prior: Tensor | float) -> Tensor:
+    """``KL(Bern(pi) || Bern(prior))`` elementwise (``0 log 0 = 0``)."""
+    prior = torch.as_tensor(prior, dtype=pi.dtype, device=pi.device)
+    return (torch.xlogy(pi, pi) - pi * prior.log()
+            + torch.xlogy(1 - pi, 1 - pi) - (1 - pi) * torch.log1p(-prior))
+
+
+def beta_log_prob_logit(logit: Tensor, a: float, b: float) -> Tensor:
+    """``log Beta(sigmoid(logit); a, b)``, with ``log pi = logsigmoid(logit)``."""
+    log_norm = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    return (a - 1) * F.logsigmoid(logit) + (b - 1) * F.logsigmoid(-logit) - log_norm
+
+
+def scale_mixture_log_prob(w: Tensor, mixture: float, sigma1: float, sigma2: float) -> Tensor:
+    """``log(m N(w; 0, s1^2) + (1-m) N(w; 0, s2^2))`` elementwise (log-sum-exp)."""
+    parts = torch.stack([
+        math.log(mixture) - math.log(sigma1) - 0.5 * (w / sigma1) ** 2,
+        math.log1p(-mixture) - math.log(sigma2) - 0.5 * (w / sigma2) ** 2])
+    return torch.logsumexp(parts, 0) - 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_kl(mu: Tensor, log_var: Tensor, prior_std: float) -> Tensor:
+    """``KL(N(mu, exp(log_var)) || N(0, prior_std^2))`` elementwise."""
+    prior_var = prior_std ** 2
+    return 0.5 * ((log_var.exp() + mu ** 2) / prior_var - 1 - log_var + math.log(prior_var))
+
+
+def concrete(logit: Tensor, uniform: Tensor, temperature: float) -> Tensor:
+    """Binary concrete sample ``sigmoid((logit + log u - log(1-u)) / tau)``."""
+    return torch.sigmoid((logit + torch.logit(uniform)) / temperature)
+
+
+# --------------------------------------------------------------------------- parameters
+class LayerGates(nn.Module):
+    """Variational parameters of one gated layer of ``units`` units: ``logit (units,)``, the
+    gate ``state (units,)`` (:data:`RANDOM`, 0 or 1) and, for slabs, ``log_var`` shaped like
+    the layer's weight."""
+
+    def __init__(self, layer: nn.Module, init_pi: float, init_log_var: float | None) -> None:
+        super().__init__()
+        weight = layer.weight
+        units = num_units(layer)
+        self.logit = nn.Parameter(torch.full((units,), math.log(init_pi / (1 - init_pi)),
+                                             device=weight.device))
+        self.register_buffer("state", torch.full((units,), RANDOM, device=weight.device))
+        self.log_var = None if init_log_var is None else nn.Parameter(
+            torch.full_like(weight, init_log_var))
+
+    def pi(self) -> Tensor:
+        return torch.sigmoid(self.logit)
+
+    def mean(self) -> Tensor:
+        """``E[z] (units,)``: ``pi`` for random gates, the fixed value for the others."""
+        return torch.where(self.state < 0, self.pi(), self.state)
+
+    def sample(self, batch: int, generator: torch.Generator, temperature: float) -> Tensor:
+        """Relaxed gates ``(batch, units)``, fixed ones at their value (no gradient)."""
+        uniform = torch.rand((batch, len(self.logit)), device=self.logit.device,
+                             generator=generator).clamp_(1e-6, 1 - 1e-6)
+        return torch.where(self.state < 0, concrete(self.logit, uniform, temperature),
+                           self.state)
+
+
+def check_variational(temperature: float, init_pi: float, prior_pi: float, kl_weight: float,
+                      fix_below: float, fix_above: float, fix_every: int, fix_start: int,
+                      gate_grad_scale: float, exclude: Sequence[str], **_: Any) -> None:
+    check_positive("gate_grad_scale", gate_grad_scale)
+    check_positive("temperature", temperature)
+    check_range("init_pi", init_pi, 0, 1, closed="()")
+    check_range("prior_pi", prior_pi, 0, 1, closed="()")
+    check_nonnegative("kl_weight", kl_weight)
+    check_range("fix_below", fix_below, 0, 0.5, closed="[)")
+    check_range("fix_above", fix_above, 0.5, 1, closed="(]")
+    check_integer("fix_every", fix_every, 1)
+    check_integer("fix_start", fix_start, 0)
+    check(all(isinstance(p, str) for p in exclude), "exclude", list(exclude),
+          "a list of layer-name patterns")
+
+
+@checked(check_variational)
+class VariationalPruner(Callback):
+    """Base of the variational pruners (module docstring). Options: the relaxation's
+    ``temperature``, the initial ``init_pi`` and prior ``prior_pi`` inclusion probabilities,
+    ``kl_weight`` (1: the ELBO), the fixing schedule (``fix_below``, ``fix_above`` every
+    ``fix_every`` steps from ``fix_start``; ``final_fix``: fix the rest at 1/2 after the last
+    step), ``gate_grad_scale`` (multiplies the gate logits' gradient: their learning rate
+    relative to the weights' under SGD-like optimizers; Adam is invariant to it) and
+    ``exclude`` (layer-name patterns left ungated)."""
+
+    name = "pruner"
+    #: ``log_var`` initial value of the slabs (``None``: point-estimated weights).
+    init_log_var: float | None = None
+
+    def __init__(self, temperature: float = 2 / 3, init_pi: float = 0.9,
+                 prior_pi: float = 0.1, kl_weight: float = 1.0, fix_below: float = 0.05,
+                 fix_above: float = 0.95, fix_every: int = 50, fix_start: int = 0,
+                 final_fix: bool = True, gate_grad_scale: float = 100.0,
+                 exclude: Sequence[str] = ()) -> None:
+        self.temperature, self.init_pi, self.prior_pi = temperature, init_pi, prior_pi
+        self.kl_weight, self.fix_below, self.fix_above = kl_weight, fix_below, fix_above
+        self.fix_every, self.fix_start, self.final_fix = fix_every, fix_start, final_fix
+        self.gate_grad_scale, self.exclude = gate_grad_scale, list(exclude)
+        self.model: nn.Module | None = None
+        self.trainer: Trainer | None = None
+        #: The variational parameters of each gated layer (a submodule of the layer).
+        self.bank: dict[str, LayerGates] = {}
+        self.layers: dict[str, nn.Module] = {}
+        self.links: dict[str, Link] | None = None
+        #: Original indices of the units still in each gated layer.
+        self.kept: dict[str, Tensor] = {}
+        self.targets: dict[str, str] = {}
+        self.positions: dict[str, int] = {}
+        self.dense: dict[str, float] = {}
+        self.examples = 1
+        self.finished = False
+        self._handles: list[Any] = []
+        self._last_kl: Tensor | None = None
+
+    # ------------------------------------------------------------------ engine hooks
+    def on_model_built(self, trainer: Trainer) -> None:
+        """Gate the layers: add the variational parameters to the model (before the optimizer
+        is built, so it trains them) and find out whether pruned units can be removed."""
+        if current().distributed:
+            raise UserError(f"prune={self.option}: data-parallel training is not supported "
+                            f"(DDP cannot follow parameters whose shape changes when units are "
+                            f"removed); run one process")
+        model = self.model = unwrap(trainer.model)
+        self.trainer = trainer
+        layers = prunable_layers(model, keep_last_dense=True, exclude=self.exclude)
+        if not layers:
+            raise UserError(f"prune={self.option}: the model has no Linear/Conv2d layer to gate "
+                            f"but its output layer (check prune.exclude)")
+        self.layers = layers
+        for name, layer in layers.items():
+            gates = self.bank[name] = LayerGates(layer, self.init_pi, self.init_log_var)
+            layer.add_module("variational_gates", gates)
+            gates.logit.register_hook(lambda grad, scale=self.gate_grad_scale: grad * scale)
+            self.kept[name] = torch.arange(num_units(layer))
+        example = trainer.data.train.inputs[:4]
+        self.positions = output_positions(model, example[:1])
+        norms = norms_after(model, call_order(model, example[:1]), list(layers))
+        #: The module whose output each gate multiplies: the layer or its batch norm.
+        self.targets = {name: norm or name for name, norm in norms.items()}
+        links = chain_links(model, list(layers), example)
+        self.links = None if links is None else {link.layer: link for link in links}
+        if links is None:
+            warnings.warn(f"prune={self.option}: {type(model).__name__} is not a plain chain "
+                          f"of layers (e.g. residual connections): units whose gate is fixed "
+                          f"to 0 stay in the network, gated to zero, instead of being removed",
+                          stacklevel=2)
+        self.dense = self._counts()
+        targets = trainer.data.train.targets
+        self.examples = len(targets) * trainer.task.num_terms(targets[:1])
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._attach()
+
+    def loss_term(self, trainer: Trainer) -> Tensor:
+        """``kl_weight * KL / N`` (differentiable, on the device)."""
+        term = self.kl() * (self.kl_weight / self.examples)
+        self._last_kl = term.detach()
+        return term
+
+    def on_step_start(self, trainer: Trainer) -> None:
+        step = trainer.step
+        if step > 0 and step >= self.fix_start and step % self.fix_every == 0:
+            self.fix(trainer, self.fix_below, self.fix_above)
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        """After the last step: fix every random gate at 1/2 (before the final evaluation
+        and checkpoint)."""
+        if self.final_fix and not self.finished and trainer.step >= trainer.total_steps:
+            self.fix(trainer, 0.5, 0.5)
+            self.finished = True
+
+    def metrics(self, trainer: Trainer) -> dict[str, float]:
+        return self.report()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": {name: kept.clone() for name, kept in self.kept.items()},
+                "finished": self.finished}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Shrink the model to the saved sizes (the engine loads the callbacks' states before
+        the model's, which then fills in the values)."""
+        if not state:
+            return
+        self.finished = bool(state["finished"])
+        for name, kept in state["kept"].items():
+            if len(kept) < len(self.kept[name]):
+                self._remove(name, torch.arange(len(kept), device=self.bank[name].logit.device))
+            self.kept[name] = kept.clone()
+        self._refresh_optimizer(reset=False)
+
+    # ------------------------------------------------------------------ the ELBO
+    def gates(self, name: str) -> LayerGates:
+        return self.bank[name]
+
+    def kl(self) -> Tensor:
+        """The KL terms of the negative ELBO (a 0-dim tensor)."""
+        raise NotImplementedError
+
+    def gate_kl(self, gates: LayerGates, prior: float) -> Tensor:
+        """``sum_j KL(Bern(pi_j) || Bern(prior))`` over the random gates."""
+        return torch.where(gates.state < 0, bernoulli_kl(gates.pi(), prior), 0.0).sum()
+
+    @property
+    def option(self) -> str:
+        return type(self).__name__
+
+    # ------------------------------------------------------------------ forward hooks
+    def _attach(self) -> None:
+        """Register the forward hooks (once; after the preconditioner's, so its curvature
+        sees the ungated layer outputs)."""
+        if self._handles:
+            return
+        modules = dict(self.model.named_modules())
+        for name, layer in self.layers.items():
+            if self.init_log_var is not None:
+                self._handles.append(layer.register_forward_hook(self._noise_hook(name)))
+            self._handles.append(modules[self.targets[name]].register_forward_hook(
+                self._gate_hook(name)))
+
+    def _gate_hook(self, name: str):
+        def hook(module: nn.Module, _: tuple[Any, ...], output: Tensor) -> Tensor:
+            gates = self.gates(name)
+            z = (gates.sample(output.shape[0], self.trainer.generator, self.temperature)
+                 if module.training else gates.mean())
+            return output * along_units(module, z, output)
+        return hook
+
+    def _noise_hook(self, name: str):
+        """Local reparameterization: ``b = mu^T a + sqrt((sigma^2)^T a^2) eps`` per example."""
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            if not module.training:
+                return output
+            log_var = self.gates(name).log_var
+            x = args[0]
+            if isinstance(module, nn.Linear):
+                variance = F.linear(x * x, log_var.exp())
+            else:
+                variance = module._conv_forward(x * x, log_var.exp(), None)
+            noise = torch.randn(output.shape, device=output.device, dtype=output.dtype,
+                                generator=self.trainer.generator)
+            return output + variance.clamp_min(1e-16).sqrt() * noise
+        return hook
+
+    # ------------------------------------------------------------------ fixing and removal
+    @torch.no_grad()
+    def fix(self, trainer: Trainer, below: float, above: float) -> None:
+        """Fix random gates with ``pi < below`` to 0 and ``pi > above`` (``>=`` when ``below ==
+        above``) to 1; remove the units fixed to 0 where the model allows (then the optimizer
+        state and curvature are reset)."""
+        changed = False
+        for name in self.layers:
+            gates = self.gates(name)
+            pi, random = gates.pi(), gates.state < 0
+            on = pi >= above if below == above else pi > above
+            off = random & (pi < below)
+            gates.state[off] = 0.0
+            gates.state[random & on] = 1.0
+            changed |= bool(off.any())
+        removals = {}
+        for name in self.layers if self.links is not None else ():
+            state = self.gates(name).state
+            keep = (state != 0).nonzero().flatten()
+            if len(keep) == 0:  # keep one unit, gated to zero: a layer needs a width
+                keep = self.gates(name).logit.argmax().reshape(1)
+            if len(keep) < len(state):
+                removals[name] = keep
+        if changed or removals:  # first: the curvature's records hold graphs of the old shapes
+            self._refresh_optimizer(reset=True)
+        for name, keep in removals.items():
+            self.kept[name] = self.kept[name][keep.cpu()]
+            self._remove(name, keep)
+        if removals:
+            self._refresh_optimizer(reset=False)
+        changed |= bool(removals)
+        if changed or below == above:
+            report = self.report()
+            trainer.log(report)
+            trainer.console.print(
+                f"{self.option}: fixed gates at step {trainer.step}: "
+                f"{report['prune/units_alive']:.0f} units left of "
+                f"{self.dense['prune/units']:.0f}, {report['prune/params']:.0f} parameters, "
+                f"{report['prune/flops']:.4g} FLOPs per example")
+
+    def _remove(self, name: str, keep: Tensor) -> None:
+        def extra(layer: str, rows: Tensor, columns: Tensor) -> None:
+            gates = self.gates(layer)
+            for tensor in (gates.logit, gates.state, gates.log_var):
+                take(tensor, rows)
+            consumer = self.links[layer].consumer
+            if consumer in self.layers:
+                take(self.gates(consumer).log_var, columns, dim=1)
+
+        remove_units(self.model, self.links[name], keep, extra)
+
+    def _refresh_optimizer(self, reset: bool) -> None:
+        """The preconditioner's layers read their new shapes; ``reset``: optimizer state and
+        curvature are forgotten (their shapes changed)."""
+        optimizer = getattr(self.trainer, "optimizer", None)
+        if optimizer is None:
+            return
+        if optimizer.preconditioner is not None:
+            modules = dict(self.model.named_modules())
+            changed = {id(modules[link.consumer]) for link in (self.links or {}).values()}
+            changed |= {id(layer) for layer in self.layers.values()}
+            for layer in optimizer.preconditioner.capture.layers:
+                if id(layer.module) in changed:
+                    layer.read_shape()
+        if reset:
+            optimizer.reset_state()
+
+    # ------------------------------------------------------------------ report
+    def _counts(self) -> dict[str, float]:
+        """Parameters (without the variational ones), FLOPs and units of the model now."""
+        model = self.model
+        own = {id(p) for gates in self.bank.values() for p in gates.parameters()}
+        params = sum(p.numel() for p in model.parameters() if id(p) not in own)
+        masks = Masks(self.layers, "filter")
+        for name in self.layers:
+            masks.set_alive(name, self.gates(name).state != 0)
+        report = sparsity_report(model, masks, self.positions)
+        gated = sum(int((mask == 0).sum()) for mask in masks.tensors)
+        return {"prune/params": params, "prune/nonzero_params": params - gated,
+                "prune/flops": report["prune/flops"],
+                "prune/units": sum(num_units(layer) for layer in self.layers.values()),
+                "prune/units_alive": sum(int((self.gates(n).state != 0).sum())
+                                         for n in self.layers)}
+
+    def report(self) -> dict[str, float]:
+        """``prune/`` scalars: parameters and FLOPs per example now (removed units gone,
+        units gated to zero not counted as nonzero) and before pruning (``*_dense``),
+        ``sparsity`` (removed or zero-gated fraction of the original parameters),
+        ``channel_sparsity`` (of the gated units), the fraction of gates still random, per
+        layer ``<layer>/channels``, and ``kl`` (the last ``kl_weight * KL / N``)."""
+        now = self._counts()
+        dense = self.dense
+        units = dense["prune/units"]
+        random = sum(int((self.gates(n).state < 0).sum()) for n in self.layers)
+        metrics = {**now, "prune/params_dense": dense["prune/params"],
+                   "prune/flops_dense": dense["prune/flops"],
+                   "prune/sparsity": 1 - now["prune/nonzero_params"] / dense["prune/params"],
+                   "prune/channel_sparsity": 1 - now["prune/units_alive"] / units,
+                   "prune/random_gates": random / units}
+        metrics.pop("prune/units")
+        for name in self.layers:
+            metrics[f"prune/{name}/channels"] = int((self.gates(name).state != 0).sum())
+        if self._last_kl is not None:
+            metrics["prune/kl"] = float(self._last_kl)
+        return metrics
+
+
+def check_bernoulli(hyper_a: float, hyper_b: float, mixture: float, sigma1: float,
+                    sigma2: float, **_: Any) -> None:
+    check_positive("hyper_a", hyper_a)
+    check_positive("hyper_b", hyper_b)
+    check_range("mixture", mixture, 0, 1, closed="()")
+    check_positive("sigma1", sigma1)
+    check_positive("sigma2", sigma2)
+
+
+@configurable("prune", "variational_bernoulli")
+@checked(check_bernoulli)
+class VariationalBernoulli(VariationalPruner):
+    """Bernoulli gates with a ``Beta(hyper_a, hyper_b)`` hyper-prior on their probabilities and
+    the scale-mixture prior ``mixture N(0, sigma1^2) + (1-mixture) N(0, sigma2^2)`` on every
+    Linear/Conv2d weight (point estimates: its term is ``-log p(w)``)."""
+
+    def __init__(self, hyper_a: float = 0.5, hyper_b: float = 0.5, mixture: float = 0.5,
+                 sigma1: float = 1.0, sigma2: float = 0.02, **options: Any) -> None:
+        super().__init__(**options)
+        self.hyper_a, self.hyper_b = hyper_a, hyper_b
+        self.mixture, self.sigma1, self.sigma2 = mixture, sigma1, sigma2
+
+    @property
+    def option(self) -> str:
+        return "variational_bernoulli"
+
+    def kl(self) -> Tensor:
+        terms = []
+        for name in self.layers:
+            gates = self.gates(name)
+            hyper = beta_log_prob_logit(gates.logit, self.hyper_a, self.hyper_b)
+            terms.append(self.gate_kl(gates, self.prior_pi)
+                         - torch.where(gates.state < 0, hyper, 0.0).sum())
+        weights = [m.weight for m in self.model.modules() if isinstance(m, PRUNABLE_TYPES)]
+        terms += [-scale_mixture_log_prob(w, self.mixture, self.sigma1, self.sigma2).sum()
+                  for w in weights]
+        return torch.stack(terms).sum()
+
+
+def check_slab(prior_std: float, init_log_var: float, layer_prior_pi: Sequence[float],
+               **_: Any) -> None:
+    check_positive("prior_std", prior_std)
+    check(isinstance(init_log_var, (int, float)) and math.isfinite(init_log_var),
+          "init_log_var", init_log_var, "a finite number")
+    check(all(isinstance(p, (int, float)) and 0 < p < 1 for p in layer_prior_pi),
+          "layer_prior_pi", list(layer_prior_pi),
+          "a list of numbers in (0, 1), one per gated layer (empty: prior_pi for all)")
+
+
+@configurable("prune", "spike_and_slab")
+@checked(check_slab)
+class SpikeAndSlab(VariationalPruner):
+    """Spike-and-slab node selection: Gaussian slabs ``N(mu, sigma^2)`` (``mu`` the layer's
+    weight, ``log sigma^2`` initialized to ``init_log_var``) sampled by local
+    reparameterization, prior ``N(0, prior_std^2)``, inclusion priors per gated layer
+    (``layer_prior_pi``, in forward order; empty: ``prior_pi`` everywhere)."""
+
+    def __init__(self, prior_std: float = 1.0, init_log_var: float = -9.0,
+                 layer_prior_pi: Sequence[float] = (), **options: Any) -> None:
+        super().__init__(**options)
+        self.prior_std, self.init_log_var = prior_std, init_log_var
+        self.layer_prior_pi = list(layer_prior_pi)
+
+    @property
+    def option(self) -> str:
+        return "spike_and_slab"
+
+    def on_model_built(self, trainer: Trainer) -> None:
+        super().on_model_built(trainer)
+        if self.layer_prior_pi and len(self.layer_prior_pi) != len(self.layers):
+            raise UserError(f"prune.layer_prior_pi={self.layer_prior_pi} has "
+                            f"{len(self.layer_prior_pi)} values but the model has "
+                            f"{len(self.layers)} gated layers ({', '.join(self.layers)})")
+
+    def priors(self) -> list[float]:
+        return self.layer_prior_pi or [self.prior_pi] * len(self.layers)
+
+    def kl(self) -> Tensor:
+        terms = []
+        for (name, layer), prior in zip(self.layers.items(), self.priors(), strict=True):
+            gates = self.gates(name)
+            slab = gaussian_kl(layer.weight, gates.log_var, self.prior_std)
+            per_unit = slab.reshape(len(gates.logit), -1).sum(1)
+            terms.append(self.gate_kl(gates, prior) + (gates.mean() * per_unit).sum())
+        return torch.stack(terms).sum()
