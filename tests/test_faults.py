@@ -323,6 +323,10 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path: Path,
     (["+trainer.epoch=3"], "trainer.epoch: 'epoch' is not a key of trainer; valid keys: epochs"),
     (["+foo=1"], "foo: 'foo' is not a key of the run config"),
     (["init_from=README.md"], "README.md is not a PyTorch checkpoint"),
+    (["prune=variational_bernoulli", "prune.fix_below=0.7"],
+     "prune.fix_below=0.7 is invalid: expected a number in [0, 0.5)"),
+    (["prune=spike_and_slab", "prune.layer_prior_pi=[0.3]"],
+     "prune.layer_prior_pi=[0.3] has 1 values but the model has 2 gated layers"),
 ])
 def test_bad_input_is_one_line(overrides: list[str], expected: str, tmp_path: Path,
                                capsys: pytest.CaptureFixture) -> None:

@@ -30,8 +30,9 @@ connections) they stay, gated to 0, and a warning says so.
 
 The variational parameters (gate logits, slab log-variances) live in a ``variational_gates``
 submodule of each gated layer, added before the optimizer is built, so every optimizer trains
-them and every checkpoint holds them; K-FAC/EKFAC leave them their plain gradient (its coverage report
-names them). Data-parallel training is refused: DDP cannot follow parameters that shrink.
+them and every checkpoint holds them; K-FAC/EKFAC leave them their plain gradient (the
+coverage report names them). Data-parallel training is refused: DDP cannot follow parameters
+that shrink.
 """
 
 from __future__ import annotations
