@@ -45,7 +45,7 @@ MC = 400_000
 def test_bernoulli_kl_equals_torch_and_monte_carlo() -> None:
     pi = torch.tensor([0.02, 0.3, 0.5, 0.9, 0.999], dtype=torch.float64)
     prior = 0.1
-    exact = bernoulli_kl(pi, prior)
+    exact = bernoulli_kl(torch.logit(pi), prior)
     assert torch.allclose(exact, kl_divergence(Bernoulli(pi), Bernoulli(torch.full_like(
         pi, prior))), rtol=1e-12, atol=1e-14)
     generator = torch.Generator().manual_seed(0)
@@ -53,8 +53,12 @@ def test_bernoulli_kl_equals_torch_and_monte_carlo() -> None:
     ratio = Bernoulli(pi).log_prob(z) - Bernoulli(torch.full_like(pi, prior)).log_prob(z)
     tolerance = 5 * ratio.std(0) / math.sqrt(MC)
     assert ((ratio.mean(0) - exact).abs() <= tolerance + 1e-12).all()
-    assert bernoulli_kl(torch.tensor([0.0, 1.0]), 0.25).tolist() == pytest.approx(
-        [-math.log(0.75), -math.log(0.25)])
+    # gates at 0 and 1 (logits far beyond float32's sigmoid): finite KL, finite gradients
+    logit = torch.tensor([-200.0, 200.0], requires_grad=True)
+    kl = bernoulli_kl(logit, 0.25)
+    kl.sum().backward()
+    assert kl.tolist() == pytest.approx([-math.log(0.75), -math.log(0.25)])
+    assert torch.isfinite(logit.grad).all()
 
 
 def test_beta_hyper_prior_and_scale_mixture_are_their_densities() -> None:
@@ -209,15 +213,22 @@ def test_the_kl_is_scaled_by_the_number_of_training_terms() -> None:
     bound(small, model, inputs)
     bound(large, mlp(), torch.randn(400, 6))
     large.model.load_state_dict(small.model.state_dict())
-    term = small.loss_term(None)
+    trainer = SimpleNamespace(step=0)
+    term = small.loss_term(trainer)
     assert torch.allclose(term, small.kl() * 0.5 / 40, rtol=1e-6)
-    assert torch.allclose(large.loss_term(None) * 10, term, rtol=1e-6)
+    assert torch.allclose(large.loss_term(trainer) * 10, term, rtol=1e-6)
+    warming = VariationalBernoulli(kl_weight=0.5, kl_warmup_steps=3)
+    bound(warming, mlp(), torch.randn(40, 6))
+    warming.model.load_state_dict(small.model.state_dict())
+    for step, fraction in ((0, 0.25), (2, 0.75), (3, 1.0), (50, 1.0)):
+        trainer.step = step
+        assert torch.allclose(warming.loss_term(trainer), fraction * term, rtol=1e-6)
     # the terms of the ELBO: gate KLs and hyper-prior of the random gates, weight priors
     gates = small.gates("1")
-    expected = (bernoulli_kl(gates.pi(), 0.1).sum()
+    expected = (bernoulli_kl(gates.logit, 0.1).sum()
                 - beta_log_prob_logit(gates.logit, 0.5, 0.5).sum())
     gates2 = small.gates("3")
-    expected += (bernoulli_kl(gates2.pi(), 0.1).sum()
+    expected += (bernoulli_kl(gates2.logit, 0.1).sum()
                  - beta_log_prob_logit(gates2.logit, 0.5, 0.5).sum())
     expected -= sum(scale_mixture_log_prob(m.weight, 0.5, 1.0, 0.02).sum()
                     for m in model.modules() if isinstance(m, nn.Linear))
@@ -234,7 +245,8 @@ def test_spike_and_slab_kl_and_local_reparameterization() -> None:
     gates.state[2] = 1.0
     slab = gaussian_kl(layer.weight, gates.log_var, 0.7).sum(1)
     pi = gates.pi()
-    expected = sum(bernoulli_kl(pi[j], 0.3) + pi[j] * slab[j] for j in (0, 3, 4)) + slab[2]
+    expected = sum(bernoulli_kl(gates.logit[j], 0.3) + pi[j] * slab[j]
+                   for j in (0, 3, 4)) + slab[2]
     assert torch.allclose(pruner.kl(), expected, rtol=1e-6)
     # the noise of the pre-activations: variance sum_i x_i^2 sigma_ji^2 (Kingma et al. 2015)
     model.train()

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
 
 from ngexp.callbacks import Callback, Trainer
 from ngexp.distributed.world import current
@@ -76,11 +77,13 @@ RANDOM = -1.0
 
 
 # --------------------------------------------------------------------------- closed forms
-def bernoulli_kl(pi: Tensor, prior: Tensor | float) -> Tensor:
-    """``KL(Bern(pi) || Bern(prior))`` elementwise (``0 log 0 = 0``)."""
-    prior = torch.as_tensor(prior, dtype=pi.dtype, device=pi.device)
-    return (torch.xlogy(pi, pi) - pi * prior.log()
-            + torch.xlogy(1 - pi, 1 - pi) - (1 - pi) * torch.log1p(-prior))
+def bernoulli_kl(logit: Tensor, prior: float) -> Tensor:
+    """``KL(Bern(pi) || Bern(prior))`` elementwise for ``pi = sigmoid(logit)``, with ``log pi =
+    logsigmoid(logit)`` and ``log(1 - pi) = logsigmoid(-logit)``: finite, with finite
+    gradients, where ``pi`` rounds to 0 or 1."""
+    pi = torch.sigmoid(logit)
+    return (pi * (F.logsigmoid(logit) - math.log(prior))
+            + (1 - pi) * (F.logsigmoid(-logit) - math.log1p(-prior)))
 
 
 def beta_log_prob_logit(logit: Tensor, a: float, b: float) -> Tensor:
@@ -109,13 +112,16 @@ def concrete(logit: Tensor, uniform: Tensor, temperature: float) -> Tensor:
 
 
 # --------------------------------------------------------------------------- parameters
-class LayerGates(nn.Module):
+class LayerGates(_DropoutNd):
     """Variational parameters of one gated layer of ``units`` units: ``logit (units,)``, the
     gate ``state (units,)`` (:data:`RANDOM`, 0 or 1) and, for slabs, ``log_var`` shaped like
-    the layer's weight."""
+    the layer's weight. An adaptive dropout (Ba & Frey 2013): as a dropout module it samples
+    only in training mode, and curvature products (the natural gradient's
+    :func:`ngexp.curvature.products.curvature_mode`) switch it off like any dropout, so they
+    see one deterministic network (the mean gates, the mean slabs)."""
 
     def __init__(self, layer: nn.Module, init_pi: float, init_log_var: float | None) -> None:
-        super().__init__()
+        super().__init__(p=1 - init_pi)
         weight = layer.weight
         units = num_units(layer)
         self.logit = nn.Parameter(torch.full((units,), math.log(init_pi / (1 - init_pi)),
@@ -141,8 +147,10 @@ class LayerGates(nn.Module):
 
 def check_variational(temperature: float, init_pi: float, prior_pi: float, kl_weight: float,
                       fix_below: float, fix_above: float, fix_every: int, fix_start: int,
-                      gate_grad_scale: float, exclude: Sequence[str], **_: Any) -> None:
+                      gate_grad_scale: float, kl_warmup_steps: int, exclude: Sequence[str],
+                      **_: Any) -> None:
     check_positive("gate_grad_scale", gate_grad_scale)
+    check_integer("kl_warmup_steps", kl_warmup_steps, 0)
     check_positive("temperature", temperature)
     check_range("init_pi", init_pi, 0, 1, closed="()")
     check_range("prior_pi", prior_pi, 0, 1, closed="()")
@@ -159,7 +167,8 @@ def check_variational(temperature: float, init_pi: float, prior_pi: float, kl_we
 class VariationalPruner(Callback):
     """Base of the variational pruners (module docstring). Options: the relaxation's
     ``temperature``, the initial ``init_pi`` and prior ``prior_pi`` inclusion probabilities,
-    ``kl_weight`` (1: the ELBO), the fixing schedule (``fix_below``, ``fix_above`` every
+    ``kl_weight`` (1: the ELBO) reached linearly over ``kl_warmup_steps`` (Sønderby et al.
+    2016's warm-up), the fixing schedule (``fix_below``, ``fix_above`` every
     ``fix_every`` steps from ``fix_start``; ``final_fix``: fix the rest at 1/2 after the last
     step), ``gate_grad_scale`` (multiplies the gate logits' gradient: their learning rate
     relative to the weights' under SGD-like optimizers; Adam is invariant to it) and
@@ -173,11 +182,12 @@ class VariationalPruner(Callback):
                  prior_pi: float = 0.1, kl_weight: float = 1.0, fix_below: float = 0.05,
                  fix_above: float = 0.95, fix_every: int = 50, fix_start: int = 0,
                  final_fix: bool = True, gate_grad_scale: float = 100.0,
-                 exclude: Sequence[str] = ()) -> None:
+                 kl_warmup_steps: int = 0, exclude: Sequence[str] = ()) -> None:
         self.temperature, self.init_pi, self.prior_pi = temperature, init_pi, prior_pi
         self.kl_weight, self.fix_below, self.fix_above = kl_weight, fix_below, fix_above
         self.fix_every, self.fix_start, self.final_fix = fix_every, fix_start, final_fix
         self.gate_grad_scale, self.exclude = gate_grad_scale, list(exclude)
+        self.kl_warmup_steps = kl_warmup_steps
         self.model: nn.Module | None = None
         self.trainer: Trainer | None = None
         #: The variational parameters of each gated layer (a submodule of the layer).
@@ -234,8 +244,10 @@ class VariationalPruner(Callback):
         self._attach()
 
     def loss_term(self, trainer: Trainer) -> Tensor:
-        """``kl_weight * KL / N`` (differentiable, on the device)."""
-        term = self.kl() * (self.kl_weight / self.examples)
+        """``kl_weight * KL / N`` (differentiable, on the device), during the first
+        ``kl_warmup_steps`` steps times ``(step + 1) / (kl_warmup_steps + 1)``."""
+        warmup = min(1.0, (trainer.step + 1) / (self.kl_warmup_steps + 1))
+        term = self.kl() * (warmup * self.kl_weight / self.examples)
         self._last_kl = term.detach()
         return term
 
@@ -280,7 +292,7 @@ class VariationalPruner(Callback):
 
     def gate_kl(self, gates: LayerGates, prior: float) -> Tensor:
         """``sum_j KL(Bern(pi_j) || Bern(prior))`` over the random gates."""
-        return torch.where(gates.state < 0, bernoulli_kl(gates.pi(), prior), 0.0).sum()
+        return torch.where(gates.state < 0, bernoulli_kl(gates.logit, prior), 0.0).sum()
 
     @property
     def option(self) -> str:
@@ -303,14 +315,14 @@ class VariationalPruner(Callback):
         def hook(module: nn.Module, _: tuple[Any, ...], output: Tensor) -> Tensor:
             gates = self.gates(name)
             z = (gates.sample(output.shape[0], self.trainer.generator, self.temperature)
-                 if module.training else gates.mean())
+                 if gates.training else gates.mean())
             return output * along_units(module, z, output)
         return hook
 
     def _noise_hook(self, name: str):
         """Local reparameterization: ``b = mu^T a + sqrt((sigma^2)^T a^2) eps`` per example."""
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-            if not module.training:
+            if not self.gates(name).training:
                 return output
             log_var = self.gates(name).log_var
             x = args[0]
@@ -487,7 +499,7 @@ class SpikeAndSlab(VariationalPruner):
     reparameterization, prior ``N(0, prior_std^2)``, inclusion priors per gated layer
     (``layer_prior_pi``, in forward order; empty: ``prior_pi`` everywhere)."""
 
-    def __init__(self, prior_std: float = 1.0, init_log_var: float = -9.0,
+    def __init__(self, prior_std: float = 0.1, init_log_var: float = -10.0,
                  layer_prior_pi: Sequence[float] = (), **options: Any) -> None:
         super().__init__(**options)
         self.prior_std, self.init_log_var = prior_std, init_log_var
