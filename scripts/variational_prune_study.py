@@ -34,7 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("variational_bernoulli", "spike_and_slab")
 BASELINES = ("magnitude", "taylor1")
-KEYS = ("prune/channel_sparsity", "prune/units_alive", "prune/params", "prune/flops",
+#: ``nonzero_params``: remaining parameters, whether removed (variational) or masked (filter).
+KEYS = ("prune/channel_sparsity", "prune/units_alive", "prune/nonzero_params", "prune/flops",
         "test/acc")
 
 
@@ -77,7 +78,10 @@ def scaled_init(model: list[str], scale: float, seed: int, folder: Path) -> Path
     return path
 
 
-def mean_std(values: list[float], percent: bool = False) -> str:
+def mean_std(values: list[float | None], percent: bool = False) -> str:
+    """``mean ± std``; ``—`` where a run does not report the metric."""
+    if any(v is None for v in values):
+        return "—"
     scale = 100 if percent else 1
     mean = statistics.fmean(values) * scale
     spread = statistics.stdev(values) * scale if len(values) > 1 else 0.0
@@ -85,7 +89,7 @@ def mean_std(values: list[float], percent: bool = False) -> str:
 
 
 def row(label: str, runs: list[dict[str, float]]) -> str:
-    cells = [mean_std([r.get(k, float("nan")) for r in runs],
+    cells = [mean_std([r.get(k) for r in runs],
                       percent=k in ("prune/channel_sparsity", "test/acc")) for k in KEYS]
     return f"| {label} | " + " | ".join(cells) + " |"
 
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Variational pruning on Fashion-MNIST ({date.today()})", "",
              f"Command: `python scripts/variational_prune_study.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
-    header = ["| run | channel sparsity (%) | units left | parameters | FLOPs / example | "
+    header = ["| run | channel sparsity (%) | units left | nonzero parameters | FLOPs / example | "
               "test acc (%) |", "|---|---|---|---|---|---|"]
     environment: dict[str, str] = {}
 

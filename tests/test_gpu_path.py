@@ -54,8 +54,11 @@ HOST_SIDE = {
     ["optimizer=ekfac", *SCHEDULE],
     ["optimizer=natural_gradient", "optimizer.cg_iters=3"],
     ["optimizer=tonga", "optimizer.refresh_interval=2"],
+    ["optimizer=kfac", "prune=variational_bernoulli", "prune.fix_every=1000", *SCHEDULE],
+    ["optimizer=ekfac", "prune=spike_and_slab", "prune.fix_every=1000", *SCHEDULE],
 ], ids=["sgd-clip-augment", "adam", "kfac", "kfac-empirical", "kfac-adaptive", "kfac-eigen",
-        "ekfac", "natural_gradient", "tonga"])
+        "ekfac", "natural_gradient", "tonga", "kfac-variational_bernoulli",
+        "ekfac-spike_and_slab"])
 def test_the_training_step_never_waits_for_the_device(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: list[str]) -> None:
     """Outside logging, evaluation and checkpoint steps (none here: they run between steps),

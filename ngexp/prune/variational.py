@@ -223,7 +223,7 @@ class VariationalPruner(Callback):
             gates = self.bank[name] = LayerGates(layer, self.init_pi, self.init_log_var)
             layer.add_module("variational_gates", gates)
             gates.logit.register_hook(lambda grad, scale=self.gate_grad_scale: grad * scale)
-            self.kept[name] = torch.arange(num_units(layer))
+            self.kept[name] = torch.arange(num_units(layer), device="cpu")  # indices, saved
         example = trainer.data.train.inputs[:4]
         self.positions = output_positions(model, example[:1])
         norms = norms_after(model, call_order(model, example[:1]), list(layers))
@@ -252,6 +252,7 @@ class VariationalPruner(Callback):
         return term
 
     def on_step_start(self, trainer: Trainer) -> None:
+        self._attach()  # also when a loop calls the step without on_train_start
         step = trainer.step
         if step > 0 and step >= self.fix_start and step % self.fix_every == 0:
             self.fix(trainer, self.fix_below, self.fix_above)
