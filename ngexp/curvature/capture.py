@@ -84,6 +84,12 @@ class ForwardRecord:
         """Indices of the recorded passes of ``kind``."""
         return [index for index, recorded in enumerate(self.pass_kinds) if recorded == kind]
 
+    def release(self) -> None:
+        """Drop the tensors: the gradient hook on ``model_output`` refers to this record, a
+        cycle through autograd's C++ graph that Python's collector cannot break."""
+        self.model_args, self.model_output = (), None
+        self.output_grads.clear()
+
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts to on ``device_type`` right now, ``None`` when it is off."""
@@ -197,6 +203,8 @@ class Capture:
 
     # ------------------------------------------------------------------ control
     def clear(self) -> None:
+        for forward in self.forwards:
+            forward.release()
         for layer in self.layers:
             layer.clear()
         self.forwards.clear()
@@ -244,9 +252,9 @@ class Capture:
         if not self.accumulate or self._grads_discarded():
             self.clear()
         elif self.forwards and not self.forwards[-1].pass_kinds:  # never back-propagated
-            self.forwards.pop()
+            self.forwards.pop().release()
             for layer in self.layers:
-                layer.records.pop()
+                layer.records.pop().release()
         self._pending.clear()
         self._recording = False
         self.forwards.append(ForwardRecord())

@@ -41,6 +41,13 @@ class LayerRecord:
     outputs: list[Tensor] = field(default_factory=list)
     grads: list[dict[int, Tensor]] = field(default_factory=list)
 
+    def release(self) -> None:
+        """Drop the tensors (the gradient hooks on ``outputs`` refer to this record: a cycle
+        through autograd's C++ graph that Python's collector cannot break)."""
+        self.inputs.clear()
+        self.outputs.clear()
+        self.grads.clear()
+
 
 class LayerIO:
     """One Linear/Conv1d/Conv2d module as ``groups`` affine maps, and what the capture recorded
@@ -102,6 +109,8 @@ class LayerIO:
         return f"{self.name}.weight" if self.name else "weight"
 
     def clear(self) -> None:
+        for record in self.records:
+            record.release()
         self.records.clear()
 
     @staticmethod

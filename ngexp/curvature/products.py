@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ngexp.curvature.tasks import Task
 
@@ -85,8 +86,9 @@ class CurvatureProduct:
                    if isinstance(arg, Tensor) and arg.device.type == "cuda"]
 
         def forward(p: dict[str, Tensor]) -> Tensor:
-            # Same random draws (e.g. the BN-LSTM's h0 noise) in every product: a fixed operator.
-            with torch.random.fork_rng(devices=devices):
+            # Same random draws (e.g. the BN-LSTM's h0 noise) in every product: a fixed operator;
+            # attention by the math kernel, the one with forward-mode AD (jvp)
+            with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH):
                 torch.manual_seed(seed)
                 return functional_call(model, p, args)
 
