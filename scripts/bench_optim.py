@@ -31,6 +31,7 @@ contenders; the peers in float32 only), ``--channels-last`` with channels-last w
 inputs, as ``trainer.precision`` and ``trainer.channels_last`` do in training.
 
     python scripts/bench_optim.py --threads 1 --peers asdl nngeometry   # CPU: MLP and LeNet-5
+    python scripts/bench_optim.py --threads 1 --models vit --optimizers sgd kfac ekfac
     python scripts/bench_optim.py --device cuda --precisions fp32 bf16  # VGG-16, preact ResNet-18
 """
 
@@ -308,6 +309,11 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
         contenders.append(ngexp_contender(name, copy.deepcopy(template), cfg_name, task, device,
                                           window, precision))
     damping = float(compose_config(base + ["optimizer=kfac"]).optimizer.damping)
+    own = {id(p) for m in linear_and_conv(template) for p in m.parameters(recurse=False)}
+    if args.peers and any(id(p) not in own for p in template.parameters()):
+        raise SystemExit(f"--peers {' '.join(args.peers)}: the peers are driven here for models "
+                         f"of Linear/Conv2d layers only; model={model_name} has others (run it "
+                         f"without --peers)")
     builders = {"asdl": asdl_contender, "nngeometry": nngeometry_contender}
     for peer in args.peers if precision == "fp32" else []:
         contenders.append(builders[peer](copy.deepcopy(template), args, damping, device))
@@ -456,7 +462,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None,
                         help=f"default: {' '.join(CPU_MODELS)} on CPU, "
-                             f"{' '.join(GPU_MODELS)} on CUDA")
+                             f"{' '.join(GPU_MODELS)} on CUDA; others (e.g. vit) write "
+                             f"results/bench_optim_<models>_<device>.md")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--peers", nargs="*", default=[], choices=PEERS,
                         help="peer libraries to run beside ngexp (pip install 'ngexp[bench]')")
@@ -495,7 +502,9 @@ def main() -> None:
     command = " ".join(["python scripts/bench_optim.py", *sys.argv[1:]])
     text = markdown(rows, args, device, command.strip(), load_start)
     print(text)
-    out = Path(args.out or f"results/bench_optim_{'gpu' if gpu else 'cpu'}.md")
+    default = list(GPU_MODELS if gpu else CPU_MODELS)
+    named = "" if models == default else "_".join(models) + "_"
+    out = Path(args.out or f"results/bench_optim_{named}{'gpu' if gpu else 'cpu'}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
 
