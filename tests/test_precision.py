@@ -30,10 +30,11 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(run / "checkpoints" / "last.pt")["model"]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "ekfac"])
 def test_fp16_trains_from_the_cli_close_to_fp32(optimizer: str, tmp_path: Path) -> None:
-    """Five steps of the MLP in fp16 end within float16 rounding of the fp32 run, far from the
-    start; every step is logged with the grad scaler's scale."""
+    """Five steps of the MLP in fp16 (K-FAC and EKFAC: through their ``grad_scaler=``) end
+    within float16 rounding of the fp32 run, far from the start; every step is logged with the
+    grad scaler's scale."""
     runs = {}
     for precision in ("fp32", "fp16"):
         root = tmp_path / precision
