@@ -124,6 +124,8 @@ class Contender:
     rounds: list[dict[str, float]] = field(default_factory=list)
     refresh_ms: list[float] = field(default_factory=list)
     cg_iters: list[float] = field(default_factory=list)
+    #: Share of the parameter count that a preconditioner covers (``None``: no preconditioner).
+    covered: float | None = None
 
 
 def compose_config(overrides: list[str]) -> Any:
@@ -166,7 +168,7 @@ def ngexp_contender(name: str, model: nn.Module, cfg: Any, task: Task, device: t
         optimizer.backward(loss, outputs, y)
 
     contender = Contender(name, model, forward_backward, optimizer.step, timer, window,
-                          optimizer.state_dict)
+                          optimizer.state_dict, covered=None if pre is None else pre.coverage.share)
     if name == "natural_gradient":
         contender.after_step = lambda: contender.cg_iters.append(
             optimizer.log_metrics()["cg_iters"])
@@ -370,6 +372,8 @@ def summarize(contender: Contender, model_name: str, peaks: list[float] | None) 
            "rounds_total_ms": totals, "phases": not contender.name.endswith("_kfac")}
     if contender.cg_iters:
         row["cg_iters"] = statistics.fmean(contender.cg_iters)
+    if contender.covered is not None:
+        row["covered"] = contender.covered
     return row
 
 
@@ -432,7 +436,10 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device,
     for r in rows:
         stats, decomposition, preconditioning = (
             cell(r, key) for key in ("statistics", "decomposition", "preconditioning"))
-        note = f"mean CG iterations {r['cg_iters']:.1f}" if "cg_iters" in r else ""
+        notes = ([f"preconditions {100 * r['covered']:.1f}% of the parameters"]
+                 if r.get("covered", 1.0) < 1.0 else [])
+        notes += [f"mean CG iterations {r['cg_iters']:.1f}"] if "cg_iters" in r else []
+        note = "; ".join(notes)
         peak = f" {r['peak_mb']:.0f} |" if gpu else ""
         ratio = f"{r['total_x']:.2f}x" if "total_x" in r else ""
         refresh = (f"{r['refresh']:.1f} ({r['refresh_x']:.1f}x)"
