@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ngexp.optim
 from ngexp.data.spec import DataSpec
 from ngexp.errors import IncompatibleData
 from ngexp.models.gpt import GPT
@@ -152,3 +153,14 @@ def test_encoder_causal_mask_is_upper_triangle() -> None:
     mask = torch.ones(6, 6, dtype=torch.bool).triu(1)
     expected = causal.norm(causal.blocks[0](x, mask))
     torch.testing.assert_close(causal(x), expected)
+
+
+@pytest.mark.parametrize("preconditioner", ["KFAC", "EKFAC", "NaturalGradient"])
+def test_every_parameter_is_preconditioned(preconditioner: str) -> None:
+    """The transformer models are built from layers the curvature capture covers: no parameter
+    of the ViT or the (untied) GPT keeps the plain gradient."""
+    build = getattr(ngexp.optim, preconditioner)
+    for model, task in ((ViT(DataSpec("small", (1, 14, 14), 3)), "classification"),
+                        (GPT(TEXT, dim=16, heads=2), "language_model")):
+        coverage = build(model, task=task).coverage
+        assert coverage.plain == [] and coverage.share == 1.0, coverage.plain
