@@ -61,7 +61,8 @@ class TrainerConfig:
     eval_every: int = 0  # steps between evaluations; 0 = at the end of each epoch
     log_every: int = 50  # steps between train/ metric records
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16: autocast
+    # autocast; fp16 also scales the loss (torch.amp.GradScaler; ngexp/train/precision.py)
+    precision: str = choice_field("fp32", ("fp32", "bf16", "fp16"))
     compile: bool = False
     channels_last: bool = False
     grad_clip: float | None = None  # global-norm clipping threshold

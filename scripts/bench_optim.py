@@ -31,6 +31,7 @@ contenders; the peers in float32 only), ``--channels-last`` with channels-last w
 inputs, as ``trainer.precision`` and ``trainer.channels_last`` do in training.
 
     python scripts/bench_optim.py --threads 1 --peers asdl nngeometry   # CPU: MLP and LeNet-5
+    python scripts/bench_optim.py --threads 1 --models vit --optimizers sgd kfac ekfac
     python scripts/bench_optim.py --device cuda --precisions fp32 bf16  # VGG-16, preact ResNet-18
 """
 
@@ -123,6 +124,8 @@ class Contender:
     rounds: list[dict[str, float]] = field(default_factory=list)
     refresh_ms: list[float] = field(default_factory=list)
     cg_iters: list[float] = field(default_factory=list)
+    #: Share of the parameter count that a preconditioner covers (``None``: no preconditioner).
+    covered: float | None = None
 
 
 def compose_config(overrides: list[str]) -> Any:
@@ -165,7 +168,7 @@ def ngexp_contender(name: str, model: nn.Module, cfg: Any, task: Task, device: t
         optimizer.backward(loss, outputs, y)
 
     contender = Contender(name, model, forward_backward, optimizer.step, timer, window,
-                          optimizer.state_dict)
+                          optimizer.state_dict, covered=None if pre is None else pre.coverage.share)
     if name == "natural_gradient":
         contender.after_step = lambda: contender.cg_iters.append(
             optimizer.log_metrics()["cg_iters"])
@@ -308,6 +311,11 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
         contenders.append(ngexp_contender(name, copy.deepcopy(template), cfg_name, task, device,
                                           window, precision))
     damping = float(compose_config(base + ["optimizer=kfac"]).optimizer.damping)
+    own = {id(p) for m in linear_and_conv(template) for p in m.parameters(recurse=False)}
+    if args.peers and any(id(p) not in own for p in template.parameters()):
+        raise SystemExit(f"--peers {' '.join(args.peers)}: the peers are driven here for models "
+                         f"of Linear/Conv2d layers only; model={model_name} has others (run it "
+                         f"without --peers)")
     builders = {"asdl": asdl_contender, "nngeometry": nngeometry_contender}
     for peer in args.peers if precision == "fp32" else []:
         contenders.append(builders[peer](copy.deepcopy(template), args, damping, device))
@@ -364,6 +372,8 @@ def summarize(contender: Contender, model_name: str, peaks: list[float] | None) 
            "rounds_total_ms": totals, "phases": not contender.name.endswith("_kfac")}
     if contender.cg_iters:
         row["cg_iters"] = statistics.fmean(contender.cg_iters)
+    if contender.covered is not None:
+        row["covered"] = contender.covered
     return row
 
 
@@ -426,7 +436,10 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device,
     for r in rows:
         stats, decomposition, preconditioning = (
             cell(r, key) for key in ("statistics", "decomposition", "preconditioning"))
-        note = f"mean CG iterations {r['cg_iters']:.1f}" if "cg_iters" in r else ""
+        notes = ([f"preconditions {100 * r['covered']:.1f}% of the parameters"]
+                 if r.get("covered", 1.0) < 1.0 else [])
+        notes += [f"mean CG iterations {r['cg_iters']:.1f}"] if "cg_iters" in r else []
+        note = "; ".join(notes)
         peak = f" {r['peak_mb']:.0f} |" if gpu else ""
         ratio = f"{r['total_x']:.2f}x" if "total_x" in r else ""
         refresh = (f"{r['refresh']:.1f} ({r['refresh_x']:.1f}x)"
@@ -456,7 +469,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None,
                         help=f"default: {' '.join(CPU_MODELS)} on CPU, "
-                             f"{' '.join(GPU_MODELS)} on CUDA")
+                             f"{' '.join(GPU_MODELS)} on CUDA; others (e.g. vit) write "
+                             f"results/bench_optim_<models>_<device>.md")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--peers", nargs="*", default=[], choices=PEERS,
                         help="peer libraries to run beside ngexp (pip install 'ngexp[bench]')")
@@ -495,7 +509,9 @@ def main() -> None:
     command = " ".join(["python scripts/bench_optim.py", *sys.argv[1:]])
     text = markdown(rows, args, device, command.strip(), load_start)
     print(text)
-    out = Path(args.out or f"results/bench_optim_{'gpu' if gpu else 'cpu'}.md")
+    default = list(GPU_MODELS if gpu else CPU_MODELS)
+    named = "" if models == default else "_".join(models) + "_"
+    out = Path(args.out or f"results/bench_optim_{named}{'gpu' if gpu else 'cpu'}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
 

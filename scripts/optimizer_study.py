@@ -8,6 +8,7 @@ command, device and versions.
 
     python scripts/optimizer_study.py autoencoder      # SGD, Adam, K-FAC, EKFAC on the autoencoder
     python scripts/optimizer_study.py lenet5           # the same on LeNet-5 classification
+    python scripts/optimizer_study.py vit --seeds 0,1,2 --epochs 2 --subset 20000   # small ViT
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ STUDIES = {
         "presets": ["lenet5_sgd", "lenet5_kfac", "lenet5_ekfac"],
         "metric": "test/acc",
         "title": "LeNet-5 classification",
+        "loss": "cross-entropy",
+    },
+    "vit": {
+        "presets": ["vit_sgd", "vit_adam", "vit_kfac", "vit_ekfac"],
+        "metric": "test/acc",
+        "title": "small Vision Transformer (model=vit: 7x7 patches, dim 64, 3 blocks)",
         "loss": "cross-entropy",
     },
 }

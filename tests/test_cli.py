@@ -49,7 +49,7 @@ def test_help_into_a_closed_pipe_has_no_traceback() -> None:
     ("optimizer.lr=-1", ["optimizer.lr=-1.0", "> 0"]),
     ("optimizer.lr=abc", ["optimizer.lr=abc", "Float"]),
     ("optimizer.foo=1", ["optimizer.foo", "valid keys:", "momentum"]),
-    ("trainer.precision=fp16", ["trainer.precision='fp16'", "fp32, bf16"]),
+    ("trainer.precision=fp8", ["trainer.precision='fp8'", "fp32, bf16, fp16"]),
     ("trainer.device=tpu", ["trainer.device='tpu'", "auto, cpu, cuda"]),
     ("data.name=cifar11", ["data.name='cifar11'", "cifar10"]),
     ("lr_schedule=warmup", ["lr_schedule='warmup'", "cosine"]),

@@ -44,7 +44,7 @@ SPECS = {
 OPTIONS = (
     "mlp", "lenet300_100", "autoencoder", "lenet5",
     "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
-    "resnet20", "resnet32", "resnet56", "preact_resnet18", "preact_resnet34",
+    "resnet20", "resnet32", "resnet56", "preact_resnet18", "preact_resnet34", "vit",
 )
 
 
@@ -105,6 +105,18 @@ def test_option_trains_one_step(option: str) -> None:
         assert param.grad.abs().sum() > 0, name
 
 
+def vit_params(patches: int, cls: bool, channels: int, patch: int, dim: int, depth: int,
+               hidden: int, classes: int) -> int:
+    """Hand count: patch conv, class token and one position row per token, per block 2
+    LayerNorms, the attention's q/k/v and output projections, the MLP; final LayerNorm, head."""
+    block = 2 * 2 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) \
+        + (dim * hidden + hidden) + (hidden * dim + dim)
+    patch_embedding = channels * patch * patch * dim + dim
+    tokens = patches + cls
+    return (patch_embedding + cls * dim + tokens * dim + depth * block + 2 * dim
+            + dim * classes + classes)
+
+
 @pytest.mark.parametrize(
     ("option", "overrides", "data", "expected"),
     [
@@ -116,6 +128,8 @@ def test_option_trains_one_step(option: str) -> None:
         ("resnet20", (), "cifar10", 269_722),  # "0.27M" of He et al. 2016a, Table 6 (option A)
         ("resnet20", ("model.shortcut=B",), "cifar10", 272_474),  # + 2 projections with BN
         ("preact_resnet18", (), "cifar10", 11_172_170),
+        ("vit", (), "fashion_mnist", vit_params(16, True, 1, 7, 64, 3, 128, 10)),
+        ("vit", ("model.pool=mean",), "cifar10", vit_params(25, False, 3, 7, 64, 3, 128, 10)),
     ],
 )
 def test_parameter_count_known_values(
@@ -339,6 +353,9 @@ def test_channels_last_matches_contiguous(option: str) -> None:
          r"^model\.depth=50 is invalid: expected one of 18, 34$"),
         ("autoencoder", "model.init=zeros",
          r"^model\.init='zeros' is invalid: expected one of sparse"),
+        ("vit", "model.heads=3", r"^model\.dim=64 is invalid: expected a multiple of heads=3$"),
+        ("vit", "model.pool=max", r"^model\.pool='max' is invalid: expected one of cls, mean$"),
+        ("vit", "model.patch_size=0", r"^model\.patch_size=0 is invalid: expected an integer"),
     ],
 )
 def test_bad_config_values(option: str, override: str, message: str) -> None:
@@ -353,6 +370,6 @@ def test_bad_config_values(option: str, override: str, message: str) -> None:
 def test_models_package_registers_schemas() -> None:
     from ngexp.options import REGISTRY
 
-    assert {"mlp", "autoencoder", "lenet5", "vgg", "resnet", "preact_resnet"} <= set(
+    assert {"mlp", "autoencoder", "lenet5", "vgg", "resnet", "preact_resnet", "vit", "gpt"} <= set(
         REGISTRY["model"])
     assert ngexp.models.build_model is build_model

@@ -9,7 +9,8 @@ without anyone remembering to.
 
 To stay fast, runs use tiny data and batches of 8: options and settings outside the data group
 train on 64 synthetic 16x16 images (a model that needs sequences gets synthetic 16x16
-sequences), the data group's own options on the first 256 real examples with the MLP. A run may
+sequences, one that needs token ids this repository's README as text), the data group's own
+options on the first 256 real examples with the MLP. A run may
 also end ``failed(nan ...)`` (a diverging combination, e.g. a ReLU autoencoder at SGD's lr):
 that is a run state, reported without a traceback. Runs go through
 ``ngexp.cli.main`` in this process (the same path as the ``ngexp`` command, without paying
@@ -35,6 +36,7 @@ STEPS = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.eval_batch_size
          "trainer.log_every=1", "trainer.progress=none"]
 SYNTHETIC = ["data=synthetic", "data.shape=[1,16,16]", "data.num_train=64", "data.num_test=16"]
 SEQUENCES = ["data=synthetic", "data.shape=[16,16]", "data.num_train=64", "data.num_test=16"]
+TEXT = ["data=text", f"data.path={CONF.parent / 'README.md'}", "data.bptt=16"]
 #: Settings whose other values only make sense on another machine or change nothing to test.
 MACHINE_SETTINGS = {("data", "download")}
 #: Presets too slow for a 2-core CI (a K-FAC refresh of VGG's 4608-dim factors takes minutes).
@@ -128,7 +130,8 @@ def test_runs_three_steps_or_stops_with_one_line(overrides: list[str], tmp_path:
         overrides = [*overrides, "data.subset=256"]
     rc, err = run(overrides, tmp_path, capsys)
     if rc != 0 and ("does not fit data=synthetic" in err or "needs sequences" in err):
-        overrides = [o for o in overrides if o not in SYNTHETIC] + SEQUENCES
+        data = TEXT if "needs tokens" in err else SEQUENCES
+        overrides = [o for o in overrides if o not in SYNTHETIC] + data
         rc, err = run(overrides, tmp_path / "sequences", capsys)
     summaries = [json.loads(path.read_text()) for path in tmp_path.rglob("summary.json")]
     if rc == 0:

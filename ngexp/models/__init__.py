@@ -9,10 +9,12 @@ from torch import nn
 from ngexp.data.spec import DataSpec
 from ngexp.models import autoencoder as autoencoder
 from ngexp.models import bnlstm as bnlstm
+from ngexp.models import gpt as gpt
 from ngexp.models import lenet as lenet
 from ngexp.models import mlp as mlp
 from ngexp.models import resnet as resnet
 from ngexp.models import vgg as vgg
+from ngexp.models import vit as vit
 
 
 def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:

@@ -7,6 +7,12 @@ One training step is the same whichever optimizer was chosen::
     ... gradient masks, clipping ...
     optimizer.step()                             # pre.step(), then the torch optimizer's step
 
+With a ``torch.amp.GradScaler`` (``trainer.precision=fp16``) the backward pass runs on the
+scaled loss ``scaler.scale(loss)`` (through the preconditioner's backward, which was given the
+scaler at construction as ``grad_scaler=``) and ends with ``scaler.unscale_(optimizer)``, so
+masks, clipping and the preconditioner's step see the true gradients; the step is
+``scaler.step(optimizer)`` (skipped when the gradients overflowed) and ``scaler.update()``.
+
 A preconditioned optimizer from the command line
 (``optimizer=kfac|ekfac|natural_gradient|hessian_free|tonga``)
 gets its torch optimizer from :func:`base_optimizer` (``optimizer.base=sgd|adam|rmsprop`` with
@@ -61,9 +67,11 @@ class TrainingOptimizer:
     """A torch optimizer and an optional preconditioner, stepped together (module docstring)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer,
-                 preconditioner: Preconditioner | None = None) -> None:
+                 preconditioner: Preconditioner | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None) -> None:
         self.optimizer = optimizer
         self.preconditioner = preconditioner
+        self.grad_scaler = grad_scaler
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -77,15 +85,25 @@ class TrainingOptimizer:
         return capture is not None and (capture.active or capture.watch_model)
 
     def backward(self, loss: Tensor, outputs: Tensor, targets: Tensor) -> None:
+        """Fill ``.grad`` with the gradient of ``loss`` (unscaled, with a grad scaler)."""
+        scaler = self.grad_scaler
+        if scaler is not None:
+            loss = scaler.scale(loss)
         if self.preconditioner is None:
             loss.backward()
         else:
             self.preconditioner.backward(loss, outputs, targets)
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
 
     def step(self) -> None:
         if self.preconditioner is not None:
             self.preconditioner.step()
-        self.optimizer.step()
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -105,15 +123,23 @@ class TrainingOptimizer:
             self.preconditioner.restrict_to(keep_masks)
 
     def log_metrics(self) -> dict[str, float]:
-        """``optim/`` scalars of the preconditioner (may synchronize the device)."""
-        return {} if self.preconditioner is None else self.preconditioner.log_metrics()
+        """``optim/`` scalars of the preconditioner and the grad scaler's current scale (may
+        synchronize the device)."""
+        metrics = {} if self.preconditioner is None else self.preconditioner.log_metrics()
+        if self.grad_scaler is not None:
+            metrics["grad_scale"] = self.grad_scaler.get_scale()
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(),
                 "preconditioner": (None if self.preconditioner is None
-                                   else self.preconditioner.state_dict())}
+                                   else self.preconditioner.state_dict()),
+                "grad_scaler": (None if self.grad_scaler is None
+                                else self.grad_scaler.state_dict())}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.preconditioner is not None:
             self.preconditioner.load_state_dict(state["preconditioner"])
+        if self.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])

@@ -27,8 +27,9 @@ import resource
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ from ngexp.train.checkpoint import (
 )
 from ngexp.train.console import ConsoleProgress, format_duration, format_number, summary_table
 from ngexp.train.loggers import Logger, MetricsFile, RunInfo, build_loggers, flat_hparams
+from ngexp.train.precision import autocast, grad_scaler
 
 #: Signals that stop a run with a checkpoint (USR2: SLURM's warning before preemption/time-out).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2")
@@ -180,7 +182,8 @@ class Engine:
             self.callbacks.append(instantiate(cfg.prune, _partial_=True)())
         for callback in self.callbacks:  # e.g. variational gates: parameters to train
             callback.on_model_built(self)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.task)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.task,
+                                         grad_scaler(trainer.precision, self.device))
         # Compiled forward passes; the steps whose forward a preconditioner captures (its
         # statistics, its batch) run the eager model, whose hooks then record.
         self.forward = torch.compile(self.model) if trainer.compile else self.model
@@ -227,9 +230,7 @@ class Engine:
         return self.elapsed_before + time.perf_counter() - self.session_start
 
     def autocast(self) -> AbstractContextManager[Any]:
-        if self.trainer.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.trainer.precision, self.device)
 
     def targets_for(self, inputs: Tensor, targets: Tensor) -> Tensor:
         return inputs.flatten(1) if isinstance(self.task, Reconstruction) else targets
@@ -351,7 +352,7 @@ class Engine:
             if logging_step:
                 self.window_grad_norm = norm.detach()
         self.optimizer.step()
-        self.scheduler.step()
+        self._step_schedule()
         for callback in self.callbacks:
             callback.after_optimizer_step(self)
 
@@ -365,6 +366,18 @@ class Engine:
         self.window_terms.append(self.task.num_terms(targets))
         self.window_steps += 1
         self.step += 1
+
+    def _step_schedule(self) -> None:
+        """Advance the lr schedule: one step per training step, also a step that the grad
+        scaler skipped (torch's warning that a run's first step came before any optimizer
+        step is expected then and not shown)."""
+        if self.step > 0 or self.optimizer.grad_scaler is None:
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before",
+                                    UserWarning)
+            self.scheduler.step()
 
     def _check_finite(self) -> None:
         """Stop the run (``FloatingPointError``) when a training loss of this window was not
