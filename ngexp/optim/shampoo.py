@@ -100,7 +100,7 @@ class Shampoo(torch.optim.Optimizer):
         grad = p.grad
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0, device="cpu")  # on the host: read every step
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             state["graft_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             if p.ndim >= 2:
