@@ -484,3 +484,19 @@ def test_a_step_releases_the_graphs_it_captured(kind) -> None:
         del out
     gc.collect()
     assert [ref() is None for ref in outputs] == [True, True, True]
+
+
+def test_tied_weights_keep_the_plain_gradient_and_are_named() -> None:
+    """An embedding tied to the output layer (one parameter, two layers): no Kronecker block
+    could hold it, so both layers are left out and the coverage report names the parameter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 7))
+    model[3].weight = model[0].weight
+    pre = KFAC(model, fisher_type="empirical")
+    assert pre.coverage.plain == ["0.weight", "3.bias"]
+    assert [layer.name for layer in pre.layers] == ["2"]
+    tokens = torch.randint(0, 7, (8,))
+    TASK.loss(model(tokens), tokens).backward()
+    raw = model[0].weight.grad.clone()
+    pre.step()
+    assert torch.equal(model[0].weight.grad, raw)

@@ -107,7 +107,10 @@ def supported_layers(model: nn.Module) -> list[LayerIO]:
     """Every covered layer of ``model`` whose weight requires grad, by module name:
     Linear/Conv1d/Conv2d/Embedding modules (:func:`covered_by_kronecker`) and the four
     projections of each ``nn.MultiheadAttention`` (:mod:`ngexp.curvature.attention`, which
-    also stand for its ``out_proj`` module)."""
+    also stand for its ``out_proj`` module). A parameter shared by layers of two modules (tied
+    weights, e.g. a language model's embedding and output layer) has no block of its own:
+    those layers are left out, so it keeps the plain gradient (and the coverage report names
+    it)."""
     attention = {name: module for name, module in model.named_modules()
                  if isinstance(module, nn.MultiheadAttention)}
     bypassed = {module.out_proj for module in attention.values()}
@@ -119,7 +122,12 @@ def supported_layers(model: nn.Module) -> list[LayerIO]:
         elif (covered_by_kronecker(module) and module.weight.requires_grad
               and module not in bypassed):
             layers.append(layer_io(name, module))
-    return layers
+    owners: dict[int, set[nn.Module]] = {}
+    for layer in layers:
+        for param in layer.params:
+            owners.setdefault(id(param), set()).add(layer.module)
+    return [layer for layer in layers
+            if all(len(owners[id(param)]) == 1 for param in layer.params)]
 
 
 class Capture:
