@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import ngexp.optim
+from ngexp.cli import main
 from ngexp.data.spec import DataSpec
 from ngexp.errors import IncompatibleData
 from ngexp.models.gpt import GPT
 from ngexp.models.transformer import Block, Encoder
 from ngexp.models.vit import ViT
+from tests.conftest import read_summary, requires_fashion_mnist, run_dirs
 
 FASHION = DataSpec("fashion_mnist", (1, 28, 28), 10, mean=(0.2860,), std=(0.3530,))
 CIFAR = DataSpec("cifar10", (3, 32, 32), 10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -164,3 +168,19 @@ def test_every_parameter_is_preconditioned(preconditioner: str) -> None:
                         (GPT(TEXT, dim=16, heads=2), "language_model")):
         coverage = build(model, task=task).coverage
         assert coverage.plain == [] and coverage.share == 1.0, coverage.plain
+
+
+@requires_fashion_mnist
+@pytest.mark.parametrize("optimizer", ["kfac", "ekfac"])
+def test_vit_learns_fashion_mnist_from_the_cli(optimizer: str, tmp_path: Path) -> None:
+    """``ngexp train model=vit optimizer=kfac|ekfac`` (the ViT presets) on real Fashion-MNIST:
+    60 steps on 4,000 images reach a test accuracy far above chance (0.1), with every
+    parameter preconditioned."""
+    assert main(["train", f"+experiment=vit_{optimizer}", "data.subset=4000",
+                 "trainer.max_steps=60", "trainer.progress=none", "logger=[]",
+                 f"output_root={tmp_path}"]) == 0
+    [run] = run_dirs(tmp_path)
+    summary = read_summary(run)
+    assert summary["status"] == "completed"
+    assert summary["final"]["test/acc"] > 0.4
+    assert "keep the plain gradient" not in (run / "train.log").read_text()
