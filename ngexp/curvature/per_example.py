@@ -109,6 +109,16 @@ def _rows(calls: list[Tensor]) -> Tensor:
     return calls[0] if len(calls) == 1 else torch.cat(calls, dim=2)
 
 
+def last_training_pass(capture: Capture, caller: str) -> int:
+    """The index of the latest forward's last ``training`` pass (``caller`` names the function
+    in the error when there is none)."""
+    training = capture.passes(TRAINING)
+    if not training or not capture.captured_inputs:
+        raise ValueError(f"{caller} needs a capturing forward and a recorded training backward "
+                         f"pass")
+    return training[-1]
+
+
 @dataclass
 class ExampleGradients:
     """Per-example gradient norms of one batch, per Linear/Conv2d layer (nothing else).
@@ -140,11 +150,7 @@ def example_gradients(capture: Capture, pass_index: int | None = None,
     the last ``training`` pass), with ``G_n = scale * u_n`` (default ``scale = B``, for a loss
     averaged over the batch). Tensors stay on the model's device (no host sync)."""
     if pass_index is None:
-        training = capture.passes(TRAINING)
-        if not training or not capture.captured_inputs:
-            raise ValueError("example_gradients needs a capturing forward and a recorded "
-                             "training backward pass")
-        pass_index = training[-1]
+        pass_index = last_training_pass(capture, "example_gradients")
     results = [layer_example_norms(layer, pass_index) for layer in capture.layers]
     batch = max(norms.shape[0] for norms, _ in results)
     factor = float(batch) if scale is None else scale
@@ -174,11 +180,7 @@ def example_gradient_squares(capture: Capture, pass_index: int | None = None,
     :func:`example_gradients` (default ``scale = B``). The diagonal of the empirical Fisher is
     this over ``B``."""
     if pass_index is None:
-        training = capture.passes(TRAINING)
-        if not training or not capture.captured_inputs:
-            raise ValueError("example_gradient_squares needs a capturing forward and a recorded "
-                             "training backward pass")
-        pass_index = training[-1]
+        pass_index = last_training_pass(capture, "example_gradient_squares")
     squares: dict[Tensor, Tensor] = {}
     for layer in capture.layers:
         calls = sorted(layer.grads[pass_index])

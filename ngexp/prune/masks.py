@@ -8,6 +8,7 @@ are applied in place with one fused ``torch._foreach_mul_`` (no host synchroniza
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -21,6 +22,22 @@ PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
 def unwrap(model: nn.Module) -> nn.Module:
     """The eager module behind a ``torch.compile`` wrapper (its parameter names have no prefix)."""
     return getattr(model, "_orig_mod", model)
+
+
+@torch.no_grad()
+def hooked_eval_forward(model: nn.Module, example: Tensor,
+                        hooks: dict[nn.Module, Callable[..., None]]) -> None:
+    """One eval-mode forward of ``example`` with a forward hook on each module of ``hooks``;
+    the hooks are removed and the model's mode restored afterwards."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
 
 
 def param_key(layer: str, kind: str = "weight") -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ngexp.prune.masks import PRUNABLE_TYPES, Masks
+from ngexp.prune.masks import PRUNABLE_TYPES, Masks, hooked_eval_forward
 
 
 @torch.no_grad()
@@ -27,16 +27,8 @@ def output_positions(model: nn.Module, example: Tensor) -> dict[str, int]:
             positions[name] = positions.get(name, 0) + output.numel() // (len(output) * channels)
         return record
 
-    handles = [m.register_forward_hook(hook(name, m)) for name, m in model.named_modules()
-               if isinstance(m, PRUNABLE_TYPES)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    hooked_eval_forward(model, example, {m: hook(name, m) for name, m in model.named_modules()
+                                         if isinstance(m, PRUNABLE_TYPES)})
     return positions
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ngexp.prune.masks import PRUNABLE_TYPES
+from ngexp.prune.masks import PRUNABLE_TYPES, hooked_eval_forward
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -105,17 +105,9 @@ def call_order(model: nn.Module, example: Tensor) -> list[str]:
     """Names of the Linear/Conv2d/batch-norm modules in the order an eval-mode forward of
     ``example`` calls them (a module called twice appears twice)."""
     order: list[str] = []
-    handles = [module.register_forward_hook(lambda *_, name=name: order.append(name))
-               for name, module in model.named_modules()
-               if isinstance(module, (*PRUNABLE_TYPES, *NORMS))]
-    was_training = model.training
-    try:
-        model.eval()
-        model(example)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    hooked_eval_forward(model, example, {
+        module: lambda *_, name=name: order.append(name)
+        for name, module in model.named_modules() if isinstance(module, (*PRUNABLE_TYPES, *NORMS))})
     return order
 
 
