@@ -504,17 +504,22 @@ def launch_job(cfg: Any, choices: dict[str, str | None], runtime: Any, job_dir: 
         raise SystemExit(code)
 
 
+class ConsoleFormatter(logging.Formatter):
+    """``ngexp: warning: message`` (the level in lower case, like ``ngexp: error:``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"ngexp: {record.levelname.lower()}: {record.getMessage()}"
+
+
 def configure_logging() -> None:
     """ngexp's warnings on stderr as ``ngexp: warning: ...``, its info records only in a run's
     ``train.log``; never through Hydra's ``[HYDRA]`` root handler."""
-    import logging
-
     log = logging.getLogger("ngexp")
     log.propagate = False
     if not any(getattr(h, "ngexp_console", False) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setLevel(logging.WARNING)
-        handler.setFormatter(logging.Formatter("ngexp: %(levelname)s: %(message)s"))
+        handler.setFormatter(ConsoleFormatter())
         handler.ngexp_console = True  # type: ignore[attr-defined]
         log.addHandler(handler)
 

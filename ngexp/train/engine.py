@@ -588,6 +588,9 @@ class Engine:
         (disk full, permissions) ends the run as ``failed(io: ...)``."""
         main = self.world.is_main
         run_log = attach_run_log(self.run_dir / "train.log") if main else None
+        preconditioner = self.optimizer.preconditioner
+        if preconditioner is not None:  # said when it was built, before train.log was open
+            log.info("%s", preconditioner.coverage.describe(type(preconditioner).__name__))
         resumed = bool(comm.broadcast_int(int(any((self.run_dir / "checkpoints").glob("*.pt")))))
         if resumed:
             self._resume()
