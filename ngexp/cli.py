@@ -25,8 +25,6 @@ COMMANDS = {
 }
 GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune", "logger", "callbacks", "experiment",
           "hydra/launcher")
-#: Groups whose value is a list of options (``logger=[tensorboard,csv]``).
-LIST_GROUPS = ("logger", "callbacks")
 #: Launcher presets and the plugin each needs.
 LAUNCHER_PLUGINS = {"joblib": "parallel", "submitit_slurm": "slurm", "submitit_local": "slurm"}
 #: Sweeper plugins and the extra that brings each.
@@ -531,7 +529,7 @@ def train_command(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
         print(train_help())
         return 0
-    if "--help" not in args and not any(arg.startswith(("--cfg", "-c", "--info")) for arg in args):
+    if not any(arg.startswith(("--cfg", "-c", "--info")) for arg in args):
         overrides = [arg for arg in args if not arg.startswith("-")]
         try:
             validate_overrides(overrides)
