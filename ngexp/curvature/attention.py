@@ -43,15 +43,18 @@ class ProjectionIO(LayerIO):
     def __init__(self, name: str, module: nn.MultiheadAttention, role: str, weight: nn.Parameter,
                  bias: nn.Parameter | None, rows: slice | None, bias_rows: slice | None,
                  weight_name: str) -> None:
-        self.name, self.module, self.role = name, module, role
+        self.role = role
         self._weight, self._bias, self._weight_name = weight, bias, weight_name
         self.rows, self.bias_rows = rows, bias_rows
+        super().__init__(name, module)
+
+    def read_shape(self) -> None:
+        rows = self.rows
         self.groups = 1
-        self.fan_in = weight.shape[1]
-        self.out_dim = weight.shape[0] if rows is None else rows.stop - rows.start
-        self.has_bias = bias is not None
+        self.fan_in = self._weight.shape[1]
+        self.out_dim = self._weight.shape[0] if rows is None else rows.stop - rows.start
+        self.has_bias = self._bias is not None
         self.in_dim = self.fan_in + int(self.has_bias)
-        self.records = []
 
     @property
     def weight(self) -> nn.Parameter:
@@ -79,9 +82,6 @@ class ProjectionIO(LayerIO):
 
     def write_bias(self, target: Tensor, vector: Tensor) -> None:
         self.bias_vector(target)[0].copy_(vector[0])
-
-    def features(self, x: Tensor) -> Tensor:
-        return x.reshape(x.shape[0], -1, 1, x.shape[-1]).float()
 
     @staticmethod
     def attach(module: nn.Module, layers: list[LayerIO], on_call: OnCall,

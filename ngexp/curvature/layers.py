@@ -62,7 +62,8 @@ class LayerIO:
         self.records: list[LayerRecord] = []
 
     def read_shape(self) -> None:
-        """Read the layer's dimensions from its module (again after pruning removed units)."""
+        """Read the layer's dimensions from its module (again after pruning removed units);
+        each layer kind reads its own."""
         module = self.module
         if isinstance(module, CONVOLUTIONS):
             self.groups = module.groups
@@ -235,11 +236,10 @@ class EmbeddingIO(LayerIO):
     2015's K-FAC of a lookup table; a ``padding_idx`` row gets no gradient, so its tokens give
     zero rows)."""
 
-    def __init__(self, name: str, module: nn.Embedding) -> None:  # noqa: D107
-        self.name, self.module = name, module
+    def read_shape(self) -> None:
+        module = self.module
         self.groups, self.fan_in, self.out_dim = 1, module.num_embeddings, module.embedding_dim
         self.has_bias, self.in_dim = False, module.num_embeddings
-        self.records = []
 
     def weight_matrix(self, weight: Tensor) -> Tensor:
         return weight.T[None]
@@ -272,12 +272,11 @@ class NormIO(LayerIO):
     otherwise). The channel axis is the last ``len(normalized_shape)`` axes for LayerNorm and
     axis 1 otherwise."""
 
-    def __init__(self, name: str, module: nn.Module) -> None:  # noqa: D107
-        self.name, self.module = name, module
+    def read_shape(self) -> None:
+        module = self.module
         self.groups, self.fan_in, self.out_dim = module.weight.numel(), 1, 1
         self.has_bias = module.bias is not None
         self.in_dim = 1 + int(self.has_bias)
-        self.records = []
 
     def weight_matrix(self, weight: Tensor) -> Tensor:
         return weight.reshape(self.groups, 1, 1)

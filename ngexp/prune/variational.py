@@ -393,13 +393,9 @@ class VariationalPruner(Callback):
         optimizer = getattr(self.trainer, "optimizer", None)
         if optimizer is None:
             return
-        if optimizer.preconditioner is not None:
-            modules = dict(self.model.named_modules())
-            changed = {id(modules[link.consumer]) for link in (self.links or {}).values()}
-            changed |= {id(layer) for layer in self.layers.values()}
+        if optimizer.preconditioner is not None:  # every kind: batch norms shrink too
             for layer in optimizer.preconditioner.capture.layers:
-                if id(layer.module) in changed:
-                    layer.read_shape()
+                layer.read_shape()
         if reset:
             optimizer.reset_state()
 
