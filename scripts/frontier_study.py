@@ -11,6 +11,7 @@ the report) and the report's files in ``results/frontier_<workload>/``.
 
     python scripts/frontier_study.py autoencoder      # about an hour on 2 CPU cores
     python scripts/frontier_study.py lenet5
+    python scripts/frontier_study.py mlp --optimizers sgd,adam,kfac,ekfac,tonga,hessian_free
     python scripts/frontier_study.py autoencoder --trials 2 --subset 512 --epochs 1 \\
         --seeds 0,1 --optimizers adam,kfac,muon --out /tmp/frontier   # a smoke test
 """
@@ -37,6 +38,12 @@ WORKLOADS = {
         "objective": "train/loss",  # the K-FAC papers' measure: training loss
         "presets": {"sgd", "adam", "kfac", "ekfac"},
     },
+    "mlp": {
+        "title": "MLP 784-512-256-10 (ReLU) on Fashion-MNIST (5000 training images held out)",
+        "base": ["model=mlp", "data=fashion_mnist", "data.val_size=5000", "lr_schedule=cosine"],
+        "objective": "val/loss",
+        "presets": set(),
+    },
     "lenet5": {
         "title": "LeNet-5 on Fashion-MNIST (5000 training images held out for validation)",
         "base": ["model=lenet5", "data=fashion_mnist", "data.val_size=5000",
@@ -59,6 +66,12 @@ SPACES = {
                 f"optimizer.eps={LR.format(1e-12, 1e-4)}"],
     "soap": [f"optimizer.lr={LR.format(1e-5, 1e-1)}", f"optimizer.eps={LR.format(1e-10, 1e-3)}"],
     "muon": [f"optimizer.lr={LR.format(1e-3, 0.3)}", f"optimizer.adam_lr={LR.format(1e-5, 1e-1)}"],
+    # the seed papers' methods (issue 22): TONGA on SGD, Hessian-free's CG step (lr 1 as
+    # published, so the search scales it down at most 10x) with its initial LM damping
+    "tonga": [f"optimizer.lr={LR.format(1e-3, 3.0)}",
+              f"optimizer.damping={LR.format(1e-2, 30.0)}"],
+    "hessian_free": [f"optimizer.lr={LR.format(0.1, 1.0)}",
+                     f"optimizer.damping={LR.format(1e-3, 10.0)}"],
 }
 
 

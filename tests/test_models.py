@@ -221,6 +221,16 @@ def test_vgg_head_widths() -> None:
     assert model(torch.rand(3, 3, 32, 32)).shape == (3, 10)
 
 
+def test_vgg_width_scales_every_convolution() -> None:
+    model = VGG(SPECS["cifar10"], 11, batch_norm=True, width=0.25)
+    convs = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)]
+    assert convs == [16, 32, 64, 64, 128, 128, 128, 128]
+    norms = [m.num_features for m in model.features if isinstance(m, nn.BatchNorm2d)]
+    assert norms == convs and model.classifier[0].in_features == 128
+    model.eval()
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_standardize_images_matches_torchvision() -> None:
     spec = SPECS["cifar10"]
     x = torch.rand(4, 3, 5, 5)

@@ -1,4 +1,5 @@
-"""VGG-11/13/16/19 (Simonyan & Zisserman 2015) for 32x32 images, with or without batch norm."""
+"""VGG-11/13/16/19 (Simonyan & Zisserman 2015) for 32x32 images, with or without batch norm,
+at full or reduced width."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ VGG_LAYERS: dict[int, tuple[int | str, ...]] = {
 }
 
 
-def check_vgg(head_widths: Sequence[int], **_: object) -> None:
+def check_vgg(head_widths: Sequence[int], width: float = 1.0, **_: object) -> None:
     check(all(isinstance(w, int) and w >= 1 for w in head_widths), "head_widths",
           list(head_widths), "a list of integers >= 1")
+    check(isinstance(width, (int, float)) and not isinstance(width, bool) and 0 < width <= 4,
+          "width", width, "a number in (0, 4], the factor on every convolution's channels")
 
 
 @configurable("model", "vgg")
@@ -39,6 +42,8 @@ class VGG(nn.Module):
     ``[512, 512]`` gives the 512-512-classes head of chengyangfu/pytorch-vgg-cifar10 (without
     its dropout).
     The ImageNet 4096-4096 head is not provided. Output logits ``(N, num_classes)``.
+    ``width`` multiplies every convolution's channel count (rounded, at least 1): ``0.25`` is a
+    small VGG (16 ... 128 channels) for CPU-scale studies.
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class VGG(nn.Module):
         depth: Literal[11, 13, 16, 19] = 16,
         batch_norm: bool = False,
         head_widths: Sequence[int] = (),
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         require_data(spec, "VGG", ("image",))
@@ -57,12 +63,13 @@ class VGG(nn.Module):
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
                 continue
-            layers.append(nn.Conv2d(in_channels, item, kernel_size=3, padding=1,
+            channels = max(1, round(item * width))
+            layers.append(nn.Conv2d(in_channels, channels, kernel_size=3, padding=1,
                                     bias=not batch_norm))
             if batch_norm:
-                layers.append(nn.BatchNorm2d(item))
+                layers.append(nn.BatchNorm2d(channels))
             layers.append(nn.ReLU())
-            in_channels = item
+            in_channels = channels
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = dense_stack(
