@@ -11,6 +11,7 @@ the report) and the report's files in ``results/frontier_<workload>/``.
 
     python scripts/frontier_study.py autoencoder      # about an hour on 2 CPU cores
     python scripts/frontier_study.py lenet5
+    python scripts/frontier_study.py vit
     python scripts/frontier_study.py mlp --optimizers sgd,adam,kfac,ekfac,tonga,hessian_free
     python scripts/frontier_study.py autoencoder --trials 2 --subset 512 --epochs 1 \\
         --seeds 0,1 --optimizers adam,kfac,muon --out /tmp/frontier   # a smoke test
@@ -36,6 +37,13 @@ WORKLOADS = {
         "title": "Deep autoencoder (784-1000-500-250-30, Martens & Grosse 2015 Sec. 13)",
         "base": ["model=autoencoder", "data=fashion_mnist", "lr_schedule=cosine"],
         "objective": "train/loss",  # the K-FAC papers' measure: training loss
+        "presets": {"sgd", "adam", "kfac", "ekfac"},
+    },
+    "vit": {
+        "title": "small Vision Transformer (model=vit: 7x7 patches, dim 64, 3 blocks; 5000 "
+                 "training images held out)",
+        "base": ["model=vit", "data=fashion_mnist", "data.val_size=5000", "lr_schedule=cosine"],
+        "objective": "val/loss",
         "presets": {"sgd", "adam", "kfac", "ekfac"},
     },
     "mlp": {

@@ -16,6 +16,7 @@ are skipped when the script runs again):
 Writes a Markdown file with the commands, device and versions.
 
     python scripts/variational_prune_study.py                      # the full study (GPU-scale)
+    python scripts/variational_prune_study.py --subset 10000 --epochs 5 --vgg-width 0.25  # CPU
     python scripts/variational_prune_study.py --tiny               # a smoke run of every path
 """
 
@@ -99,13 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--subset", type=int, default=None, help="first N training images")
+    parser.add_argument("--vgg-width", type=float, default=1.0,
+                        help="model.width of the VGG (0.25: a small VGG for CPU-scale runs)")
     parser.add_argument("--tiny", action="store_true",
                         help="a smoke run: 1 seed, 512 examples, a few steps, LeNet-5 and MLP")
     parser.add_argument("--output-root", type=Path, default=REPO / "results" / "runs")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "variational_pruning.md")
     args = parser.parse_args(argv)
-    budget = [f"trainer.epochs={args.epochs}"]
-    models = {"LeNet-5": ["model=lenet5"], "VGG-11-BN": ["model=vgg11_bn"]}
+    budget = [f"trainer.epochs={args.epochs}",
+              *([f"data.subset={args.subset}"] if args.subset else [])]
+    models = {"LeNet-5": ["model=lenet5"],
+              f"VGG-11-BN x{args.vgg_width:g}": ["model=vgg11_bn", f"model.width={args.vgg_width}"]}
     scales, widths = (0.5, 1.0, 2.0), ([300, 100], [600, 200], [1200, 400])
     if args.tiny:
         args.seeds = args.seeds[:1]
