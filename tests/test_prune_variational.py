@@ -324,6 +324,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path: Path, preset: str, optim
                  "data.labels=linear", f"optimizer={optimizer}", f"prune={preset}",
                  f"prune.kl_weight={kl_weight}",
                  "prune.fix_every=4", "prune.fix_below=0.3", "prune.init_pi=0.6",
+                 "prune.kl_warmup_steps=0",
                  "trainer.batch_size=16", "trainer.epochs=4", "trainer.progress=none",
                  "trainer.log_every=2", "trainer.deterministic=true"]
     choices = {"model": "mlp"}
@@ -362,7 +363,7 @@ def test_command_line_run_on_fashion_mnist_learns_and_prunes(tmp_path: Path) -> 
     from ngexp.cli import main
 
     code = main(["train", "model=lenet5", "prune=variational_bernoulli", "data.subset=2000",
-                 "trainer.max_steps=75", "prune.kl_weight=10", "prune.fix_every=15",
+                 "trainer.max_steps=75", "prune.fix_every=15",
                  "trainer.progress=none", f"output_root={tmp_path}"])
     assert code in (0, None)
     [run] = run_dirs(tmp_path)
