@@ -175,6 +175,33 @@ class Net(nn.Module):
         return self.out(torch.relu(self.hidden(self.norm(x))))
 
 
+@pytest.mark.parametrize("shape", [(6, 12), (12, 6), (5, 5)])
+def test_newton_schulz_in_float32_is_the_float64_iteration_and_close_to_torch(
+        shape: tuple[int, int]) -> None:
+    """``ns_dtype=float32`` (the CPU's ``auto``) runs the same iteration as torch's bfloat16 one
+    at float32 precision: equal to it run in float64 to 1e-5, within bfloat16's rounding of
+    torch's result, and it leaves its input (the momentum buffer without Nesterov) alone."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _zeropower_via_newtonschulz
+
+    from ngexp.optim.muon import newton_schulz, newton_schulz_dtype
+
+    torch.manual_seed(0)
+    matrix = torch.randn(shape)
+    before = matrix.clone()
+    abc = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+    ours = newton_schulz(matrix, abc, 5, 1e-7, torch.float32)
+    exact = newton_schulz(matrix.double(), abc, 5, 1e-7, torch.float64)
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, _zeropower_via_newtonschulz(matrix, abc, 5, 1e-7).float(),
+                               rtol=0.05, atol=0.05)
+    assert torch.equal(newton_schulz(matrix, abc, 5, 1e-7, torch.bfloat16),
+                       _zeropower_via_newtonschulz(matrix, abc, 5, 1e-7))
+    assert torch.equal(matrix, before)
+    assert newton_schulz_dtype("auto", torch.device("cpu")) == torch.float32
+    assert newton_schulz_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert newton_schulz_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
 def test_muon_splits_the_parameters_by_the_usual_rule() -> None:
     muon, adam = split_parameters(Net())
     assert muon == ["conv.weight", "hidden.weight"]
@@ -191,7 +218,8 @@ def test_muon_steps_equal_torch_muon_and_adamw() -> None:
     grads = fixed_grads([p.shape for p in model.parameters()], 4)
     grads = [[g.float() for g in step] for step in grads]
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = Muon(model, lr=0.05, weight_decay=0.1, adam_lr=0.01, adam_weight_decay=0.2)
+    optimizer = Muon(model, lr=0.05, weight_decay=0.1, adam_lr=0.01, adam_weight_decay=0.2,
+                     ns_dtype="bfloat16")
     run(optimizer, list(model.parameters()), grads)
 
     muon_names, adam_names = split_parameters(model)
