@@ -9,7 +9,14 @@ from curvlinops import KFACLinearOperator
 from torch import Tensor, nn
 
 from ngexp.curvature import layers as layers_module
-from ngexp.curvature.capture import SAMPLED, TRAINING, Capture, LayerIO, backward_sampled
+from ngexp.curvature.capture import (
+    SAMPLED,
+    TRAINING,
+    Capture,
+    LayerIO,
+    backward_sampled,
+    layer_io,
+)
 from ngexp.curvature.kronecker import (
     PassGroup,
     eigenbasis_moments,
@@ -62,7 +69,7 @@ def test_conv_patches_reproduce_the_convolution(options: dict) -> None:
     and group blocks agree with Conv2d's own."""
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, kernel_size=(3, 2), **options)
-    layer = LayerIO("conv", conv)
+    layer = layer_io("conv", conv)
     x = torch.randn(2, 4, 9, 8)
     rows = layer.input_rows(x)
     matrix = layer.matrix(conv.weight, conv.bias)
@@ -79,7 +86,7 @@ def test_conv_input_moment_equals_the_gram_matrix_of_the_patches(options: dict,
     layout of the input (channels-last too)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, kernel_size=kernel, **options)
-    layer = LayerIO("conv", conv)
+    layer = layer_io("conv", conv)
     x = torch.randn(3, 4, 11, 10, dtype=torch.float64)
     rows = layer.input_rows(x).double()
     expected = torch.einsum("bpgi,bpgj->gij", rows, rows)

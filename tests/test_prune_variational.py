@@ -27,15 +27,14 @@ from torch.distributions import (
 from ngexp.callbacks import Callback
 from ngexp.curvature.tasks import build_task
 from ngexp.optim.training import TrainingOptimizer
-from ngexp.prune.variational import (
-    SpikeAndSlab,
-    VariationalBernoulli,
+from ngexp.prune.gates import (
     bernoulli_kl,
     beta_log_prob_logit,
     concrete,
     gaussian_kl,
     scale_mixture_log_prob,
 )
+from ngexp.prune.variational import SpikeAndSlab, VariationalBernoulli
 from tests.conftest import compose, read_summary, requires_fashion_mnist, run_dirs
 
 # ---------------------------------------------------------------------------- closed forms

@@ -2,11 +2,13 @@
 the curvature pruning criteria, per-example gradient statistics).
 
 - :mod:`~ngexp.curvature.layers`: the covered layer kinds as affine maps (Linear, Conv1d/2d,
-  Embedding, LayerNorm/GroupNorm/BatchNorm scale and shift) and how each is hooked;
+  Embedding, LayerNorm/GroupNorm/BatchNorm scale and shift): shapes, weight layouts, rows;
   :mod:`~ngexp.curvature.attention`: ``nn.MultiheadAttention``'s four projections;
-- :mod:`~ngexp.curvature.capture`: one layer-I/O capture by hooks (layers called several times
-  per forward, several forwards per step for gradient accumulation, a GradScaler's scale
-  divided out), with backward passes recorded by kind (training, sampled);
+- :mod:`~ngexp.curvature.capture`: one layer-I/O capture (layers called several times per
+  forward, several forwards per step for gradient accumulation, a GradScaler's scale divided
+  out), with backward passes recorded by kind (training, sampled); its parts:
+  :mod:`~ngexp.curvature.hooks` (the hooks, per layer kind) and
+  :mod:`~ngexp.curvature.records` (the records kept and the accumulation policy);
 - :mod:`~ngexp.curvature.coverage`: which parameters an estimate covers, reported once;
 - :mod:`~ngexp.curvature.tasks`: losses, sampled targets, output Hessians and their factors;
 - :mod:`~ngexp.curvature.kronecker`: Kronecker factors, EKFAC's eigenbasis scaling, K-FAC/EKFAC

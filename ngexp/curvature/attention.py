@@ -44,29 +44,15 @@ class ProjectionIO(LayerIO):
                  bias: nn.Parameter | None, rows: slice | None, bias_rows: slice | None,
                  weight_name: str) -> None:
         self.role = role
-        self._weight, self._bias, self._weight_name = weight, bias, weight_name
         self.rows, self.bias_rows = rows, bias_rows
-        super().__init__(name, module)
+        super().__init__(name, module, weight=weight, bias=bias, weight_name=weight_name)
 
     def read_shape(self) -> None:
         rows = self.rows
         self.groups = 1
-        self.fan_in = self._weight.shape[1]
-        self.out_dim = self._weight.shape[0] if rows is None else rows.stop - rows.start
-        self.has_bias = self._bias is not None
+        self.fan_in = self.weight.shape[1]
+        self.out_dim = self.weight.shape[0] if rows is None else rows.stop - rows.start
         self.in_dim = self.fan_in + int(self.has_bias)
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self._weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self._bias
-
-    @property
-    def weight_name(self) -> str:
-        return self._weight_name
 
     def weight_matrix(self, weight: Tensor) -> Tensor:
         return (weight if self.rows is None else weight[self.rows])[None]
@@ -82,26 +68,6 @@ class ProjectionIO(LayerIO):
 
     def write_bias(self, target: Tensor, vector: Tensor) -> None:
         self.bias_vector(target)[0].copy_(vector[0])
-
-    @staticmethod
-    def attach(module: nn.Module, layers: list[LayerIO], on_call: OnCall,
-               enabled: Callable[[nn.Module], bool]) -> list[RemovableHandle]:
-        """Record the projection calls of each forward of ``module`` while ``enabled``."""
-        assert isinstance(module, nn.MultiheadAttention)
-        calls = ProjectionCalls([layer for layer in layers if isinstance(layer, ProjectionIO)],
-                                on_call)
-
-        def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if enabled(module):
-                query = args[0] if args else kwargs["query"]
-                calls.batch = batch_size(module, query)
-                calls.__enter__()
-
-        def leave(*_: Any) -> None:
-            calls.__exit__()
-
-        return [module.register_forward_pre_hook(enter, with_kwargs=True),
-                module.register_forward_hook(leave, always_call=True)]
 
 
 def attention_blocks(name: str, module: nn.MultiheadAttention) -> list[ProjectionIO]:
@@ -122,6 +88,26 @@ def attention_blocks(name: str, module: nn.MultiheadAttention) -> list[Projectio
     blocks.append(ProjectionIO(f"{prefix}out", module, "out", out.weight, out.bias, None, None,
                                f"{prefix}out_proj.weight"))
     return blocks
+
+
+def attach_projections(module: nn.MultiheadAttention, layers: list[LayerIO], on_call: OnCall,
+                       enabled: Callable[[nn.Module], bool]) -> list[RemovableHandle]:
+    """Record the projection calls of each forward of ``module`` while ``enabled(module)``:
+    :class:`ProjectionCalls` entered by a pre-hook, left by a hook that runs always."""
+    calls = ProjectionCalls([layer for layer in layers if isinstance(layer, ProjectionIO)],
+                            on_call)
+
+    def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if enabled(module):
+            query = args[0] if args else kwargs["query"]
+            calls.batch = batch_size(module, query)
+            calls.__enter__()
+
+    def leave(*_: Any) -> None:
+        calls.__exit__()
+
+    return [module.register_forward_pre_hook(enter, with_kwargs=True),
+            module.register_forward_hook(leave, always_call=True)]
 
 
 class ProjectionCalls:

@@ -79,7 +79,7 @@ def diagonal_ggn(model: nn.Module, task: Task, batches: Iterable[tuple[Tensor, T
                                  f"{tuple(outputs.shape)}; use prune.criterion=kfac or ekfac")
             terms += task.num_terms(targets)
             used = [layer for layer in capture.layers if layer.inputs]
-            layer_outputs = [out for layer in used for out in layer.outputs]
+            layer_outputs = [out for layer in used for out in layer.record.outputs]
             features = {layer.name: torch.cat([layer.features(x) for x in layer.inputs], 1)
                         for layer in used}
             for block in task.hessian_factor(outputs.detach(), COLUMNS_PER_PASS):

@@ -1,16 +1,23 @@
 """The layer kinds the curvature capture covers, each as ``groups`` affine maps ``s = [W | b]
 [a; 1]`` from input rows ``a`` to output rows ``s``, and what one forward recorded of a layer.
 
-- :class:`LayerIO`: ``nn.Linear`` (a row is the last dimension of a ``(B, *, D)`` input),
-  ``nn.Conv1d``/``nn.Conv2d`` (the input patch of one output position; KFC, Grosse & Martens
-  2016), one block per channel group;
-- :class:`EmbeddingIO`: ``nn.Embedding``, a linear map of one-hot rows;
-- :mod:`ngexp.curvature.attention`: the four projections of ``nn.MultiheadAttention``.
+One class per kind (kfac-pytorch's per-layer-type helpers), each with one job: reading its
+module's layout. :class:`LayerIO` is the base and ``nn.Linear`` itself (a row is the last
+dimension of a ``(B, *, D)`` input); :class:`ConvIO` is ``nn.Conv1d``/``nn.Conv2d`` (a row is
+the input patch of one output position, KFC, Grosse & Martens 2016; one block per channel
+group); :class:`EmbeddingIO` is ``nn.Embedding`` (a linear map of one-hot rows);
+:class:`NormIO` the scale and shift of a norm layer; :mod:`ngexp.curvature.attention` holds the
+four projections of ``nn.MultiheadAttention``. A kind knows
 
-A layer kind knows its weight layout (:meth:`LayerIO.weight_matrix` and its inverses), its
-input rows (:meth:`LayerIO.features`) and output-gradient rows (:meth:`LayerIO.grad_rows`),
-and how its module is hooked (:meth:`LayerIO.attach`); :mod:`ngexp.curvature.capture` does
-the recording.
+- its shape (:meth:`LayerIO.read_shape`: ``groups``, ``fan_in``, ``out_dim``, ``in_dim``);
+- its weight layout: :meth:`LayerIO.matrix` ``[W | b] (groups, out_dim, in_dim)`` of weight- and
+  bias-shaped tensors, and its inverses (:meth:`LayerIO.split`, :meth:`LayerIO.write_weight`);
+- its rows: input rows without (:meth:`LayerIO.features`) and with the homogeneous coordinate
+  (:meth:`LayerIO.input_rows`), output-gradient rows (:meth:`LayerIO.grad_rows`).
+
+What the capture recorded of the layer is a list of :class:`LayerRecord` (one per kept forward,
+:attr:`LayerIO.records`), written by :mod:`ngexp.curvature.records`; how a kind's module is
+hooked is :mod:`ngexp.curvature.hooks`.
 """
 
 from __future__ import annotations
@@ -18,12 +25,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
@@ -50,30 +55,33 @@ class LayerRecord:
 
 
 class LayerIO:
-    """One Linear/Conv1d/Conv2d module as ``groups`` affine maps, and what the capture recorded
-    of it: one :class:`LayerRecord` per kept forward (:attr:`records`); :attr:`inputs`,
-    :attr:`outputs` and :attr:`grads` are the latest record's.
+    """One layer as ``groups`` affine maps (``nn.Linear`` itself; the other kinds subclass it)
+    and what the capture recorded of it: one :class:`LayerRecord` per kept forward
+    (:attr:`records`); :attr:`record` is the latest, :attr:`inputs` and :attr:`grads` its own.
+
+    The layer reads its module's ``weight`` and ``bias``, or, when ``weight`` is given, the
+    ``weight`` and ``bias`` given (a block of another module's parameter, named
+    ``weight_name``: the attention projections).
     """
 
-    def __init__(self, name: str, module: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
+    def __init__(self, name: str, module: nn.Module, *, weight: nn.Parameter | None = None,
+                 bias: nn.Parameter | None = None, weight_name: str | None = None) -> None:
         self.name = name
         self.module = module
-        self.read_shape()
+        own = weight is None
+        self.weight: nn.Parameter = module.weight if own else weight
+        self.bias: nn.Parameter | None = getattr(module, "bias", None) if own else bias
+        self.has_bias = self.bias is not None
+        self.params: list[nn.Parameter] = [self.weight] + ([self.bias] if self.has_bias else [])
+        self.weight_name = weight_name or (f"{name}.weight" if name else "weight")
         self.records: list[LayerRecord] = []
+        self.read_shape()
 
     def read_shape(self) -> None:
         """Read the layer's dimensions from its module (again after pruning removed units);
         each layer kind reads its own."""
-        module = self.module
-        if isinstance(module, CONVOLUTIONS):
-            self.groups = module.groups
-            self.fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-            self.out_dim = module.out_channels // module.groups
-        else:
-            self.groups = 1
-            self.fan_in = module.in_features
-            self.out_dim = module.out_features
-        self.has_bias = module.bias is not None
+        linear = self.module
+        self.groups, self.fan_in, self.out_dim = 1, linear.in_features, linear.out_features
         self.in_dim = self.fan_in + int(self.has_bias)
 
     @property
@@ -86,46 +94,8 @@ class LayerIO:
         return self.record.inputs
 
     @property
-    def outputs(self) -> list[Tensor]:
-        return self.record.outputs
-
-    @property
     def grads(self) -> list[dict[int, Tensor]]:
         return self.record.grads
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.module.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self.module.bias if self.has_bias else None
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [self.weight] + ([self.bias] if self.bias is not None else [])
-
-    @property
-    def weight_name(self) -> str:
-        return f"{self.name}.weight" if self.name else "weight"
-
-    def clear(self) -> None:
-        for record in self.records:
-            record.release()
-        self.records.clear()
-
-    @staticmethod
-    def attach(module: nn.Module, layers: list[LayerIO], on_call: OnCall,
-               enabled: Callable[[nn.Module], bool]) -> list[RemovableHandle]:
-        """Hook ``module`` so that each of its calls reports to ``on_call`` while
-        ``enabled(module)``; ``layers`` are the blocks of this kind that read ``module``."""
-        (layer,) = layers
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            if enabled(module):
-                on_call(layer, args[0], output, None)
-
-        return [module.register_forward_hook(hook)]
 
     # ------------------------------------------------------------------ layouts
     def weight_matrix(self, weight: Tensor) -> Tensor:
@@ -166,23 +136,11 @@ class LayerIO:
         bias = matrix[..., self.fan_in].reshape(self.bias.shape) if self.bias is not None else None
         return weight, bias
 
-    def gradient_matrix(self) -> Tensor | None:
-        """``[dW | db]`` of the parameters' ``.grad`` in float32 (``None`` without a weight
-        gradient; a missing bias gradient counts as zero)."""
-        weight, bias = self.weight, self.bias
-        if weight.grad is None:
-            return None
-        bias_grad = None
-        if bias is not None:
-            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-        return self.matrix(weight.grad, bias_grad).float()
-
+    # ------------------------------------------------------------------ rows
     def features(self, x: Tensor) -> Tensor:
         """Input rows without the homogeneous coordinate, float32: ``(B, P, groups, fan_in)``,
         ``P`` the weight-sharing positions (conv output positions, extra Linear dims; 1 for
         ``(B, D)`` inputs)."""
-        if isinstance(self.module, CONVOLUTIONS):
-            return self._patches(x).float()
         return x.reshape(x.shape[0], -1, 1, x.shape[-1]).float()
 
     def input_rows(self, x: Tensor) -> Tensor:
@@ -194,27 +152,42 @@ class LayerIO:
 
     def grad_rows(self, grad: Tensor) -> Tensor:
         """Rows of one call's output gradient, float32: ``(B, P, groups, out_dim)``."""
+        return grad.reshape(grad.shape[0], -1, 1, grad.shape[-1]).float()
+
+
+class ConvIO(LayerIO):
+    """``nn.Conv1d``/``nn.Conv2d`` as ``groups`` affine maps (one per channel group) of the input
+    patches of its output positions: ``fan_in = C_in / groups * prod(kernel)``, ``out_dim =
+    C_out / groups``, ``P`` = the output positions."""
+
+    def read_shape(self) -> None:
+        conv = self.module
+        self.groups = conv.groups
+        self.fan_in = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+        self.out_dim = conv.out_channels // conv.groups
+        self.in_dim = self.fan_in + int(self.has_bias)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self._patches(x).float()
+
+    def grad_rows(self, grad: Tensor) -> Tensor:
         batch = grad.shape[0]
-        if isinstance(self.module, CONVOLUTIONS):
-            return grad.reshape(batch, self.groups, self.out_dim, -1).permute(0, 3, 1, 2).float()
-        return grad.reshape(batch, -1, 1, grad.shape[-1]).float()
+        return grad.reshape(batch, self.groups, self.out_dim, -1).permute(0, 3, 1, 2).float()
 
     def padded(self, x: Tensor) -> Tensor:
-        """A convolution's input ``(B, C, *spatial)`` with the convolution's padding applied."""
+        """The input ``(B, C, *spatial)`` with the convolution's padding applied."""
         conv = self.module
-        assert isinstance(conv, CONVOLUTIONS)
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or any(conv.padding):
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
         return x
 
     def _patches(self, x: Tensor) -> Tensor:
-        """Conv input patches ``(B, L, groups, fan_in)``, channel-major like the weight: strided
+        """Input patches ``(B, L, groups, fan_in)``, channel-major like the weight: strided
         views of the (padded) input, then one copy into that layout (cheaper than ``unfold``
         followed by a transpose). ``L`` counts the output positions (``H_out W_out`` for
         Conv2d, ``L_out`` for Conv1d)."""
         conv = self.module
-        assert isinstance(conv, CONVOLUTIONS)
         x = self.padded(x)
         if isinstance(conv, nn.Conv1d):
             (k,), (stride,), (dilation,) = conv.kernel_size, conv.stride, conv.dilation
@@ -239,7 +212,7 @@ class EmbeddingIO(LayerIO):
     def read_shape(self) -> None:
         module = self.module
         self.groups, self.fan_in, self.out_dim = 1, module.num_embeddings, module.embedding_dim
-        self.has_bias, self.in_dim = False, module.num_embeddings
+        self.in_dim = module.num_embeddings
 
     def weight_matrix(self, weight: Tensor) -> Tensor:
         return weight.T[None]
@@ -268,14 +241,11 @@ class NormIO(LayerIO):
     (kfac-jax's ``ScaleAndShift`` blocks, here block-diagonal over channels and
     Kronecker-factored like every other layer; EKFAC re-estimates their diagonal). The capture
     records ``xhat``, recomputed without affine from the module's input in its forward hook
-    (batch statistics in training mode, or without running statistics; the running ones
-    otherwise). The channel axis is the last ``len(normalized_shape)`` axes for LayerNorm and
-    axis 1 otherwise."""
+    (:func:`ngexp.curvature.hooks.normalized`). The channel axis is the last
+    ``len(normalized_shape)`` axes for LayerNorm and axis 1 otherwise."""
 
     def read_shape(self) -> None:
-        module = self.module
-        self.groups, self.fan_in, self.out_dim = module.weight.numel(), 1, 1
-        self.has_bias = module.bias is not None
+        self.groups, self.fan_in, self.out_dim = self.module.weight.numel(), 1, 1
         self.in_dim = 1 + int(self.has_bias)
 
     def weight_matrix(self, weight: Tensor) -> Tensor:
@@ -293,31 +263,6 @@ class NormIO(LayerIO):
             return x.reshape(x.shape[0], -1, self.groups, 1)
         return x.reshape(x.shape[0], self.groups, -1).transpose(1, 2)[..., None]
 
-    @staticmethod
-    def normalized(module: nn.Module, x: Tensor) -> Tensor:
-        """``xhat``: ``module``'s normalization of ``x`` without its affine parameters."""
-        if isinstance(module, nn.LayerNorm):
-            return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        if isinstance(module, nn.GroupNorm):
-            return F.group_norm(x, module.num_groups, None, None, module.eps)
-        batch = module.training or module.running_mean is None
-        return F.batch_norm(x, None if batch else module.running_mean,
-                            None if batch else module.running_var, None, None, batch, 0.0,
-                            module.eps)
-
-    @staticmethod
-    def attach(module: nn.Module, layers: list[LayerIO], on_call: OnCall,
-               enabled: Callable[[nn.Module], bool]) -> list[RemovableHandle]:
-        (layer,) = layers
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            if enabled(module):
-                with torch.no_grad():
-                    normalized = NormIO.normalized(module, args[0])
-                on_call(layer, normalized, output, None)
-
-        return [module.register_forward_hook(hook)]
-
 
 #: Normalization layers whose affine parameters :class:`NormIO` covers (SyncBatchNorm is left
 #: out: its batch statistics span the ranks, which a local recomputation would not).
@@ -330,6 +275,8 @@ def layer_io(name: str, module: nn.Module) -> LayerIO:
         return EmbeddingIO(name, module)
     if isinstance(module, NORMS):
         return NormIO(name, module)
+    if isinstance(module, CONVOLUTIONS):
+        return ConvIO(name, module)
     return LayerIO(name, module)
 
 

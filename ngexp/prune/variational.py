@@ -3,30 +3,30 @@
 
 Every unit ``j`` (Linear output neuron, Conv2d filter) of the gated layers -- the prunable
 layers of :func:`ngexp.prune.masks.prunable_layers` without the output layer -- is multiplied
-by a gate ``z_j`` with variational posterior ``q(z_j) = Bern(pi_j)``, ``pi_j = sigmoid(l_j)``.
-Training samples ``z`` per example from the binary concrete relaxation (Maddison et al. 2017;
-Jang et al. 2017) ``z = sigmoid((l + log u - log(1 - u)) / tau)``, ``u ~ U(0, 1)``; evaluation
-uses the posterior mean ``pi``. The gate multiplies the layer's output after its batch norm,
-if one follows it (where a unit's output is zero, it is removed).
+by a gate ``z_j`` with variational posterior ``q(z_j) = Bern(pi_j)``, ``pi_j = sigmoid(l_j)``,
+sampled from its binary concrete relaxation in training and at its mean ``pi`` in evaluation
+(the family and the gated forward: :mod:`ngexp.prune.gates`).
 
 The loss per example is the negative ELBO divided by the number of training examples ``N``:
-``-ELBO / N = E_q[NLL] + KL / N`` (the task's mean loss is the first term, :meth:`loss_term`
-the second; ``kl_weight`` tempers it). KL terms, in closed form:
+``-ELBO / N = E_q[NLL] + KL / N`` (the task's mean loss is the first term,
+:meth:`VariationalPruner.loss_term` the second; ``kl_weight`` tempers it). Each family is a
+subclass with its KL terms, in closed form:
 
 - gates: ``KL(Bern(pi) || Bern(pi_0)) = pi log(pi/pi_0) + (1-pi) log((1-pi)/(1-pi_0))``;
-- ``variational_bernoulli``: the hyper-prior ``Beta(a, b)`` on ``pi`` (``-log Beta(pi; a, b)``,
-  U-shaped for ``a, b < 1``) and the Gaussian scale-mixture prior (Blundell et al. 2015)
+- :class:`VariationalBernoulli`: the hyper-prior ``Beta(a, b)`` on ``pi`` (``-log Beta(pi; a,
+  b)``, U-shaped for ``a, b < 1``) and the Gaussian scale-mixture prior (Blundell et al. 2015)
   ``p(w) = m N(0, s1^2) + (1-m) N(0, s2^2)`` on point-estimated weights (``-log p(w)``);
-- ``spike_and_slab``: Gaussian slabs ``q(w | z=1) = N(mu, sigma^2)`` with the local
+- :class:`SpikeAndSlab`: Gaussian slabs ``q(w | z=1) = N(mu, sigma^2)`` with the local
   reparameterization trick (Kingma et al. 2015), prior ``N(0, s0^2)`` and layer-wise prior
   inclusion ``pi_0``: ``sum_j KL(Bern(pi_j) || Bern(pi_0)) + pi_j KL(N(mu_j, sigma_j^2) ||
   N(0, s0^2))`` (the spikes at 0 of posterior and prior cancel).
 
-Every ``fix_every`` steps, gates with ``pi < fix_below`` are fixed to 0 and gates with
-``pi > fix_above`` to 1: they stop being random (their ``pi`` gets no gradient and no KL).
-After the last step the remaining gates are fixed at 1/2. Units fixed to 0 are removed from
-the network (:mod:`ngexp.prune.shrink`) where the model is a plain chain; elsewhere (residual
-connections) they stay, gated to 0, and a warning says so.
+The fixing schedule (:meth:`VariationalPruner.fix`): every ``fix_every`` steps, gates with ``pi
+< fix_below`` are fixed to 0 and gates with ``pi > fix_above`` to 1: they stop being random
+(their ``pi`` gets no gradient and no KL). After the last step the remaining gates are fixed at
+1/2. Units fixed to 0 are removed from the network (:func:`units_to_keep`,
+:func:`remove_gated_units`, on :mod:`ngexp.prune.shrink`) where the model is a plain chain;
+elsewhere (residual connections) they stay, gated to 0, and a warning says so.
 
 The variational parameters (gate logits, slab log-variances) live in a ``variational_gates``
 submodule of each gated layer, added before the optimizer is built, so every optimizer trains
@@ -43,9 +43,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.dropout import _DropoutNd
 
 from ngexp.callbacks import Callback, Trainer
 from ngexp.distributed.world import current
@@ -59,11 +57,17 @@ from ngexp.options import (
     checked,
     configurable,
 )
+from ngexp.prune.gates import (
+    Gating,
+    LayerGates,
+    beta_log_prob_logit,
+    gaussian_kl,
+    scale_mixture_log_prob,
+)
 from ngexp.prune.masks import PRUNABLE_TYPES, Masks, prunable_layers, unwrap
 from ngexp.prune.report import output_positions, sparsity_report
 from ngexp.prune.shrink import (
     Link,
-    along_units,
     call_order,
     chain_links,
     norms_after,
@@ -71,78 +75,6 @@ from ngexp.prune.shrink import (
     remove_units,
     take,
 )
-
-#: Gate state: random (``-1``) or fixed to 0 or 1.
-RANDOM = -1.0
-
-
-# --------------------------------------------------------------------------- closed forms
-def bernoulli_kl(logit: Tensor, prior: float) -> Tensor:
-    """``KL(Bern(pi) || Bern(prior))`` elementwise for ``pi = sigmoid(logit)``, with ``log pi =
-    logsigmoid(logit)`` and ``log(1 - pi) = logsigmoid(-logit)``: finite, with finite
-    gradients, where ``pi`` rounds to 0 or 1."""
-    pi = torch.sigmoid(logit)
-    return (pi * (F.logsigmoid(logit) - math.log(prior))
-            + (1 - pi) * (F.logsigmoid(-logit) - math.log1p(-prior)))
-
-
-def beta_log_prob_logit(logit: Tensor, a: float, b: float) -> Tensor:
-    """``log Beta(sigmoid(logit); a, b)``, with ``log pi = logsigmoid(logit)``."""
-    log_norm = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-    return (a - 1) * F.logsigmoid(logit) + (b - 1) * F.logsigmoid(-logit) - log_norm
-
-
-def scale_mixture_log_prob(w: Tensor, mixture: float, sigma1: float, sigma2: float) -> Tensor:
-    """``log(m N(w; 0, s1^2) + (1-m) N(w; 0, s2^2))`` elementwise (log-sum-exp)."""
-    parts = torch.stack([
-        math.log(mixture) - math.log(sigma1) - 0.5 * (w / sigma1) ** 2,
-        math.log1p(-mixture) - math.log(sigma2) - 0.5 * (w / sigma2) ** 2])
-    return torch.logsumexp(parts, 0) - 0.5 * math.log(2 * math.pi)
-
-
-def gaussian_kl(mu: Tensor, log_var: Tensor, prior_std: float) -> Tensor:
-    """``KL(N(mu, exp(log_var)) || N(0, prior_std^2))`` elementwise."""
-    prior_var = prior_std ** 2
-    return 0.5 * ((log_var.exp() + mu ** 2) / prior_var - 1 - log_var + math.log(prior_var))
-
-
-def concrete(logit: Tensor, uniform: Tensor, temperature: float) -> Tensor:
-    """Binary concrete sample ``sigmoid((logit + log u - log(1-u)) / tau)``."""
-    return torch.sigmoid((logit + torch.logit(uniform)) / temperature)
-
-
-# --------------------------------------------------------------------------- parameters
-class LayerGates(_DropoutNd):
-    """Variational parameters of one gated layer of ``units`` units: ``logit (units,)``, the
-    gate ``state (units,)`` (:data:`RANDOM`, 0 or 1) and, for slabs, ``log_var`` shaped like
-    the layer's weight. An adaptive dropout (Ba & Frey 2013): as a dropout module it samples
-    only in training mode, and curvature products (the natural gradient's
-    :func:`ngexp.curvature.products.curvature_mode`) switch it off like any dropout, so they
-    see one deterministic network (the mean gates, the mean slabs)."""
-
-    def __init__(self, layer: nn.Module, init_pi: float, init_log_var: float | None) -> None:
-        super().__init__(p=1 - init_pi)
-        weight = layer.weight
-        units = num_units(layer)
-        self.logit = nn.Parameter(torch.full((units,), math.log(init_pi / (1 - init_pi)),
-                                             device=weight.device))
-        self.register_buffer("state", torch.full((units,), RANDOM, device=weight.device))
-        self.log_var = None if init_log_var is None else nn.Parameter(
-            torch.full_like(weight, init_log_var))
-
-    def pi(self) -> Tensor:
-        return torch.sigmoid(self.logit)
-
-    def mean(self) -> Tensor:
-        """``E[z] (units,)``: ``pi`` for random gates, the fixed value for the others."""
-        return torch.where(self.state < 0, self.pi(), self.state)
-
-    def sample(self, batch: int, generator: torch.Generator, temperature: float) -> Tensor:
-        """Relaxed gates ``(batch, units)``, fixed ones at their value (no gradient)."""
-        uniform = torch.rand((batch, len(self.logit)), device=self.logit.device,
-                             generator=generator).clamp_(1e-6, 1 - 1e-6)
-        return torch.where(self.state < 0, concrete(self.logit, uniform, temperature),
-                           self.state)
 
 
 def check_variational(temperature: float, init_pi: float, prior_pi: float, kl_weight: float,
@@ -201,7 +133,7 @@ class VariationalPruner(Callback):
         self.dense: dict[str, float] = {}
         self.examples = 1
         self.finished = False
-        self._handles: list[Any] = []
+        self.gating: Gating | None = None
         self._last_kl: Tensor | None = None
 
     # ------------------------------------------------------------------ engine hooks
@@ -229,6 +161,7 @@ class VariationalPruner(Callback):
         norms = norms_after(model, call_order(model, example[:1]), list(layers))
         #: The module whose output each gate multiplies: the layer or its batch norm.
         self.targets = {name: norm or name for name, norm in norms.items()}
+        self.gating = Gating(model, layers, self.targets, self.bank, self.temperature, trainer)
         links = chain_links(model, list(layers), example)
         self.links = None if links is None else {link.layer: link for link in links}
         if links is None:
@@ -236,12 +169,12 @@ class VariationalPruner(Callback):
                           f"of layers (e.g. residual connections): units whose gate is fixed "
                           f"to 0 stay in the network, gated to zero, instead of being removed",
                           stacklevel=2)
-        self.dense = self._counts()
+        self.dense = gate_counts(model, layers, self.bank, self.positions)
         targets = trainer.data.train.targets
         self.examples = len(targets) * trainer.task.num_terms(targets[:1])
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self._attach()
+        self.gating.attach()
 
     def loss_term(self, trainer: Trainer) -> Tensor:
         """``kl_weight * KL / N`` (differentiable, on the device), during the first
@@ -252,7 +185,7 @@ class VariationalPruner(Callback):
         return term
 
     def on_step_start(self, trainer: Trainer) -> None:
-        self._attach()  # also when a loop calls the step without on_train_start
+        self.gating.attach()  # also when a loop calls the step without on_train_start
         step = trainer.step
         if step > 0 and step >= self.fix_start and step % self.fix_every == 0:
             self.fix(trainer, self.fix_below, self.fix_above)
@@ -279,9 +212,10 @@ class VariationalPruner(Callback):
         self.finished = bool(state["finished"])
         for name, kept in state["kept"].items():
             if len(kept) < len(self.kept[name]):
-                self._remove(name, torch.arange(len(kept), device=self.bank[name].logit.device))
+                keep = torch.arange(len(kept), device=self.bank[name].logit.device)
+                remove_gated_units(self.model, self.links[name], keep, self.bank)
             self.kept[name] = kept.clone()
-        self._refresh_optimizer(reset=False)
+        refresh_optimizer(self.trainer, reset=False)
 
     # ------------------------------------------------------------------ the ELBO
     def gates(self, name: str) -> LayerGates:
@@ -291,50 +225,9 @@ class VariationalPruner(Callback):
         """The KL terms of the negative ELBO (a 0-dim tensor)."""
         raise NotImplementedError
 
-    def gate_kl(self, gates: LayerGates, prior: float) -> Tensor:
-        """``sum_j KL(Bern(pi_j) || Bern(prior))`` over the random gates."""
-        return torch.where(gates.state < 0, bernoulli_kl(gates.logit, prior), 0.0).sum()
-
     @property
     def option(self) -> str:
         return type(self).__name__
-
-    # ------------------------------------------------------------------ forward hooks
-    def _attach(self) -> None:
-        """Register the forward hooks (once; after the preconditioner's, so its curvature
-        sees the ungated layer outputs)."""
-        if self._handles:
-            return
-        modules = dict(self.model.named_modules())
-        for name, layer in self.layers.items():
-            if self.init_log_var is not None:
-                self._handles.append(layer.register_forward_hook(self._noise_hook(name)))
-            self._handles.append(modules[self.targets[name]].register_forward_hook(
-                self._gate_hook(name)))
-
-    def _gate_hook(self, name: str):
-        def hook(module: nn.Module, _: tuple[Any, ...], output: Tensor) -> Tensor:
-            gates = self.gates(name)
-            z = (gates.sample(output.shape[0], self.trainer.generator, self.temperature)
-                 if gates.training else gates.mean())
-            return output * along_units(module, z, output)
-        return hook
-
-    def _noise_hook(self, name: str):
-        """Local reparameterization: ``b = mu^T a + sqrt((sigma^2)^T a^2) eps`` per example."""
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-            if not self.gates(name).training:
-                return output
-            log_var = self.gates(name).log_var
-            x = args[0]
-            if isinstance(module, nn.Linear):
-                variance = F.linear(x * x, log_var.exp())
-            else:
-                variance = module._conv_forward(x * x, log_var.exp(), None)
-            noise = torch.randn(output.shape, device=output.device, dtype=output.dtype,
-                                generator=self.trainer.generator)
-            return output + variance.clamp_min(1e-16).sqrt() * noise
-        return hook
 
     # ------------------------------------------------------------------ fixing and removal
     @torch.no_grad()
@@ -343,29 +236,16 @@ class VariationalPruner(Callback):
         above``) to 1; remove the units fixed to 0 where the model allows (then the optimizer
         state and curvature are reset)."""
         changed = False
-        for name in self.layers:
-            gates = self.gates(name)
-            pi, random = gates.pi(), gates.state < 0
-            on = pi >= above if below == above else pi > above
-            off = random & (pi < below)
-            gates.state[off] = 0.0
-            gates.state[random & on] = 1.0
-            changed |= bool(off.any())
-        removals = {}
-        for name in self.layers if self.links is not None else ():
-            state = self.gates(name).state
-            keep = (state != 0).nonzero().flatten()
-            if len(keep) == 0:  # keep one unit, gated to zero: a layer needs a width
-                keep = self.gates(name).logit.argmax().reshape(1)
-            if len(keep) < len(state):
-                removals[name] = keep
+        for gates in self.bank.values():
+            changed |= gates.fix(below, above)
+        removals = units_to_keep(self.bank) if self.links is not None else {}
         if changed or removals:  # first: the curvature's records hold graphs of the old shapes
-            self._refresh_optimizer(reset=True)
+            refresh_optimizer(self.trainer, reset=True)
         for name, keep in removals.items():
             self.kept[name] = self.kept[name][keep.cpu()]
-            self._remove(name, keep)
+            remove_gated_units(self.model, self.links[name], keep, self.bank)
         if removals:
-            self._refresh_optimizer(reset=False)
+            refresh_optimizer(self.trainer, reset=False)
         changed |= bool(removals)
         if changed or below == above:
             report = self.report()
@@ -376,53 +256,14 @@ class VariationalPruner(Callback):
                 f"{self.dense['prune/units']:.0f}, {report['prune/params']:.0f} parameters, "
                 f"{report['prune/flops']:.4g} FLOPs per example")
 
-    def _remove(self, name: str, keep: Tensor) -> None:
-        def extra(layer: str, rows: Tensor, columns: Tensor) -> None:
-            gates = self.gates(layer)
-            for tensor in (gates.logit, gates.state, gates.log_var):
-                take(tensor, rows)
-            consumer = self.links[layer].consumer
-            if consumer in self.layers:
-                take(self.gates(consumer).log_var, columns, dim=1)
-
-        remove_units(self.model, self.links[name], keep, extra)
-
-    def _refresh_optimizer(self, reset: bool) -> None:
-        """The preconditioner's layers read their new shapes; ``reset``: optimizer state and
-        curvature are forgotten (their shapes changed)."""
-        optimizer = getattr(self.trainer, "optimizer", None)
-        if optimizer is None:
-            return
-        if optimizer.preconditioner is not None:  # every kind: batch norms shrink too
-            for layer in optimizer.preconditioner.capture.layers:
-                layer.read_shape()
-        if reset:
-            optimizer.reset_state()
-
     # ------------------------------------------------------------------ report
-    def _counts(self) -> dict[str, float]:
-        """Parameters (without the variational ones), FLOPs and units of the model now."""
-        model = self.model
-        own = {id(p) for gates in self.bank.values() for p in gates.parameters()}
-        params = sum(p.numel() for p in model.parameters() if id(p) not in own)
-        masks = Masks(self.layers, "filter")
-        for name in self.layers:
-            masks.set_alive(name, self.gates(name).state != 0)
-        report = sparsity_report(model, masks, self.positions)
-        gated = sum(int((mask == 0).sum()) for mask in masks.tensors)
-        return {"prune/params": params, "prune/nonzero_params": params - gated,
-                "prune/flops": report["prune/flops"],
-                "prune/units": sum(num_units(layer) for layer in self.layers.values()),
-                "prune/units_alive": sum(int((self.gates(n).state != 0).sum())
-                                         for n in self.layers)}
-
     def report(self) -> dict[str, float]:
         """``prune/`` scalars: parameters and FLOPs per example now (removed units gone,
         units gated to zero not counted as nonzero) and before pruning (``*_dense``),
         ``sparsity`` (removed or zero-gated fraction of the original parameters),
         ``channel_sparsity`` (of the gated units), the fraction of gates still random, per
         layer ``<layer>/channels``, and ``kl`` (the last ``kl_weight * KL / N``)."""
-        now = self._counts()
+        now = gate_counts(self.model, self.layers, self.bank, self.positions)
         dense = self.dense
         units = dense["prune/units"]
         random = sum(int((self.gates(n).state < 0).sum()) for n in self.layers)
@@ -437,6 +278,60 @@ class VariationalPruner(Callback):
         if self._last_kl is not None:
             metrics["prune/kl"] = float(self._last_kl)
         return metrics
+
+
+def units_to_keep(bank: dict[str, LayerGates]) -> dict[str, Tensor]:
+    """Sorted indices ``(k,)`` of the units to keep in each gated layer that has gates fixed
+    to 0: the others (one, gated to zero, where all are: a layer needs a width)."""
+    removals = {}
+    for name, gates in bank.items():
+        keep = (gates.state != 0).nonzero().flatten()
+        if len(keep) == 0:
+            keep = gates.logit.argmax().reshape(1)
+        if len(keep) < len(gates.state):
+            removals[name] = keep
+    return removals
+
+
+def remove_gated_units(model: nn.Module, link: Link, keep: Tensor,
+                       bank: dict[str, LayerGates]) -> None:
+    """Keep units ``keep`` of ``link.layer`` (:func:`ngexp.prune.shrink.remove_units`), with
+    their gates and the columns of the consumer's slabs."""
+    def extra(layer: str, rows: Tensor, columns: Tensor) -> None:
+        bank[layer].take_units(rows)
+        if link.consumer in bank:
+            take(bank[link.consumer].log_var, columns, dim=1)
+
+    remove_units(model, link, keep, extra)
+
+
+def refresh_optimizer(trainer: Trainer | None, reset: bool) -> None:
+    """The preconditioner's layers read their new shapes; ``reset``: optimizer state and
+    curvature are forgotten (their shapes changed)."""
+    optimizer = getattr(trainer, "optimizer", None)
+    if optimizer is None:
+        return
+    if optimizer.preconditioner is not None:  # every kind: batch norms shrink too
+        for layer in optimizer.preconditioner.capture.layers:
+            layer.read_shape()
+    if reset:
+        optimizer.reset_state()
+
+
+def gate_counts(model: nn.Module, layers: dict[str, nn.Module], bank: dict[str, LayerGates],
+                positions: dict[str, int]) -> dict[str, float]:
+    """Parameters (without the variational ones), FLOPs and units of the model now."""
+    own = {id(p) for gates in bank.values() for p in gates.parameters()}
+    params = sum(p.numel() for p in model.parameters() if id(p) not in own)
+    masks = Masks(layers, "filter")
+    for name in layers:
+        masks.set_alive(name, bank[name].state != 0)
+    report = sparsity_report(model, masks, positions)
+    gated = sum(int((mask == 0).sum()) for mask in masks.tensors)
+    return {"prune/params": params, "prune/nonzero_params": params - gated,
+            "prune/flops": report["prune/flops"],
+            "prune/units": sum(num_units(layer) for layer in layers.values()),
+            "prune/units_alive": sum(int((bank[n].state != 0).sum()) for n in layers)}
 
 
 def check_bernoulli(hyper_a: float, hyper_b: float, mixture: float, sigma1: float,
@@ -474,7 +369,7 @@ class VariationalBernoulli(VariationalPruner):
         for name in self.layers:
             gates = self.gates(name)
             hyper = beta_log_prob_logit(gates.logit, self.hyper_a, self.hyper_b)
-            terms.append(self.gate_kl(gates, self.prior_pi)
+            terms.append(gates.kl(self.prior_pi)
                          - torch.where(gates.state < 0, hyper, 0.0).sum())
         weights = [m.weight for m in self.model.modules() if isinstance(m, PRUNABLE_TYPES)]
         terms += [-scale_mixture_log_prob(w, self.mixture, self.sigma1, self.sigma2).sum()
@@ -530,5 +425,5 @@ class SpikeAndSlab(VariationalPruner):
             gates = self.gates(name)
             slab = gaussian_kl(layer.weight, gates.log_var, self.prior_std)
             per_unit = slab.reshape(len(gates.logit), -1).sum(1)
-            terms.append(self.gate_kl(gates, prior) + (gates.mean() * per_unit).sum())
+            terms.append(gates.kl(prior) + (gates.mean() * per_unit).sum())
         return torch.stack(terms).sum()
