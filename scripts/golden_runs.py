@@ -123,7 +123,7 @@ def compare(name: str, got: dict[str, Any], golden: dict[str, Any]) -> str:
             return f"tensor {path}"
     if extra := sorted(set(got["tensors"]) - set(golden["tensors"])):
         return f"new tensor {extra[0]}"
-    for index, (row, expected) in enumerate(zip(got["metrics"], golden["metrics"])):
+    for index, (row, expected) in enumerate(zip(got["metrics"], golden["metrics"], strict=False)):
         if row != expected:
             keys = sorted(k for k in row.keys() | expected.keys() if row.get(k) != expected.get(k))
             return f"metrics row {index}: {', '.join(keys)}"

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import torch
-
 from ngexp.train.engine import Engine, RunInterrupted
-from tests.conftest import InterruptAfter, compose
+
+from tests.helpers import InterruptAfter, compose
 
 #: 16 steps per epoch, 24 steps.
 BASE = ("data=synthetic", "data.shape=[1,16,16]", "data.num_train=1024", "data.num_test=128",
