@@ -1,4 +1,4 @@
-"""Engine pieces: tasks' output curvature, lr schedules, config hashing, schema checks."""
+"""Trainer pieces: tasks' output curvature, lr schedules, config hashing, schema checks."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_every_group_option_composes_and_validates() -> None:
 @requires_fashion_mnist
 def test_population_statistics_are_estimated_from_training_batches_before_each_evaluation(
         tmp_path, monkeypatch, capsys, recwarn) -> None:
-    """``model.population_stats=training_set``: before every evaluation the engine hands the
+    """``model.population_stats=training_set``: before every evaluation the trainer hands the
     BN-LSTM the training split in order at the training batch size; it reads
     ``population_examples`` of them (2 batches here) and evaluation uses no moving average."""
     from ngexp.cli import main

@@ -127,7 +127,7 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None], run_dir: Path,
               console: Console | None = None, world: World | None = None) -> Run:
     """Everything the run of ``cfg`` trains with (``world``: joined already, else here)."""
     settings = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
-    world = world or join_world(cfg)
+    world = join_world(cfg) if world is None else world
     device = resolve_device(settings.device, world)
     seed_everything(cfg.seed, settings.deterministic)
     generator = torch.Generator(device).manual_seed(cfg.seed)

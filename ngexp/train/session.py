@@ -5,7 +5,7 @@ alone), builds the run (:func:`ngexp.train.build.build_run`) and prepares its di
 (:mod:`ngexp.train.rundir`); :func:`run_session` then resumes from the newest good checkpoint,
 opens ``train.log`` and the loggers, catches stop signals, runs the trainer's loop
 (:meth:`ngexp.train.trainer.Trainer.fit`) and ends with the summary
-(:class:`ngexp.summary.RunSummary`), whatever happened.
+(:mod:`ngexp.train.summarize`), whatever happened.
 
 Data-parallel (a process of ``torchrun``, ``trainer.devices=N`` or a multi-task SLURM step;
 ``docs/distributed.md``): every rank builds the same run, trains through
@@ -19,30 +19,29 @@ same step.
 
 from __future__ import annotations
 
-import platform
+import logging
 import signal
-import subprocess
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.console import Console
 
 from ngexp.config import GROUPS, semantic_config
-from ngexp.summary import RunSummary, Status
+from ngexp.summary import Status
 from ngexp.train import rundir
 from ngexp.train.build import build_run, join_world, run_console
-from ngexp.train.console import ConsoleProgress, format_duration, format_number, summary_table
+from ngexp.train.console import ConsoleProgress, summary_table
 from ngexp.train.loggers import Logger, RunInfo, flat_hparams
 from ngexp.train.ranks import on_main
 from ngexp.train.rundir import RunWriteError, describe_os_error
 from ngexp.train.runlog import attach_run_log, detach_run_log, log, say
 from ngexp.train.stop import RunInterrupted
+from ngexp.train.summarize import summarize, summary_rows
 from ngexp.train.trainer import Trainer
 
 
@@ -125,7 +124,7 @@ def run_session(trainer: Trainer) -> dict[str, Any]:
 
 
 def finish(trainer: Trainer, status: Status, reason: str | None, started: list[Logger],
-           run_log: Any) -> dict[str, Any]:
+           run_log: logging.Handler | None) -> dict[str, Any]:
     """End the loggers' sessions, write the summary and show it -- as far as the disk lets."""
     run = trainer.run
     summary = summarize(trainer, status, reason)
@@ -150,69 +149,6 @@ def finish(trainer: Trainer, status: Status, reason: str | None, started: list[L
     if run_log is not None:
         detach_run_log(run_log)
     return summary.to_json()
-
-
-def summarize(trainer: Trainer, status: Status, reason: str | None = None) -> RunSummary:
-    """The run's summary now."""
-    run = trainer.run
-    device = run.device
-    return RunSummary(
-        status=status,
-        reason=reason,
-        choices=run.choices,
-        seed=run.cfg.seed,
-        step=trainer.step,
-        epoch=trainer.step / trainer.steps_per_epoch,
-        total_steps=trainer.total_steps,
-        wall_time=trainer.elapsed,
-        final={**trainer.last_train, **trainer.last_eval},
-        best=trainer.best.values,
-        best_step=trainer.best.steps,
-        world_size=run.world.size,
-        global_batch_size=run.global_batch,
-        device=(torch.cuda.get_device_name(device) if device.type == "cuda"
-                else f"cpu ({platform.processor() or platform.machine()}, "
-                     f"{torch.get_num_threads()} threads)"),
-        **environment(),
-        run_dir=str(run.run_dir.resolve()),
-    )
-
-
-def summary_rows(summary: RunSummary, trainer: Trainer) -> dict[str, Any]:
-    """The console's summary table: status, progress, the last metrics and the best one."""
-    rows: dict[str, Any] = {
-        "status": f"{summary.status}({summary.reason})" if summary.reason else summary.status,
-        "step": f"{summary.step:,} / {summary.total_steps:,}",
-        "epoch": f"{summary.epoch:.2f}",
-        "wall time": format_duration(summary.wall_time),
-    }
-    if "train/loss" in trainer.last_train:
-        rows["train/loss"] = trainer.last_train["train/loss"]
-    rows.update(trainer.last_eval)
-    key = trainer.selection_key()
-    if key in summary.best:
-        rows[f"best {key}"] = (f"{format_number(summary.best[key], key)} "
-                               f"(step {summary.best_step.get(key, '?')})")
-    return rows
-
-
-def environment() -> dict[str, Any]:
-    """Library versions, the git commit of the ngexp source and the host, for the summary."""
-    import hydra
-
-    from ngexp import __version__
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "versions": {"ngexp": __version__, "python": platform.python_version(),
-                     "torch": torch.__version__, "hydra": hydra.__version__},
-        "git_commit": commit,
-        "host": platform.node(),
-    }
 
 
 def run_info(trainer: Trainer, resumed_step: int | None) -> RunInfo:

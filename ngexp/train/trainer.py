@@ -11,7 +11,8 @@ The parts the loop calls each have their module: evaluation (:mod:`~ngexp.train.
 best-model tracking (:mod:`~ngexp.train.best`), checkpoints and the choice on resume
 (:mod:`~ngexp.train.resume`), stop requests (:mod:`~ngexp.train.stop`) and the agreement of
 data-parallel ranks on them (:mod:`~ngexp.train.ranks`). A session around the loop -- the
-run's log, loggers, signals and summary -- is :mod:`ngexp.train.session`. The trainer is what
+run's log, loggers, signals and summary (:mod:`~ngexp.train.summarize`) -- is
+:mod:`ngexp.train.session`. The trainer is what
 ``trainer.*`` configures and what callbacks see (the :class:`ngexp.callbacks.Trainer` protocol).
 """
 
