@@ -12,7 +12,9 @@ training step is::
 
 ``on_model_built`` runs once, when the model is built and before the optimizer is: a callback
 may add modules with parameters to the model there (variational pruning's gates), which the
-optimizer then trains and checkpoints hold; ``trainer.optimizer`` does not exist yet.
+optimizer then trains and checkpoints hold. It gets the run being built
+(:class:`ngexp.train.build.Run`: ``model``, ``data``, ``task``, ``console``, ``generator``);
+its ``optimizer`` does not exist yet and is set on the same object once built.
 ``loss_term`` returns a differentiable scalar added to the step's loss before the backward (a
 KL term) or ``None``; it must not synchronize with the host. ``on_evaluation`` sees the
 metrics of every evaluation (e.g. early stopping). ``on_train_start`` runs at the start of
@@ -24,7 +26,8 @@ the model's structure, e.g. removed pruned units, restores that structure there)
 ``metrics`` returns scalars (keys with a TensorBoard prefix such as ``prune/``) that the
 trainer logs at each evaluation and puts in ``summary.json``.
 
-Callbacks are written against :class:`Trainer`, the part of the engine they may use, so they
+Callbacks are written against :class:`Trainer`, the part of the trainer
+(:class:`ngexp.train.trainer.Trainer`, configured by ``trainer.*``) they may use, so they
 depend on nothing in :mod:`ngexp.train`.
 """
 
@@ -43,7 +46,7 @@ from ngexp.optim.training import TrainingOptimizer
 
 
 class Trainer(Protocol):
-    """What a callback may read and call on the training engine."""
+    """What a callback may read and call on the trainer."""
 
     model: nn.Module
     optimizer: TrainingOptimizer

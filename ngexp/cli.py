@@ -23,8 +23,8 @@ COMMANDS = {
     "train": "train one run, or a sweep with -m, composed from the config groups",
     "report": "aggregate run directories into tables (console, Markdown, CSV) and plots",
 }
-GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune", "logger", "callbacks", "experiment",
-          "hydra/launcher")
+#: Groups of the command line besides the run config's (:data:`ngexp.config.GROUPS`).
+EXTRA_GROUPS = ("experiment", "hydra/launcher")
 #: Launcher presets and the plugin each needs.
 LAUNCHER_PLUGINS = {"joblib": "parallel", "submitit_slurm": "slurm", "submitit_local": "slurm"}
 #: Sweeper plugins and the extra that brings each.
@@ -60,14 +60,9 @@ DATA_SCHEMA_KINDS = {"image": "image", "synthetic": "image", "sequence": "sequen
 
 def fitting_data(kinds: Iterable[str]) -> list[str]:
     """The ``data=`` options whose examples are of one of ``kinds``."""
-    from omegaconf import OmegaConf
-
     found = []
     for option in options("data"):
-        defaults = OmegaConf.load(conf_dir() / "data" / f"{option}.yaml").get("defaults", [])
-        schemas = [str(d).split("/")[3].split("@")[0] for d in defaults
-                   if str(d).startswith("/schema/data/")]
-        if schemas and DATA_SCHEMA_KINDS.get(schemas[0]) in set(kinds):
+        if DATA_SCHEMA_KINDS.get(schema_of("data", option) or "") in set(kinds):
             found.append(option)
     return found
 
@@ -81,12 +76,13 @@ def default_choices() -> dict[str, str]:
 
 
 def schema_of(group: str, option: str) -> str | None:
-    """The schema a ``conf/<group>/<option>.yaml`` extends."""
+    """The schema a ``conf/<group>/<option>.yaml`` extends: ``kfac`` for a defaults entry
+    ``/schema/optimizer/kfac@_here_``."""
     from omegaconf import OmegaConf
 
     for item in OmegaConf.load(conf_dir() / group / f"{option}.yaml").get("defaults", []):
         if str(item).startswith(f"/schema/{group}/"):
-            return str(item).split("/")[3].split("@")[0]
+            return str(item).removeprefix(f"/schema/{group}/").split("@")[0]
     return None
 
 
@@ -120,15 +116,16 @@ def train_help() -> str:
 
     from hydra import compose, initialize_config_dir
 
-    from ngexp.config import TrainConfig, TrainerConfig, register_all
+    from ngexp.config import GROUPS, TrainConfig, TrainerConfig, register_all
     from ngexp.options import REGISTRY, dataclass_options
 
     register_all()
+    groups = (*GROUPS, *EXTRA_GROUPS)
     defaults = default_choices()
     lines = ["usage: ngexp train [-m] [GROUP=OPTION ...] [KEY=VALUE ...]", "",
              "Config groups (GROUP=OPTION; default marked *; prune is off unless chosen; "
              "logger and callbacks take lists, e.g. logger=[tensorboard,csv]):"]
-    for group in GROUPS:
+    for group in groups:
         names = [f"{name}*" if name == defaults.get(group) else name for name in options(group)]
         if group == "hydra/launcher":
             names = ["basic*", *names]
@@ -145,7 +142,7 @@ def train_help() -> str:
                       for o in dataclass_options(TrainerConfig)], "  ")
     lines += ["", "Settings of each group's options (GROUP.KEY=VALUE; the option's own values "
               "may differ from these defaults, see: ngexp train GROUP=OPTION --cfg job):"]
-    for group in GROUPS:
+    for group in groups:
         for name, spec in REGISTRY.get(group, {}).items():
             users = [o for o in options(group) if schema_of(group, o) == name]
             if not users:
@@ -394,18 +391,19 @@ def run_hydra(args: list[str]) -> int:
     from hydra.types import RunMode
     from omegaconf import DictConfig, OmegaConf, open_dict
 
-    from ngexp.config import register_all, validate
+    from ngexp.config import CHOICE_GROUPS, register_all, validate
     from ngexp.distributed.world import launched_world
     from ngexp.errors import IncompatibleData, UserError
     from ngexp.train import rundir
-    from ngexp.train.engine import RunInterrupted, RunWriteError, train
-    from ngexp.train.rundir import GROUPS as RUN_GROUPS
+    from ngexp.train.rundir import RunWriteError
+    from ngexp.train.session import train
+    from ngexp.train.stop import RunInterrupted
 
     def task(cfg: DictConfig) -> float:
         """One run; returns its objective (:mod:`ngexp.train.objective`) for a sweeper."""
         validate(cfg)
         runtime = HydraConfig.get()
-        choices = {group: runtime.runtime.choices.get(group) for group in RUN_GROUPS}
+        choices = {group: runtime.runtime.choices.get(group) for group in CHOICE_GROUPS}
         multirun = runtime.mode == RunMode.MULTIRUN
         job_dir = Path(runtime.runtime.output_dir) if multirun else None
         hydra_files = {"config.yaml": OmegaConf.to_yaml(cfg),

@@ -51,8 +51,8 @@ PRIMITIVES = (int, float, bool, str)
 
 @dataclass
 class TrainerConfig:
-    """Engine settings. Training ends after ``epochs`` or ``max_steps``, whichever comes
-    first."""
+    """The trainer's settings (``trainer.*``, :class:`ngexp.train.trainer.Trainer`). Training
+    ends after ``epochs`` or ``max_steps``, whichever comes first."""
 
     epochs: int = 10
     max_steps: int | None = None
@@ -90,17 +90,28 @@ class TrainerConfig:
         check_integer("trainer.devices", self.devices, 1)
 
 
+def group_field(default: Any, *, names_run: bool = False, list_valued: bool = False) -> Any:
+    """A field of :class:`TrainConfig` that is a config group (``conf/<name>/``): ``names_run``
+    when its choice is part of the run family's name, ``list_valued`` when the group takes a
+    list of options (``logger=[tensorboard,csv]``) rather than one choice."""
+    return field(default=default, metadata={"group": True, "names_run": names_run,
+                                            "list_valued": list_valued})
+
+
 @dataclass
 class TrainConfig:
-    """The whole run. Group nodes are typed ``Any`` here; each option brings its own schema."""
+    """The whole run. Group nodes are typed ``Any`` here; each option brings its own schema.
+    The group fields (:func:`group_field`) are the one list of config groups (:data:`GROUPS`),
+    in the order of ``conf/train.yaml``'s defaults."""
 
-    model: Any = MISSING
-    optimizer: Any = MISSING
-    data: Any = MISSING
-    lr_schedule: Any = MISSING
-    prune: Any = None
-    logger: Any = None  # name -> logger node (list-valued group: logger=[tensorboard,csv])
-    callbacks: Any = None  # name -> callback node (callbacks=[early_stopping])
+    data: Any = group_field(MISSING, names_run=True)
+    model: Any = group_field(MISSING, names_run=True)
+    optimizer: Any = group_field(MISSING, names_run=True)
+    lr_schedule: Any = group_field(MISSING)
+    prune: Any = group_field(None, names_run=True)
+    # name -> logger node (list-valued group: logger=[tensorboard,csv])
+    logger: Any = group_field(None, list_valued=True)
+    callbacks: Any = group_field(None, list_valued=True)  # callbacks=[early_stopping]
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     output_root: str = "results/runs"
@@ -126,6 +137,18 @@ class TrainConfig:
             check(bool(self.name) and "/" not in self.name and "\\" not in self.name
                   and self.name not in (".", ".."), "name", self.name,
                   "a folder name inside output_root, without '/', '\\' or '..'")
+
+
+#: The config groups of a run (``conf/<group>/``), in :class:`TrainConfig`'s order.
+GROUPS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                                if f.metadata.get("group"))
+#: The groups of one choice each (a run's ``choices``: group -> option).
+CHOICE_GROUPS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                                       if f.metadata.get("group")
+                                       and not f.metadata["list_valued"])
+#: The groups whose choices name a run family (``<data>-<model>-<optimizer>[-<prune>]``).
+NAMING_GROUPS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                                       if f.metadata.get("names_run"))
 
 
 def config_type(annotation: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Which way a logged metric improves (torch-free: shared by the engine and ``ngexp report``).
+"""Which way a logged metric improves (torch-free: shared by the trainer and ``ngexp report``).
 
 A metric's leaf name (after the last ``/``) in :data:`LOWER_IS_BETTER` improves downwards
 (``test/loss``, ``train/mse``); every other metric (``test/acc``, ...) improves upwards.

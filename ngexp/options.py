@@ -251,7 +251,10 @@ class Spec:
 
     def options(self) -> list[Option]:
         """Options in order (own first, then inherited, then ``extends``), with ``defaults``
-        applied; build arguments and ``*args``/``**kwargs`` left out."""
+        applied; build arguments and ``*args``/``**kwargs`` left out. A ``@schema``
+        dataclass's options are its fields."""
+        if self.dataclass_schema is not None:
+            return self._with_defaults(dataclass_options(self.dataclass_schema))
         seen: dict[str, Option] = {}
         for owner in self.chain():
             function = inspect.unwrap(vars(owner)["__init__"]) if isinstance(owner, type) \
@@ -267,8 +270,9 @@ class Spec:
         options = list(seen.values())
         if self.extends is not None:
             options += [o for o in self.extends.options() if o.name not in seen]
-        if self.dataclass_schema is not None:
-            options = dataclass_options(self.dataclass_schema)
+        return self._with_defaults(options)
+
+    def _with_defaults(self, options: list[Option]) -> list[Option]:
         return [dataclasses.replace(o, default=self.defaults[o.name])
                 if o.name in self.defaults else o for o in options]
 

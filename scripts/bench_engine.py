@@ -40,7 +40,9 @@ from ngexp.config import register_all
 from ngexp.curvature.tasks import Classification
 from ngexp.models import build_model
 from ngexp.optim.build import build_optimizer
-from ngexp.train.engine import Engine
+from ngexp.train.build import build_run
+from ngexp.train.session import run_session
+from ngexp.train.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 #: The models of the GPU cases, with their names in the table.
@@ -48,9 +50,10 @@ GPU_MODELS = {"vgg16": "VGG-16", "preact_resnet18": "preact ResNet-18"}
 
 
 def run_engine(overrides: list[str], steps: int, rounds: int, run_dir: Path) -> list[float]:
-    """Examples/s of ngexp's real training loop (``Engine.run``), one value per ``steps``-step
-    window as the engine measures it (batching, step, metric accumulation; evaluation and the
-    once-per-window logging excluded); the first window is warm-up and dropped."""
+    """Examples/s of ngexp's real training loop (``ngexp.train.session.run_session``), one
+    value per ``steps``-step window as the trainer measures it (batching, step, metric
+    accumulation; evaluation and the once-per-window logging excluded); the first window is
+    warm-up and dropped."""
     with initialize_config_dir(str(CONF), version_base=None):
         cfg = compose("train", overrides=[*overrides, f"trainer.max_steps={steps * (rounds + 1)}",
                                           f"trainer.log_every={steps}", "trainer.progress=none"],
@@ -58,8 +61,7 @@ def run_engine(overrides: list[str], steps: int, rounds: int, run_dir: Path) -> 
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
-    engine = Engine(cfg, choices, run_dir, Console(quiet=True))
-    engine.run()
+    run_session(Trainer(build_run(cfg, choices, run_dir, Console(quiet=True))))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["train/examples_per_s"] for r in records if "train/examples_per_s" in r][1:]
 

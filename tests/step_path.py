@@ -1,4 +1,4 @@
-"""The training step path, driven step by step: an in-process :class:`Engine` and the batches
+"""The training step path, driven step by step: an in-process :class:`Trainer` and the batches
 of its own loop, and a counter of the calls that make the host wait for the device.
 
 Shared by the CPU tests of ``tests/test_gpu_path.py`` and the ``gpu``-marked ones of
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from ngexp.data.bundle import epoch_batches
-from ngexp.train.engine import Engine
-from tests.conftest import REPO, compose
+from ngexp.train.trainer import Trainer
+from tests.helpers import REPO, build_trainer, compose
 
 #: Tensor methods that copy a value to the host (a host/device synchronization on a GPU).
 SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
@@ -26,19 +26,19 @@ SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "_
 NGEXP = REPO / "ngexp"
 
 
-def engine_for(tmp_path: Path, *overrides: str) -> Engine:
-    """An engine built from ``conf/train.yaml`` and ``overrides`` (no training run yet)."""
+def trainer_for(tmp_path: Path, *overrides: str) -> Trainer:
+    """An trainer built from ``conf/train.yaml`` and ``overrides`` (no training run yet)."""
     cfg = compose(*overrides, f"output_root={tmp_path}")
-    return Engine(cfg, {"model": "step_path"}, tmp_path / "run")
+    return build_trainer(cfg, {"model": "step_path"}, tmp_path / "run")
 
 
-def training_batches(engine: Engine) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The batches of the engine's own loop (device permutation, augmentation), endlessly."""
+def training_batches(trainer: Trainer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of the trainer's own loop (device permutation, augmentation), endlessly."""
     while True:
-        permutation = torch.randperm(len(engine.data.train), device=engine.device,
-                                     generator=engine.generator)
-        yield from epoch_batches(engine.data.train, engine.trainer.batch_size, permutation, 0,
-                                 engine.data.augment, engine.generator)
+        permutation = torch.randperm(len(trainer.data.train), device=trainer.run.device,
+                                     generator=trainer.generator)
+        yield from epoch_batches(trainer.data.train, trainer.run.settings.batch_size,
+                                 permutation, 0, trainer.data.augment, trainer.generator)
 
 
 class SyncCounter:

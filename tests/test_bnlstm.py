@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose, requires_fashion_mnist
 from omegaconf import OmegaConf
 from torch import Tensor
 
@@ -14,6 +13,7 @@ from ngexp.data.bundle import DataBundle
 from ngexp.data.sequences import sequence_data
 from ngexp.data.spec import DataSpec
 from ngexp.models.bnlstm import BNLSTM, StepwiseBatchNorm
+from tests.helpers import compose, requires_fashion_mnist
 
 SPEC = DataSpec("toy", (6, 3), 4, mean=(0.3,), std=(0.7,))
 HIDDEN = 5

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, ngexp, run_dirs
+from tests.helpers import REPO, ngexp, run_dirs
 
 
 def test_top_level_help_lists_subcommands() -> None:

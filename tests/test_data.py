@@ -13,7 +13,7 @@ from ngexp.data.augment import random_crop, random_hflip
 from ngexp.data.bundle import Split, epoch_batches, eval_batches
 from ngexp.data.images import channel_stats, image_data, read_idx, split_validation
 from ngexp.errors import UserError
-from tests.conftest import requires_fashion_mnist
+from tests.helpers import requires_fashion_mnist
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -25,7 +25,7 @@ from ngexp.distributed.world import World
 from ngexp.train.checkpoint import digest_path
 from ngexp.train.rundir import config_hash
 from tests import distributed_worker
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     compose,
     read_metrics,

@@ -1,4 +1,4 @@
-"""Engine pieces: tasks' output curvature, lr schedules, config hashing, schema checks."""
+"""Trainer pieces: tasks' output curvature, lr schedules, config hashing, schema checks."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from ngexp.config import semantic_config, validate
+from ngexp.config import CHOICE_GROUPS, semantic_config, validate
 from ngexp.curvature.tasks import Classification, LanguageModel, Reconstruction
 from ngexp.train import lr_schedule
 from ngexp.train.rundir import config_hash, run_directory
-from tests.conftest import compose, requires_fashion_mnist
+from tests.helpers import compose, requires_fashion_mnist
 
 
 @pytest.mark.parametrize("task", [Classification(), Reconstruction()])
@@ -71,9 +71,9 @@ def test_run_hash_ignores_non_semantic_keys_and_seed() -> None:
 
 
 def test_every_group_option_composes_and_validates() -> None:
-    from tests.conftest import CONF
+    from tests.helpers import CONF
 
-    for group in ("data", "model", "optimizer", "lr_schedule", "prune"):
+    for group in CHOICE_GROUPS:
         for option in sorted((CONF / group).glob("*.yaml")):
             validate(compose(f"{group}={option.stem}"))
 
@@ -81,7 +81,7 @@ def test_every_group_option_composes_and_validates() -> None:
 @requires_fashion_mnist
 def test_population_statistics_are_estimated_from_training_batches_before_each_evaluation(
         tmp_path, monkeypatch, capsys, recwarn) -> None:
-    """``model.population_stats=training_set``: before every evaluation the engine hands the
+    """``model.population_stats=training_set``: before every evaluation the trainer hands the
     BN-LSTM the training split in order at the training batch size; it reads
     ``population_examples`` of them (2 batches here) and evaluation uses no moving average."""
     from ngexp.cli import main

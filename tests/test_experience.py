@@ -13,7 +13,7 @@ from ngexp.cli import describe, main, train_help
 from ngexp.config import register_all
 from ngexp.options import REGISTRY
 from ngexp.train.console import format_duration, format_number
-from tests.conftest import ngexp, read_metrics, read_summary, requires_fashion_mnist, run_dirs
+from tests.helpers import ngexp, read_metrics, read_summary, requires_fashion_mnist, run_dirs
 
 #: 2000 examples, batch 128: 15 steps per epoch.
 SMALL = ["data.subset=2000", "trainer.batch_size=128", "trainer.log_every=5",

@@ -21,7 +21,7 @@ import torch
 
 from ngexp.cli import main
 from ngexp.train import checkpoint
-from tests.conftest import REPO, read_metrics, read_summary, requires_fashion_mnist, run_dirs
+from tests.helpers import REPO, read_metrics, read_summary, requires_fashion_mnist, run_dirs
 
 #: 8 steps per epoch, 3 epochs: checkpoints after steps 8 (kept as previous.pt later), 16, 24.
 SHORT = ["data.subset=1024", "trainer.batch_size=128", "trainer.epochs=3",
@@ -295,16 +295,14 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path: Path,
         state = torch.load(path, weights_only=True)
         assert checkpoint.all_finite([state["model"], state["optimizer"]]), path
 
-    from ngexp.train.engine import Engine
-    from tests.conftest import compose
+    from tests.helpers import build_trainer, compose
 
     cfg = compose(*SHORT, f"output_root={tmp_path / 'unit'}")
-    engine = Engine(cfg, {"model": "mlp"}, tmp_path / "unit")
-    engine.session_start = time.perf_counter()
+    trainer = build_trainer(cfg, {"model": "mlp"}, tmp_path / "unit")
     with torch.no_grad():
-        next(engine.model.parameters())[0, 0] = float("inf")
+        next(trainer.model.parameters())[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="nan at step 0 .non-finite weights"):
-        engine._save("last.pt")
+        trainer.checkpoints.save("last.pt", trainer.state_dict())
     assert not (tmp_path / "unit").exists()
 
 

@@ -18,7 +18,7 @@ from ngexp.optim.shampoo import Shampoo
 from ngexp.optim.soap import soap
 from ngexp.optim.training import TrainingOptimizer
 from ngexp.train.checkpoint import read_checkpoint, save_checkpoint
-from tests.conftest import compose
+from tests.helpers import compose
 
 STEPS = 6
 

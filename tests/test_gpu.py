@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from ngexp.cli import main
-from tests.conftest import REPO, read_summary, run_dirs
-from tests.step_path import SyncCounter, engine_for, training_batches
+from tests.helpers import REPO, read_summary, run_dirs
+from tests.step_path import SyncCounter, trainer_for, training_batches
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -48,12 +48,12 @@ def test_the_training_step_never_waits_for_the_device(
         precision: str) -> None:
     """No synchronization on any step but a preconditioner's refresh (its decompositions
     report failure once), by CUDA's sync debug mode and by ngexp's own host reads."""
-    engine = engine_for(tmp_path, *LENET, *optimizer, f"trainer.precision={precision}",
+    trainer = trainer_for(tmp_path, *LENET, *optimizer, f"trainer.precision={precision}",
                         "trainer.channels_last=true", "trainer.log_every=1000")
     counter = SyncCounter(monkeypatch)
-    batches = training_batches(engine)
+    batches = training_batches(trainer)
     preconditioned = any(f"optimizer={name}" in optimizer for name in ("kfac", "ekfac", "tonga"))
-    engine.train_step(*next(batches))  # first step: lazy CUDA initialization, first refresh
+    trainer.train_step(*next(batches))  # first step: lazy CUDA initialization, first refresh
     for step in range(1, 8):
         refresh = preconditioned and step % 3 == 0
         batch = next(batches)
@@ -61,12 +61,12 @@ def test_the_training_step_never_waits_for_the_device(
         with counter.counting() as calls:
             torch.cuda.set_sync_debug_mode("warn" if refresh else "error")
             try:
-                engine.train_step(*batch)
+                trainer.train_step(*batch)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         if not refresh:
             assert dict(calls) == {}, f"step {step}"
-    assert all(bool(p.isfinite().all()) for p in engine.model.parameters())
+    assert all(bool(p.isfinite().all()) for p in trainer.model.parameters())
 
 
 def test_a_gpu_run_killed_mid_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
@@ -115,13 +115,13 @@ def test_compiled_and_eager_training_give_the_same_weights_on_the_gpu(
         tmp_path: Path, optimizer: list[str]) -> None:
     weights = {}
     for compiled in (False, True):
-        engine = engine_for(tmp_path / str(compiled), *LENET, *optimizer,
+        trainer = trainer_for(tmp_path / str(compiled), *LENET, *optimizer,
                             f"trainer.compile={str(compiled).lower()}", "trainer.log_every=1000",
                             "trainer.deterministic=true")
-        batches = training_batches(engine)
+        batches = training_batches(trainer)
         for _ in range(5):
-            engine.train_step(*next(batches))
-        weights[compiled] = engine.model.state_dict()
+            trainer.train_step(*next(batches))
+        weights[compiled] = trainer.model.state_dict()
     torch.use_deterministic_algorithms(False)
     for name, eager in weights[False].items():
         torch.testing.assert_close(weights[True][name], eager, rtol=1e-3, atol=1e-4)

@@ -23,9 +23,9 @@ from ngexp.curvature.tasks import Classification
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.kfac import KFAC
 from ngexp.train import checkpoint
-from ngexp.train.engine import resident_peak_mb
-from tests.conftest import REPO, compose, read_summary, run_dirs
-from tests.step_path import NGEXP, SyncCounter, engine_for, training_batches
+from ngexp.train.metric_window import resident_peak_mb
+from tests.helpers import REPO, compose, read_summary, run_dirs
+from tests.step_path import NGEXP, SyncCounter, trainer_for, training_batches
 
 #: LeNet-5 on 28x28 synthetic images, 32 examples per step, on the CPU.
 LENET = ["model=lenet5", "data=synthetic", "data.shape=[1,28,28]", "data.num_train=256",
@@ -65,15 +65,15 @@ def test_the_training_step_never_waits_for_the_device(
     the step reads nothing back from the device but, for K-FAC with factored damping, one flag
     per inversion (whether any Cholesky factorization failed): at each refresh, and after
     each adaptive damping change."""
-    engine = engine_for(tmp_path, *LENET, *optimizer, "trainer.log_every=1000")
+    trainer = trainer_for(tmp_path, *LENET, *optimizer, "trainer.log_every=1000")
     counter = SyncCounter(monkeypatch)
-    batches = training_batches(engine)
+    batches = training_batches(trainer)
     factored_kfac = ("optimizer=kfac" in optimizer
                      and "optimizer.damping_mode=eigen" not in optimizer)
     adaptive = "optimizer.damping_schedule=adaptive" in optimizer
     for step in range(7):
         with counter.counting() as calls:
-            engine.train_step(*next(batches))
+            trainer.train_step(*next(batches))
         inversions = calls.pop("linalg.py:damped_inverses", 0)
         assert {site: n for site, n in calls.items() if site not in HOST_SIDE} == {}, step
         refresh = factored_kfac and step % 3 == 0
@@ -98,24 +98,24 @@ def test_compiled_and_eager_training_give_the_same_weights(
     factored product (which captures every step) does not pay, so K-FAC compiles too."""
     weights, compiled_calls = {}, {}
     for compiled in (False, True):
-        engine = engine_for(tmp_path / str(compiled), *LENET, *optimizer,
+        trainer = trainer_for(tmp_path / str(compiled), *LENET, *optimizer,
                             "trainer.batch_size=128", "data.num_train=640",
                             f"trainer.compile={str(compiled).lower()}", "trainer.log_every=1000")
         calls = []
-        compiled_forward = engine.forward
-        engine.forward = lambda x, forward=compiled_forward, calls=calls: (
+        compiled_forward = trainer.run.forward
+        trainer.run.forward = lambda x, forward=compiled_forward, calls=calls: (
             calls.append(1) or forward(x))
-        batches = training_batches(engine)
+        batches = training_batches(trainer)
         for _ in range(5):
-            engine.train_step(*next(batches))
-        weights[compiled], compiled_calls[compiled] = engine.model.state_dict(), len(calls)
+            trainer.train_step(*next(batches))
+        weights[compiled], compiled_calls[compiled] = trainer.model.state_dict(), len(calls)
         if compiled:
             assert isinstance(compiled_forward, torch._dynamo.eval_frame.OptimizedModule)
     assert compiled_calls == {False: compiled_steps, True: compiled_steps}
     for name, eager in weights[False].items():
         torch.testing.assert_close(weights[True][name], eager, rtol=1e-3, atol=1e-4,
                                    msg=lambda m, name=name: f"{name}: {m}")
-    initial = engine_for(tmp_path / "init", *LENET, *optimizer).model.state_dict()
+    initial = trainer_for(tmp_path / "init", *LENET, *optimizer).model.state_dict()
     moved = max(float((weights[False][name] - value).abs().max())
                 for name, value in initial.items())
     assert moved > 1e-2  # the five steps trained, well beyond the tolerance
@@ -234,7 +234,7 @@ def test_deterministic_mode_sets_the_cublas_workspace(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
-        engine_for(tmp_path, *LENET, "trainer.deterministic=true")
+        trainer_for(tmp_path, *LENET, "trainer.deterministic=true")
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert torch.are_deterministic_algorithms_enabled()
     finally:
@@ -261,16 +261,16 @@ def test_gradients_and_optimizer_buffers_keep_the_parameters_strides(
         tmp_path: Path, optimizer: list[str]) -> None:
     """Under ``channels_last`` the preconditioned ``.grad`` and every optimizer buffer have
     their parameter's strides (so the fused multi-tensor updates apply)."""
-    engine = engine_for(tmp_path, *LENET, *optimizer, "trainer.channels_last=true",
+    trainer = trainer_for(tmp_path, *LENET, *optimizer, "trainer.channels_last=true",
                         "trainer.log_every=1000")
-    batches = training_batches(engine)
+    batches = training_batches(trainer)
     for _ in range(3):
-        engine.train_step(*next(batches))
-    convs = [p for p in engine.model.parameters() if p.dim() == 4]
+        trainer.train_step(*next(batches))
+    convs = [p for p in trainer.model.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
-    for param in engine.model.parameters():
+    for param in trainer.model.parameters():
         assert param.grad.stride() == param.stride()
-        buffers = [value for value in engine.optimizer.optimizer.state[param].values()
+        buffers = [value for value in trainer.optimizer.optimizer.state[param].values()
                    if isinstance(value, torch.Tensor) and value.shape == param.shape]
         assert buffers and all(b.stride() == param.stride() for b in buffers)
 

@@ -17,7 +17,7 @@ from ngexp.data.spec import DataSpec
 from ngexp.errors import UserError
 from ngexp.instruments.flow import flow_metrics, hidden_gradient_norms
 from ngexp.models.bnlstm import BNLSTM
-from tests.conftest import read_metrics, requires_fashion_mnist, run_dirs
+from tests.helpers import read_metrics, requires_fashion_mnist, run_dirs
 
 SPEC = DataSpec("toy", (9, 3), 4, mean=(0.3,), std=(0.7,))
 

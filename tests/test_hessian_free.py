@@ -24,7 +24,7 @@ from ngexp.optim.hessian_free import (
     backtrack,
     kept_iterations,
 )
-from tests.conftest import compose, ngexp, read_summary, requires_fashion_mnist, run_dirs
+from tests.helpers import compose, ngexp, read_summary, requires_fashion_mnist, run_dirs
 from tests.preconditioning import documented_step, sgd
 from tests.test_natural_gradient import (
     batch_gradient,

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import compose, ngexp, read_summary, run_dirs
 from omegaconf import OmegaConf
 
 from ngexp import config as ngexp_config
 from ngexp import identity
 from ngexp.train.rundir import config_hash, run_directory
+from tests.helpers import compose, ngexp, read_summary, run_dirs
 
 CONFIGS = [(), ("trainer.max_steps=2",), ("optimizer=kfac", "model=lenet5"),
            ("prune=magnitude",), ("+experiment=lenet5_kfac",), ("optimizer=adam", "seed=2"),

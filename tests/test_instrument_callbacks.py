@@ -17,8 +17,9 @@ from ngexp.cli import main
 from ngexp.data.bundle import Split
 from ngexp.instruments.callbacks import FilterSparsity, GradientNoise, TangentAlignment
 from ngexp.instruments.tangent import probe_indices
-from tests.conftest import (
+from tests.helpers import (
     InterruptAfter,
+    build_trainer,
     compose,
     read_metrics,
     read_summary,
@@ -143,7 +144,8 @@ def test_instruments_do_not_change_training(tmp_path: Path, capsys: pytest.Captu
 # ---------------------------------------------------------------------------- resume
 @requires_fashion_mnist
 def test_resume_keeps_the_probe_set_and_the_running_averages(tmp_path: Path) -> None:
-    from ngexp.train.engine import Engine, RunInterrupted
+    from ngexp.train.session import run_session
+    from ngexp.train.stop import RunInterrupted
 
     overrides = [*SMALL, *ALL, "callbacks.tangent_alignment.every_n_steps=5",
                  "callbacks.tangent_alignment.probe_size=32", "seed=3",
@@ -152,15 +154,16 @@ def test_resume_keeps_the_probe_set_and_the_running_averages(tmp_path: Path) -> 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     for folder in (reference, resumed):
         folder.mkdir()
-    Engine(compose(*overrides, f"output_root={reference}"), choices, reference).run()
-    engine = Engine(compose(*overrides, f"output_root={resumed}"), choices, resumed)
-    engine.callbacks.append(InterruptAfter(10))
+    run_session(build_trainer(compose(*overrides, f"output_root={reference}"), choices,
+                              reference))
+    trainer = build_trainer(compose(*overrides, f"output_root={resumed}"), choices, resumed)
+    trainer.callbacks.append(InterruptAfter(10))
     with pytest.raises(RunInterrupted):
-        engine.run()
+        run_session(trainer)
     state = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["callbacks"]
     assert state["tangent_alignment"]["measured_step"] == 5  # step 10 not measured yet
     assert state["gradient_noise"]["pending"]  # step 10's gradient noise not logged yet
-    Engine(compose(*overrides, f"output_root={resumed}"), choices, resumed).run()
+    run_session(build_trainer(compose(*overrides, f"output_root={resumed}"), choices, resumed))
 
     def measured(folder: Path) -> list[tuple[int, dict[str, float]]]:
         return [(r["step"], {k: v for k, v in r.items() if k.startswith("dynamics/")

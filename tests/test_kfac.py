@@ -19,7 +19,7 @@ from ngexp.curvature.tasks import Classification
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.hyperparams import Piecewise
 from ngexp.optim.kfac import KFAC, pi_ratio
-from tests.conftest import (
+from tests.helpers import (
     compose,
     ngexp,
     read_metrics,

@@ -21,7 +21,7 @@ from ngexp.curvature.products import (
 from ngexp.curvature.tasks import Classification, Reconstruction, Task
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.natural_gradient import NaturalGradient
-from tests.conftest import compose
+from tests.helpers import compose
 from tests.preconditioning import sgd
 
 DAMPING = 0.05

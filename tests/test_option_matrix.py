@@ -26,12 +26,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ngexp.cli import default_choices, main
-from ngexp.config import TrainerConfig, register_all
+from ngexp.cli import default_choices, main, schema_of
+from ngexp.config import GROUPS, TrainerConfig, register_all
 from ngexp.options import REGISTRY, Option, dataclass_options
-from tests.conftest import CONF, requires_fashion_mnist
+from tests.helpers import CONF, requires_fashion_mnist
 
-GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune", "logger", "callbacks")
 STEPS = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.eval_batch_size=512",
          "trainer.log_every=1", "trainer.progress=none"]
 SYNTHETIC = ["data=synthetic", "data.shape=[1,16,16]", "data.num_train=64", "data.num_test=16"]
@@ -41,15 +40,6 @@ TEXT = ["data=text", f"data.path={CONF.parent / 'README.md'}", "data.bptt=16"]
 MACHINE_SETTINGS = {("data", "download")}
 #: Presets too slow for a 2-core CI (a K-FAC refresh of VGG's 4608-dim factors takes minutes).
 SLOW_EXPERIMENTS = ("vgg16_sgd", "vgg16_kfac", "vgg16_ekfac")
-
-
-def schema_of(group: str, option: str) -> str | None:
-    """The schema name a ``conf/<group>/<option>.yaml`` extends."""
-    defaults = OmegaConf.load(CONF / group / f"{option}.yaml").get("defaults", [])
-    for item in defaults:
-        if str(item).startswith(f"/schema/{group}/"):
-            return str(item).split("/")[3].split("@")[0]
-    return None
 
 
 def preset_of(group: str, schema: str, default: str | None) -> str | None:

@@ -15,7 +15,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-from conftest import REPO
+from tests.helpers import REPO
 
 try:
     import tomllib

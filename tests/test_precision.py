@@ -4,7 +4,6 @@ overflowing steps are skipped, the scaler's state is checkpointed."""
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from ngexp.errors import UserError
 from ngexp.optim.training import TrainingOptimizer
 from ngexp.train.checkpoint import read_checkpoint, save_checkpoint
 from ngexp.train.precision import grad_scaler
-from tests.conftest import read_metrics, read_summary, run_dirs
-from tests.step_path import engine_for
+from tests.helpers import read_metrics, read_summary, run_dirs
+from tests.step_path import trainer_for
 
 SYNTHETIC = ["data=synthetic", "data.shape=[1,8,8]", "data.num_train=256", "data.num_test=64",
              "trainer.batch_size=32", "trainer.log_every=1", "trainer.progress=none",
@@ -101,19 +100,18 @@ def test_overflowing_step_is_skipped_and_the_scale_halved() -> None:
 
 def test_resume_restores_the_scaler_bit_identically(tmp_path: Path) -> None:
     """12 fp16 steps with a scale that backs off and grows, against 5 steps, a checkpoint
-    written and read back into a fresh engine, and 7 more: the same weights, Adam state and
+    written and read back into a fresh trainer, and 7 more: the same weights, Adam state and
     scaler state, bit for bit."""
     overrides = [*SYNTHETIC, "optimizer=adam", "trainer.precision=fp16", "model.widths=[16]"]
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.rand(32, 1, 8, 8, generator=generator),
                 torch.randint(0, 10, (32,), generator=generator)) for _ in range(12)]
 
-    def fresh(name: str):  # noqa: ANN202 - an Engine
-        engine = engine_for(tmp_path / name, *overrides)
-        engine.optimizer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30,
+    def fresh(name: str):  # noqa: ANN202 - a Trainer
+        trainer = trainer_for(tmp_path / name, *overrides)
+        trainer.optimizer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30,
                                                             growth_interval=3)
-        engine.session_start = time.perf_counter()
-        return engine
+        return trainer
 
     reference = fresh("reference")
     for batch in batches:
@@ -125,9 +123,8 @@ def test_resume_restores_the_scaler_bit_identically(tmp_path: Path) -> None:
     for batch in batches[1:5]:
         interrupted.train_step(*batch)
     save_checkpoint(tmp_path / "last.pt", interrupted.state_dict())
-    resumed = engine_for(tmp_path / "resumed", *overrides)  # a default scaler, then restored
+    resumed = trainer_for(tmp_path / "resumed", *overrides)  # a default scaler, then restored
     resumed.load_state_dict(read_checkpoint(tmp_path / "last.pt"))
-    resumed.session_start = time.perf_counter()
     for batch in batches[5:]:
         resumed.train_step(*batch)
     final, expected = resumed.state_dict(), reference.state_dict()

@@ -18,7 +18,7 @@ from ngexp.models.mlp import MLP
 from ngexp.optim import EKFAC, KFAC, TONGA, HessianFree, NaturalGradient
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.hyperparams import Exponential
-from tests.conftest import REPO, compose, ngexp, requires_fashion_mnist, run_dirs
+from tests.helpers import REPO, compose, ngexp, requires_fashion_mnist, run_dirs
 from tests.preconditioning import documented_step, plain_step, sgd
 
 TASK = Classification()

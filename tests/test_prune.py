@@ -98,7 +98,7 @@ def fake_engine(model: nn.Module, optimizer: torch.optim.Optimizer | TrainingOpt
 
 
 def train(engine: SimpleNamespace, pruner: Pruner, steps: int, batch_size: int = 32) -> None:
-    """The engine's training step order (ngexp.train.engine.Engine.train_step)."""
+    """The trainer's training step order (ngexp.train.trainer.Trainer.train_step)."""
     data = engine.data.train
     for _ in range(steps):
         pruner.on_step_start(engine)

@@ -5,7 +5,6 @@ data-size scaling, resume and the command line."""
 from __future__ import annotations
 
 import math
-import signal
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,6 @@ from torch.distributions import (
     kl_divergence,
 )
 
-from ngexp.callbacks import Callback
 from ngexp.curvature.tasks import build_task
 from ngexp.optim.training import TrainingOptimizer
 from ngexp.prune.gates import (
@@ -35,7 +33,14 @@ from ngexp.prune.gates import (
     scale_mixture_log_prob,
 )
 from ngexp.prune.variational import SpikeAndSlab, VariationalBernoulli
-from tests.conftest import compose, read_summary, requires_fashion_mnist, run_dirs
+from tests.helpers import (
+    InterruptAfter,
+    build_trainer,
+    compose,
+    read_summary,
+    requires_fashion_mnist,
+    run_dirs,
+)
 
 # ---------------------------------------------------------------------------- closed forms
 MC = 400_000
@@ -297,26 +302,14 @@ def test_gates_of_useless_units_reach_zero_and_the_others_one() -> None:
 
 
 # ---------------------------------------------------------------------------- the engine
-class InterruptAfter(Callback):
-    """Stops the run after ``step`` steps as SIGTERM does (checkpoint, then interrupted)."""
-
-    name = "interrupt"
-
-    def __init__(self, step: int) -> None:
-        self.at = step
-
-    def after_optimizer_step(self, trainer: Any) -> None:
-        if trainer.step + 1 == self.at:
-            trainer.stop_signal = signal.SIGTERM
-
-
 @pytest.mark.parametrize("preset, optimizer, kl_weight", [("variational_bernoulli", "kfac", 3),
                                                           ("spike_and_slab", "ekfac", 0.02)])
 def test_resume_after_a_kill_is_bit_identical(tmp_path: Path, preset: str, optimizer: str,
                                               kl_weight: float) -> None:
     """Units are removed before and after the kill; K-FAC/EKFAC precondition the shrinking
     layers and leave the gates their plain gradient."""
-    from ngexp.train.engine import Engine, RunInterrupted
+    from ngexp.train.session import run_session
+    from ngexp.train.stop import RunInterrupted
 
     overrides = ["data=synthetic", "data.shape=[1,8,8]", "data.num_train=96",
                  "data.num_test=32", "model=mlp", "model.widths=[24,16]",
@@ -332,16 +325,16 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path: Path, preset: str, optim
         folder.mkdir()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = Engine(compose(*overrides), choices, reference)
-        coverage = engine.optimizer.preconditioner.coverage.describe("x")
+        trainer = build_trainer(compose(*overrides), choices, reference)
+        coverage = trainer.optimizer.preconditioner.coverage.describe("x")
         assert "variational_gates" in coverage
-        engine.run()
-        engine = Engine(compose(*overrides), choices, resumed)
-        engine.callbacks.append(InterruptAfter(10))
+        run_session(trainer)
+        trainer = build_trainer(compose(*overrides), choices, resumed)
+        trainer.callbacks.append(InterruptAfter(10))
         with pytest.raises(RunInterrupted):
-            engine.run()
+            run_session(trainer)
         middle = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
-        Engine(compose(*overrides), choices, resumed).run()
+        run_session(build_trainer(compose(*overrides), choices, resumed))
     final = [torch.load(folder / "checkpoints" / "last.pt", weights_only=True)
              for folder in (reference, resumed)]
     kept = middle["callbacks"]["pruner"]["kept"]

@@ -8,9 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import ngexp, read_metrics, read_summary, run_dirs
 
 from ngexp.cli import main
+from tests.helpers import ngexp, read_metrics, read_summary, run_dirs
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/x", "a/b", "..", "a\\b"])

@@ -1,7 +1,7 @@
-"""Resume is bit-identical: a run stopped (the engine's SIGTERM path) after any step and resumed
+"""Resume is bit-identical: a run stopped (the trainer's SIGTERM path) after any step and resumed
 ends with every tensor of its final checkpoint equal to the uninterrupted run's.
 
-In-process engines on synthetic data (no data set needed, seconds per run). A SIGKILL resumes
+In-process trainers on synthetic data (no data set needed, seconds per run). A SIGKILL resumes
 from the last epoch-end checkpoint, which is what a stop at an epoch boundary writes: the
 stop steps below include one. The MLP's 256 x 257 layer at batch 64 takes K-FAC's factored
 CPU path, whose choice must survive the resume (it decides which steps capture their batch).
@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from ngexp.train.engine import Engine, RunInterrupted
-from tests.conftest import InterruptAfter, compose
+from ngexp.train.session import run_session
+from ngexp.train.stop import RunInterrupted
+from tests.helpers import InterruptAfter, build_trainer, compose
 
 #: 16 steps per epoch, 24 steps.
 BASE = ("data=synthetic", "data.shape=[1,16,16]", "data.num_train=1024", "data.num_test=128",
@@ -30,15 +31,15 @@ KFAC = ("optimizer=kfac", "optimizer.cov_update_freq=4", "optimizer.inv_update_f
 def final_checkpoint(folder: Path, overrides: tuple[str, ...], stop: int | None = None
                      ) -> dict[str, Any]:
     """Train in ``folder``; with ``stop``, interrupt after ``stop`` steps (checkpoint written
-    as on SIGTERM) and resume in a new engine. The final ``last.pt``."""
+    as on SIGTERM) and resume in a new trainer. The final ``last.pt``."""
     folder.mkdir(parents=True)
     cfg = compose(*BASE, *overrides, f"output_root={folder}")
     if stop is not None:
-        engine = Engine(cfg, {"model": "mlp"}, folder)
-        engine.callbacks.append(InterruptAfter(stop))
+        trainer = build_trainer(cfg, {"model": "mlp"}, folder)
+        trainer.callbacks.append(InterruptAfter(stop))
         with pytest.raises(RunInterrupted):
-            engine.run()
-    Engine(cfg, {"model": "mlp"}, folder).run()
+            run_session(trainer)
+    run_session(build_trainer(cfg, {"model": "mlp"}, folder))
     return torch.load(folder / "checkpoints" / "last.pt", weights_only=True)
 
 

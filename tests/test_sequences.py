@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose, requires_fashion_mnist
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -22,6 +21,7 @@ from ngexp.data.sequences import (
 )
 from ngexp.data.text import encode, text_data
 from ngexp.errors import UserError
+from tests.helpers import compose, requires_fashion_mnist
 
 
 def test_pixel_and_row_order_read_in_raster_order() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import ngexp
+from tests.helpers import ngexp
 
 
 def hparams_tab(logdir: Path) -> tuple[object, object]:

@@ -16,7 +16,7 @@ from ngexp.curvature.products import flatten
 from ngexp.curvature.tasks import Classification
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.tonga import TONGA
-from tests.conftest import compose, ngexp, read_summary, requires_fashion_mnist, run_dirs
+from tests.helpers import compose, ngexp, read_summary, requires_fashion_mnist, run_dirs
 from tests.preconditioning import sgd
 
 TASK = Classification()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     THREADS,
     ngexp,

@@ -17,7 +17,7 @@ from ngexp.errors import IncompatibleData
 from ngexp.models.gpt import GPT
 from ngexp.models.transformer import Block, Encoder
 from ngexp.models.vit import ViT
-from tests.conftest import read_summary, requires_fashion_mnist, run_dirs
+from tests.helpers import read_summary, requires_fashion_mnist, run_dirs
 
 FASHION = DataSpec("fashion_mnist", (1, 28, 28), 10, mean=(0.2860,), std=(0.3530,))
 CIFAR = DataSpec("cifar10", (3, 32, 32), 10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

@@ -17,7 +17,7 @@ import yaml
 from ngexp.cli import validate_overrides
 from ngexp.errors import OptionError
 from ngexp.train.objective import objective_value
-from tests.conftest import REPO, ngexp, read_summary, requires_fashion_mnist, run_dirs
+from tests.helpers import REPO, ngexp, read_summary, requires_fashion_mnist, run_dirs
 
 try:
     import hydra_plugins.hydra_optuna_sweeper  # noqa: F401

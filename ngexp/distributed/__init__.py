@@ -4,5 +4,5 @@ process group set up from ``torchrun``'s or SLURM's environment), the collective
 behind ``trainer.devices=N``.
 
 It depends on torch and :mod:`ngexp.errors` only, so every layer (curvature, optimizers,
-pruning, the engine) may use it.
+pruning, the trainer) may use it.
 """

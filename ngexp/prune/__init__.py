@@ -1,4 +1,4 @@
-"""Pruning: criteria, schedules and masks, run as an engine callback (``prune=<preset>``).
+"""Pruning: criteria, schedules and masks, run as a trainer callback (``prune=<preset>``).
 
 Importing this package registers the ``schema/prune/pruner`` config schema and the variational
 pruners' (``variational_bernoulli``, ``spike_and_slab``).

@@ -110,7 +110,7 @@ class PruneConfig:
 
 
 class Pruner(Callback):
-    """Engine callback pruning ``trainer.model`` as configured by :class:`PruneConfig`."""
+    """Trainer callback pruning ``trainer.model`` as configured by :class:`PruneConfig`."""
 
     name = "pruner"
 
@@ -121,7 +121,7 @@ class Pruner(Callback):
         self.positions: dict[str, int] = {}
         self._saved_masks: dict[str, torch.Tensor] = {}
 
-    # ------------------------------------------------------------------ engine hooks
+    # ------------------------------------------------------------------ trainer hooks
     def on_train_start(self, trainer: Trainer) -> None:
         self._bind(trainer)
 

@@ -5,7 +5,7 @@ A run directory holds ``summary.json`` and/or ``metrics.jsonl`` (plus ``config.y
 sweep job directory holds ``run_dir.txt``, a pointer to its run directory. Runs are reported
 whatever their state: completed, failed, interrupted, running, stale (``running`` but no file
 written for :data:`STALE_AFTER_S` seconds: the process most likely died), unfinished (no
-summary at all) or unreadable (a file the engine would not have written: not UTF-8, not
+summary at all) or unreadable (a file the trainer would not have written: not UTF-8, not
 JSON/YAML, a value of the wrong type). An unreadable run keeps whatever could be read (its
 config, its valid records and summary fields); a partial last line of ``metrics.jsonl`` (a
 process killed mid-write) is not a defect and is ignored.
@@ -18,6 +18,8 @@ import math
 import os
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +28,11 @@ from typing import Any
 import yaml
 
 from ngexp.errors import UserError
+from ngexp.summary import STATUSES, Status, field_types
 
 RUN_FILES = ("summary.json", "metrics.jsonl")
 POINTER = "run_dir.txt"
 STALE_AFTER_S = 30 * 60
-#: The ``status`` values the engine writes in summary.json.
-STATUSES = ("running", "completed", "failed", "interrupted")
 #: Record fields that are axes, not metrics.
 AXES = ("epoch", "step", "time")
 
@@ -106,25 +107,38 @@ def _is_option(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-#: summary.json fields the report reads: a check of the value and what it should be (null
-#: passes every check); the other fields are kept as they are.
-SUMMARY_FIELDS: dict[str, tuple[Check, str]] = {
-    "status": (lambda value: value in STATUSES, "one of " + ", ".join(STATUSES)),
-    "reason": (_is_str, "a string"),
-    "seed": (is_int, "an integer"),
-    "step": (is_int, "an integer"),
-    "total_steps": (is_int, "an integer"),
-    "wall_time": (_is_finite, "a finite number"),
-    "device": (_is_str, "a string"),
-    "git_commit": (_is_str, "a string"),
+#: Checks of a value of each type :class:`RunSummary` declares (``X | None``: X's; null passes
+#: every check): a scalar field's, and an entry's of a field that is an object.
+FIELD_CHECKS: dict[Any, tuple[Check, str]] = {
+    Status: (lambda value: value in STATUSES, "one of " + ", ".join(STATUSES)),
+    str: (_is_str, "a string"),
+    int: (is_int, "an integer"),
+    float: (_is_finite, "a finite number"),
 }
-#: summary.json fields that are objects, with the check of each entry.
-SUMMARY_MAPS: dict[str, tuple[Check, str]] = {
-    "choices": (_is_option, "an option name"),
-    "final": (is_number, "a number"),
-    "best": (is_number, "a number"),
-    "versions": (_is_str, "a string"),
+ENTRY_CHECKS: dict[Any, tuple[Check, str]] = {
+    str | None: (_is_option, "an option name"),
+    str: (_is_str, "a string"),
+    int: (is_int, "an integer"),
+    float: (is_number, "a number"),
 }
+
+
+def _summary_checks() -> tuple[dict[str, tuple[Check, str]], dict[str, tuple[Check, str]]]:
+    """The checks of :class:`RunSummary`'s scalar fields and of its object fields' entries."""
+    scalars, maps = {}, {}
+    for name, annotation in field_types().items():
+        if typing.get_origin(annotation) is dict:
+            maps[name] = ENTRY_CHECKS[typing.get_args(annotation)[1]]
+        else:
+            rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+            plain = rest[0] if typing.get_origin(annotation) is types.UnionType else annotation
+            scalars[name] = FIELD_CHECKS[plain]
+    return scalars, maps
+
+
+#: summary.json's fields (:class:`ngexp.summary.RunSummary`) with the check of each value, and
+#: those that are objects with the check of each entry; other fields are kept as they are.
+SUMMARY_FIELDS, SUMMARY_MAPS = _summary_checks()
 #: metrics.jsonl fields with their own check; every other field is a metric (any number).
 RECORD_FIELDS: dict[str, tuple[Check, str]] = {
     "step": (is_int, "an integer"),

@@ -5,7 +5,7 @@ training algorithms, Dahl et al. 2023).
 A run *reaches* the target ``metric = value`` at its first record with ``metric <= value``
 (``>=`` for metrics where higher is better, :func:`ngexp.metrics.lower_is_better`); it took
 that record's ``step``, ``step x global batch`` examples and ``time`` seconds (the training
-wall time the engine logs with every record; evaluations are recorded at ``trainer.eval_every``
+wall time the trainer logs with every record; evaluations are recorded at ``trainer.eval_every``
 steps or each epoch end, which bounds the resolution). A run that never reaches it (or failed
 first) took ``inf``: it is counted in the group's ``reached k/n`` and its median (the median of
 all the group's runs, ``inf`` when half or more missed), and left out of the spread (min-max

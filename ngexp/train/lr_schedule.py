@@ -8,8 +8,10 @@ number of steps per epoch.
 from __future__ import annotations
 
 import math
+import warnings
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ngexp.options import check, check_integer, check_range, checked, configurable
 
@@ -74,3 +76,16 @@ def cosine(total_steps: int, steps_per_epoch: int, min_factor: float = 0.0,
         return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return with_warmup(factor, warmup_steps)
+
+
+def step_scheduler(scheduler: Any, before_any_optimizer_step: bool) -> None:
+    """Advance ``scheduler`` (a ``LambdaLR``) one step: once per training step, also a step
+    that the grad scaler skipped; ``before_any_optimizer_step`` (a scaled run's first step):
+    torch's warning that the schedule stepped before the optimizer is expected and not shown."""
+    if not before_any_optimizer_step:
+        scheduler.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before",
+                                UserWarning)
+        scheduler.step()

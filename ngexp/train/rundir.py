@@ -7,6 +7,10 @@ moves no directory. A data-parallel run hashes its global batch in place of
 ``trainer.batch_size``: runs of any world size with the same global batch share a directory
 (and resume each other). A run directory of an earlier ngexp (another hash of the same config)
 is found by its stored ``config.yaml`` and used.
+
+Before a session trains, :func:`prepare_run_dir` takes the directory's lock (a live run is never
+renamed nor written to), sets a replaced run aside and writes the config; a finished run is
+skipped (:func:`skip_finished`).
 """
 
 from __future__ import annotations
@@ -18,15 +22,20 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
-from ngexp.config import NON_SEMANTIC_KEYS
+from ngexp.config import NAMING_GROUPS, NON_SEMANTIC_KEYS
+from ngexp.errors import UserError
 from ngexp.identity import NOT_IDENTITY, identity, matches_stored
 
-GROUPS = ("data", "model", "optimizer", "lr_schedule", "prune")
+
+class RunWriteError(UserError):
+    """The run could not write its files (disk full, permissions); it ended ``failed(io)``."""
 
 
 def config_hash(cfg: DictConfig, world_size: int = 1) -> str:
@@ -50,7 +59,7 @@ def run_label(overrides: Iterable[str]) -> str:
 def run_name(cfg: DictConfig, choices: Mapping[str, str | None]) -> str:
     if cfg.name:
         return str(cfg.name)
-    parts = [choices.get(group) for group in ("data", "model", "optimizer", "prune")]
+    parts = [choices.get(group) for group in NAMING_GROUPS]
     return "-".join(str(part) for part in parts if part)
 
 
@@ -194,3 +203,69 @@ def lock(run_dir: Path) -> IO[str] | None:
         stream.close()
         return None
     return stream
+
+
+def describe_os_error(error: OSError) -> str:
+    """``No space left on device (checkpoints/.last.pt.tmp)``: the reason and the file."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{reason} ({error.filename})" if error.filename else reason
+
+
+def make_run_dir(run_dir: Path, output_root: str) -> Path:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"output_root={output_root!r}: cannot create {run_dir} "
+                        f"({describe_os_error(error)}); choose a writable folder") from None
+    return run_dir
+
+
+def skip_finished(run_dir: Path, console: Console) -> bool:
+    """Whether the run in ``run_dir`` already finished (said on the console)."""
+    summary = read_summary(run_dir)
+    if not is_finished(summary):
+        return False
+    assert summary is not None
+    reason = f"({summary['reason']})" if summary.get("reason") else ""
+    console.print(f"skipping {run_dir}: already {summary['status']}{reason} "
+                  f"(force=true re-runs it)")
+    return True
+
+
+def hold_lock(stack: ExitStack, run_dir: Path, output_root: str, console: Console,
+              holder: str) -> bool:
+    """Lock ``run_dir`` (created if missing) for as long as ``stack`` is open; ``False``, said
+    on the console, when another process ``holder`` (``is running``, ``started``) it."""
+    held = lock(make_run_dir(run_dir, output_root))
+    if held is None:
+        console.print(f"skipping {run_dir}: another process {holder} this config")
+        return False
+    stack.enter_context(held)
+    return True
+
+
+def prepare_run_dir(stack: ExitStack, cfg: DictConfig, run_dir: Path, console: Console,
+                    job_dir: Path | None, hydra_files: Mapping[str, str] | None) -> bool:
+    """Lock ``run_dir`` (held by ``stack``), set a replaced run aside and write the config;
+    ``False`` when the run is to be skipped (finished, or another process holds it)."""
+    if not hold_lock(stack, run_dir, cfg.output_root, console, "is running"):
+        return False
+    if not cfg.force and skip_finished(run_dir, console):
+        return False
+    if (cfg.force or not cfg.resume) and has_outputs(run_dir):
+        aside = set_aside(run_dir, "replaced")  # we hold its lock: nobody runs it
+        console.print(f"{'force=true' if cfg.force else 'resume=false'}: previous run moved "
+                      f"to {aside}")
+        if not hold_lock(stack, run_dir, cfg.output_root, console, "started"):
+            return False
+    try:
+        if job_dir is not None:
+            atomic_write_text(job_dir / "run_dir.txt", str(run_dir.resolve()) + "\n")
+        if not any((run_dir / "checkpoints").glob("*.pt")):
+            remove_outputs(run_dir)  # a run that died before its first checkpoint
+        save_config(run_dir, cfg)
+        for name, text in (hydra_files or {}).items():  # Hydra's own record of the job
+            atomic_write_text(run_dir / ".hydra" / name, text)
+    except OSError as error:
+        raise RunWriteError(f"{run_dir}: {describe_os_error(error)}") from None
+    return True
