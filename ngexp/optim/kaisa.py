@@ -30,6 +30,12 @@ COMM-OPT, the default) broadcasts the terms to all ranks at each refresh and com
 gradient; fractions in between (HYBRID-OPT) trade the two. Memory for terms per rank: about
 ``f`` times the single-process amount (``docs/distributed.md`` gives the bytes per step).
 
+:class:`Placement` decides where each layer's work runs (the grid and the owners);
+:class:`Kaisa` issues the collectives that share it: the statistics' means, the refreshed terms
+(:meth:`Kaisa.refresh`), the directions (:meth:`Kaisa.directions`) and a checkpoint's complete
+terms (:meth:`Kaisa.complete`), reading and writing the layers'
+:class:`~ngexp.optim.layer_curvature.LayerCurvature`.
+
 Every collective is issued in the same order on all ranks of its group; column broadcasts
 (refreshes) always precede row broadcasts (the step's directions), so no two groups wait on
 each other. Results equal one process on the union batch up to the order of floating-point

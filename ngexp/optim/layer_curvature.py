@@ -2,18 +2,14 @@
 objects), and the running averages its statistics are kept in.
 
 A layer's ``[W | b]`` is ``(groups, d_out, d_in)`` (bias as the last input coordinate). Its
-state, every field a float32 tensor or ``None`` until computed:
+state, every field a float32 tensor or ``None`` until computed (field: state key, shape):
 
-============================  ==========  =========================  ==============================
-field                         state key   shape                      what
-============================  ==========  =========================  ==============================
-``a``, ``g``                  A, G        (groups, d, d)             running Kronecker factors
-``pi``                        pi          (groups,)                  K-FAC's pi correction
-``a_inv``, ``g_inv``          A_inv, ...  (groups, d, d)             damped inverses (K-FAC)
-``eigenvalues_a``, ``_g``     lambda_A    (groups, d)                factor eigenvalues
-``basis_a``, ``basis_g``      U_A, U_G    (groups, d, d)             factor eigenbases
-``scale``                     s           (groups, d_out, d_in)      EKFAC's eigenbasis scaling
-============================  ==========  =========================  ==============================
+- ``a``, ``g``: ``A``, ``G``, ``(groups, d, d)``: the running Kronecker factors;
+- ``pi``: ``pi``, ``(groups,)``: K-FAC's pi correction;
+- ``a_inv``, ``g_inv``: ``A_inv``, ``G_inv``, ``(groups, d, d)``: K-FAC's damped inverses;
+- ``eigenvalues_a``, ``eigenvalues_g``: ``lambda_A``, ``lambda_G``, ``(groups, d)``, and
+  ``basis_a``, ``basis_g``: ``U_A``, ``U_G``, ``(groups, d, d)``: the factors' eigenbases;
+- ``scale``: ``s``, ``(groups, d_out, d_in)``: EKFAC's eigenbasis scaling.
 
 ``d`` is ``d_in`` on the A side and ``d_out`` on the G side. The state keys are the layout of a
 checkpoint (``layers[name][key]``) and of :meth:`KroneckerPreconditioner.curvature`. The
