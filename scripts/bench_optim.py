@@ -19,8 +19,8 @@ averaging, inversion and preconditioning are driven here.
 
 For ngexp's contenders each step is also split into phases (``torch.cuda.synchronize()`` at each
 boundary on a GPU): forward + backward (curvature capture, the MC backward), then inside the
-preconditioner's step the factor and scaling updates (``_update_factors``, ``_update_scaling``)
-and the refresh (``_refresh``):
+preconditioner's step the factor and scaling updates (``_statistics.update``,
+``_update_scaling``) and the refresh (``terms.refresh``):
 
     statistics      = (forward+backward - SGD's) + factor / scaling updates
     decomposition   = refreshes (amortized over inv_update_freq steps)
@@ -68,9 +68,10 @@ from ngexp.optim.training import TrainingOptimizer
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIMIZERS = ("sgd", "kfac", "ekfac", "natural_gradient")
 PEERS = ("asdl", "nngeometry")
-#: Methods of the Kronecker preconditioners timed inside ``step``, by the phase they belong to.
-PHASE_METHODS = {"_update_factors": "statistics", "_update_scaling": "statistics",
-                 "_refresh": "decomposition"}
+#: Methods of the Kronecker preconditioners (or of their parts, dotted) timed inside ``step``,
+#: by the phase they belong to.
+PHASE_METHODS = {"_statistics.update": "statistics", "_update_scaling": "statistics",
+                 "terms.refresh": "decomposition"}
 CPU_MODELS = ("mlp", "lenet5")
 GPU_MODELS = ("vgg16", "preact_resnet18")
 #: Data overrides by ``--data``: real Fashion-MNIST, or random tensors of CIFAR-10 shapes.
@@ -156,9 +157,13 @@ def ngexp_contender(name: str, model: nn.Module, cfg: Any, task: Task, device: t
     optimizer: TrainingOptimizer = build_optimizer(cfg.optimizer, model, task)
     timer = SegmentTimer(device)
     pre = optimizer.preconditioner
-    for method, phase in PHASE_METHODS.items():
-        if pre is not None and hasattr(pre, method):
-            timer.instrument(pre, method, phase)
+    for path, phase in PHASE_METHODS.items():
+        *parts, method = path.split(".")
+        owner: Any = pre
+        for part in parts:
+            owner = getattr(owner, part, None)
+        if owner is not None and hasattr(owner, method):
+            timer.instrument(owner, method, phase)
 
     def forward_backward(x: Tensor, y: Tensor) -> None:
         optimizer.zero_grad()

@@ -92,8 +92,8 @@ def train(world: World, build: Callable[[nn.Module], Any], steps: int = STEPS,
             out.update({f"grad.{n}": p.grad.clone() for n, p in model.named_parameters()})
         opt.step()
     out.update({f"weight.{n}": p.detach().clone() for n, p in model.named_parameters()})
-    if pre is not None and hasattr(pre, "state"):
-        out.update({f"{key}.{layer}": value.clone() for layer, values in pre.state.items()
+    if isinstance(pre, (KFAC, EKFAC)):
+        out.update({f"{key}.{layer}": value.clone() for layer, values in pre.curvature().items()
                     for key, value in values.items() if key in ("A", "G", "s")})
     return out
 

@@ -12,7 +12,7 @@ from ngexp.curvature.capture import TRAINING
 from ngexp.curvature.kronecker import PassGroup, eigenbasis_moments
 from ngexp.curvature.tasks import Classification
 from ngexp.optim.ekfac import EKFAC
-from ngexp.optim.kronecker import LayerGradient, eigenbasis_precondition
+from ngexp.optim.kronecker_terms import LayerGradient, eigenbasis_precondition
 from tests.curvature_reference import (
     capture_factors,
     captured,

@@ -226,7 +226,7 @@ def test_adaptive_damping_evaluates_the_loss_after_the_step_under_the_steps_auto
     kfac.step()
     optimizer.step()
     assert seen == [torch.bfloat16, torch.bfloat16]  # the step's forward and the re-evaluation
-    assert bool(torch.isfinite(kfac._rho))
+    assert bool(torch.isfinite(kfac._damping.rho))
 
 
 # ---------------------------------------------------------------------------- settings

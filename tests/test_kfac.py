@@ -1,5 +1,5 @@
 """K-FAC preconditioner (ngexp/optim/kfac.py) and the shared Kronecker machinery
-(ngexp/optim/kronecker.py, ngexp/optim/preconditioner.py)."""
+(ngexp/optim/kronecker_preconditioner.py, ngexp/optim/preconditioner.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from ngexp.curvature.kronecker import PassGroup, kronecker_factors
 from ngexp.curvature.tasks import Classification
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.hyperparams import Piecewise
-from ngexp.optim.kfac import KFAC, pi_ratio
+from ngexp.optim.kfac import KFAC
+from ngexp.optim.kronecker_terms import pi_ratio
 from tests.helpers import (
     compose,
     ngexp,

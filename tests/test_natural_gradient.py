@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
+from ngexp.curvature.choices import KRONECKER_FISHER_TYPES, PRODUCT_FISHER_TYPES, FisherType
 from ngexp.curvature.linalg import conjugate_gradient
 from ngexp.curvature.products import (
     CurvatureProduct,
@@ -19,6 +21,7 @@ from ngexp.curvature.products import (
     ggn_output_product,
 )
 from ngexp.curvature.tasks import Classification, Reconstruction, Task
+from ngexp.optim import natural_gradient
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.natural_gradient import NaturalGradient
 from tests.helpers import compose
@@ -374,3 +377,23 @@ def test_config_composes_instantiates_and_checks_ranges() -> None:
         NaturalGradient(classifier(), curvature="ggn", fisher_type="empirical")
     with pytest.raises(RuntimeError, match="no batch was seen"):
         NaturalGradient(classifier()).step()
+
+
+def test_curvature_ggn_is_the_old_spelling_of_the_exact_fisher_said_once(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(natural_gradient, "_DEPRECATIONS_SAID", set())
+    with caplog.at_level(logging.WARNING, logger="ngexp"):
+        old = NaturalGradient(classifier(), curvature="ggn")
+        NaturalGradient(classifier(), curvature="ggn")
+    said = [record.getMessage() for record in caplog.records if "deprecated" in record.getMessage()]
+    assert said == ["optimizer.curvature=ggn is deprecated: use optimizer.fisher_type=exact (the "
+                    "same curvature)"]
+    assert old.fisher_type == FisherType.EXACT == "exact" and not old._empirical
+
+
+def test_fisher_type_names_are_shared_and_each_preconditioner_lists_its_own() -> None:
+    with pytest.raises(ValueError, match="fisher_type='mc' is invalid: expected one of exact, "
+                                         "empirical"):
+        NaturalGradient(classifier(), fisher_type="mc")
+    assert {str(t) for t in PRODUCT_FISHER_TYPES} | {str(t) for t in KRONECKER_FISHER_TYPES} \
+        == {t.value for t in FisherType}

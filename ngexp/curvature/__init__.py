@@ -11,6 +11,8 @@ the curvature pruning criteria, per-example gradient statistics).
   :mod:`~ngexp.curvature.records` (the records kept and the accumulation policy);
 - :mod:`~ngexp.curvature.coverage`: which parameters an estimate covers, reported once;
 - :mod:`~ngexp.curvature.tasks`: losses, sampled targets, output Hessians and their factors;
+- :mod:`~ngexp.curvature.choices`: the choice names of the curvature options (Fisher type,
+  KFAC approximation, Kronecker kind), shared by every estimator and preconditioner;
 - :mod:`~ngexp.curvature.kronecker`: Kronecker factors, EKFAC's eigenbasis scaling, K-FAC/EKFAC
   diagonals;
 - :mod:`~ngexp.curvature.diagonal`: the exact diagonal GGN (= Fisher here);

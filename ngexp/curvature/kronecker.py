@@ -8,7 +8,8 @@ dL/ds`` the per-term output gradient, the Kronecker factors of one layer on one 
 
 for ``[W | b]`` flattened row-major (``(d_out, d_in)``, bias last, ``a`` ends with 1 -- the
 homogeneous coordinate, handled without materializing it). ``R`` counts the rows. How weight
-sharing enters (Eschenhagen et al. 2023) is the ``kfac_approx`` choice:
+sharing enters (Eschenhagen et al. 2023) is the ``kfac_approx`` choice (the choice names of
+``kfac_approx``, ``fisher_type`` and ``kind``: :mod:`ngexp.curvature.choices`):
 
 - ``expand`` (default): every convolution output position, every position of the extra dims of
   a ``(B, *, D)`` Linear input, and every call of a module applied several times in one forward
@@ -33,14 +34,18 @@ which for k micro-batches is the mean over all ``N`` terms (``loss_f * N_f / N``
 for equal micro-batches), so ``T_f = N``; a sampled pass differentiates the forward's own mean
 loss, ``T_f = N_f``. So k micro-batches give the factors of their concatenation.
 
+Layers are batched: the factors of all layers go through one decomposition or collective as
+one list (:func:`flat_pairs`) and come back per layer (:func:`paired`).
+
 EKFAC's diagonal scaling needs per-example gradients ``dW_n = sum_{calls, positions of n} g a^T``
 (George et al. 2018, Eq. 10), formed in chunks or, when cheaper, as squares of rotated rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -53,17 +58,29 @@ from ngexp.curvature.capture import (
     LayerIO,
     backward_sampled,
 )
+from ngexp.curvature.choices import KRONECKER_FISHER_TYPES, FisherType, KFACApprox, KroneckerType
 from ngexp.curvature.linalg import neutral_eigen, robust_eigh
 from ngexp.curvature.tasks import Task
 
-FISHER_TYPES = ("empirical", "mc")
-KFAC_APPROXIMATIONS = ("expand", "reduce")
-CURVATURE_KINDS = ("kfac", "ekfac")
-#: The pass kind each Fisher type is estimated from.
-PASS_KIND = {"empirical": TRAINING, "mc": SAMPLED}
+#: The pass kind each Fisher type of a Kronecker estimate is read from.
+PASS_KIND = {FisherType.EMPIRICAL: TRAINING, FisherType.MC: SAMPLED}
 
 #: Per-example gradients are formed for chunks of examples of at most this many elements.
 CHUNK_ELEMENTS = 2**25
+
+
+T = TypeVar("T")
+
+
+def flat_pairs(pairs: Iterable[tuple[T, T]]) -> list[T]:
+    """``[(a0, g0), (a1, g1), ...] -> [a0, g0, a1, g1, ...]``: the factors of several layers as
+    one list, for one batched decomposition or collective over all of them."""
+    return [item for pair in pairs for item in pair]
+
+
+def paired(flat: Sequence[T]) -> list[tuple[T, T]]:
+    """The inverse of :func:`flat_pairs`: per-layer ``(A-side, G-side)`` pairs back."""
+    return list(zip(flat[0::2], flat[1::2], strict=True))
 
 
 @dataclass(frozen=True)
@@ -190,7 +207,7 @@ def kronecker_factors(layer: LayerIO, groups: list[PassGroup], num_terms: int,
                       kfac_approx: str = "expand") -> tuple[Tensor, Tensor]:
     """Batch estimates ``A (groups, in_dim, in_dim)`` and ``G (groups, out_dim, out_dim)`` of
     the kept forwards ``groups`` of ``num_terms`` terms in all (module docstring)."""
-    reduce = kfac_approx == "reduce"
+    reduce = kfac_approx == KFACApprox.REDUCE
     device = layer.weight.device
     a_sum = torch.zeros(layer.groups, layer.in_dim, layer.in_dim, device=device)
     rows = 0
@@ -279,9 +296,9 @@ def kronecker_diagonal(
     may be none) the factor and scaling sums and the batch counts are reduced before they are
     averaged, so every rank gets the diagonal of all the ranks' batches.
     """
-    for key, value, choices in (("fisher_type", fisher_type, FISHER_TYPES),
-                                ("kind", kind, CURVATURE_KINDS),
-                                ("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)):
+    for key, value, choices in (("fisher_type", fisher_type, KRONECKER_FISHER_TYPES),
+                                ("kind", kind, tuple(KroneckerType)),
+                                ("kfac_approx", kfac_approx, tuple(KFACApprox))):
         if value not in choices:
             raise ValueError(f"{key}={value!r} is invalid: expected one of {', '.join(choices)}")
     data = list(batches)
@@ -296,7 +313,7 @@ def kronecker_diagonal(
         for inputs, targets in data:
             with torch.enable_grad():
                 outputs = model(inputs)
-                if fisher_type == "mc":
+                if fisher_type == FisherType.MC:
                     backward_sampled(capture, outputs, task, mc_samples, generator, False)
                 else:
                     torch.autograd.grad(task.loss(outputs, targets), capture.layer_outputs(),
@@ -315,11 +332,11 @@ def kronecker_diagonal(
             totals = [(a0 + a, g0 + g) for (a0, g0), (a, g) in zip(totals, batch, strict=True)]
         count: Tensor | int = len(data)
         if reduce is not None:
-            *flat, count = reduce([*(f for pair in totals for f in pair),
+            *flat, count = reduce([*flat_pairs(totals),
                                    torch.tensor(float(len(data)), device=device)])
-            totals = list(zip(flat[0::2], flat[1::2], strict=True))
+            totals = paired(flat)
         factors = [(a / count, g / count) for a, g in totals]
-        if kind == "kfac":
+        if kind == KroneckerType.KFAC:
             diagonals = [g.diagonal(dim1=-2, dim2=-1)[..., :, None]
                          * a.diagonal(dim1=-2, dim2=-1)[..., None, :] for a, g in factors]
         else:
@@ -340,10 +357,10 @@ def _ekfac_diagonals(capture: Capture, factors: list[tuple[Tensor, Tensor]],
                      reduce: Callable[[list[Tensor]], list[Tensor]] | None) -> list[Tensor]:
     """EKFAC weight diagonals from batch-averaged ``factors``; ``each_batch`` reruns the passes
     (the scaling sums reduced over ranks with ``reduce``)."""
-    matrices = [f for pair in factors for f in pair]
-    names = [f"{layer.name}.{which}" for layer in capture.layers for which in ("A", "G")]
+    matrices = flat_pairs(factors)
+    names = flat_pairs((f"{layer.name}.A", f"{layer.name}.G") for layer in capture.layers)
     eigens, _ = robust_eigh(matrices, [neutral_eigen(m) for m in matrices], names)
-    bases = [(eigens[2 * i][1], eigens[2 * i + 1][1]) for i in range(len(capture.layers))]
+    bases = [(basis_a, basis_g) for (_, basis_a), (_, basis_g) in paired(eigens)]
     scales = [torch.zeros(layer.groups, layer.out_dim, layer.in_dim, device=basis_a.device)
               for layer, (basis_a, _) in zip(capture.layers, bases, strict=True)]
     for num_terms, groups in each_batch():

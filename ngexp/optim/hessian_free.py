@@ -165,8 +165,8 @@ class HessianFree(NaturalGradient):
             predicted = -torch.dot(grad, x) + 0.5 * (torch.dot(x, grad - r)
                                                      - self._lambda * torch.dot(x, x))
             self._rho = (after - before) / predicted
-            damping = levenberg_marquardt(self._lambda, self._rho, predicted, SHRINK)
-            self._lambda = damping.clamp(self.damping_min, self.damping_max)
+            self._lambda = levenberg_marquardt(self._lambda, self._rho, predicted, SHRINK,
+                                               self.damping_min, self.damping_max)
             self._rate = (armijo_rate(before, after, -torch.dot(grad, x), x, loss_at)
                           if self.line_search else torch.ones_like(before))
         return result, self._rate * x

@@ -12,7 +12,9 @@ with a ``_target_``::
       minimum: 1e-4
 
 The schedules here are stateless (the value depends only on the step), so a resumed run gets
-the same values without saving them.
+the same values without saving them. They are the one schedule mechanism of the step-dependent
+hyperparameters: K-FAC's ``damping_schedule=exponential`` is an :class:`Exponential` too
+(:mod:`ngexp.optim.damping`), floored at its ``damping_min``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def check_hyperparameter(key: str, value: Any, *, integer: bool = False,
 
 @dataclass(frozen=True)
 class Exponential:
-    """``initial * decay^(step / every)``, floored at ``minimum``."""
+    """``initial * decay^(step / every)``, floored at ``minimum`` (0 unless given: K-FAC's
+    ``damping_schedule=exponential`` gives its ``damping_min``)."""
 
     initial: float
     decay: float = 0.5

@@ -30,6 +30,12 @@ COMM-OPT, the default) broadcasts the terms to all ranks at each refresh and com
 gradient; fractions in between (HYBRID-OPT) trade the two. Memory for terms per rank: about
 ``f`` times the single-process amount (``docs/distributed.md`` gives the bytes per step).
 
+:class:`Placement` decides where each layer's work runs (the grid and the owners);
+:class:`Kaisa` issues the collectives that share it: the statistics' means, the refreshed terms
+(:meth:`Kaisa.refresh`), the directions (:meth:`Kaisa.directions`) and a checkpoint's complete
+terms (:meth:`Kaisa.complete`), reading and writing the layers'
+:class:`~ngexp.optim.layer_curvature.LayerCurvature`.
+
 Every collective is issued in the same order on all ranks of its group; column broadcasts
 (refreshes) always precede row broadcasts (the step's directions), so no two groups wait on
 each other. Results equal one process on the union batch up to the order of floating-point
@@ -38,7 +44,7 @@ sums (tested on gloo, 2 processes).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,6 +55,8 @@ from ngexp.curvature.tasks import Task
 from ngexp.distributed import comm
 from ngexp.distributed.world import World
 from ngexp.errors import OptionError
+from ngexp.optim.kronecker_terms import LayerGradient
+from ngexp.optim.layer_curvature import LayerCurvature
 from ngexp.options import check_range
 
 #: Process groups by their ranks, shared by every preconditioner of this process.
@@ -84,13 +92,14 @@ def assign(costs: Mapping[str, float], columns: Sequence[Sequence[int]],
     return owners
 
 
-def term_shape(layer: LayerIO, key: str) -> tuple[int, ...]:
-    """Shape of a layer's preconditioning term ``key`` (the state keys of K-FAC and EKFAC)."""
+def term_shape(layer: LayerIO, field: str) -> tuple[int, ...]:
+    """Shape of a layer's preconditioning term ``field`` (a field of
+    :class:`~ngexp.optim.layer_curvature.LayerCurvature`)."""
     groups, d_in, d_out = layer.groups, layer.in_dim, layer.out_dim
-    return {"A_inv": (groups, d_in, d_in), "U_A": (groups, d_in, d_in),
-            "lambda_A": (groups, d_in), "G_inv": (groups, d_out, d_out),
-            "U_G": (groups, d_out, d_out), "lambda_G": (groups, d_out), "pi": (groups,),
-            "s": (groups, d_out, d_in)}[key]
+    return {"a_inv": (groups, d_in, d_in), "basis_a": (groups, d_in, d_in),
+            "eigenvalues_a": (groups, d_in), "g_inv": (groups, d_out, d_out),
+            "basis_g": (groups, d_out, d_out), "eigenvalues_g": (groups, d_out),
+            "pi": (groups,), "scale": (groups, d_out, d_in)}[field]
 
 
 def process_group(ranks: Sequence[int], world_size: int) -> dist.ProcessGroup | None:
@@ -104,11 +113,10 @@ def process_group(ranks: Sequence[int], world_size: int) -> dist.ProcessGroup | 
     return _GROUPS[key]
 
 
-class Kaisa:
-    """Where each layer's work runs and the collectives that share it (module docstring), for
-    ``layers`` of a Kronecker preconditioner in ``world``. ``terms_everywhere``: every rank
-    holds every layer's terms (EKFAC). In a world of one, every layer is this rank's and
-    nothing is communicated."""
+class Placement:
+    """Where each layer's work runs (module docstring): the grid of ``world``'s ranks for
+    ``grad_worker_fraction``, and each layer's owner. ``terms_everywhere``: every rank holds
+    every layer's terms (EKFAC)."""
 
     def __init__(self, layers: Sequence[LayerIO], grad_worker_fraction: float, world: World,
                  terms_everywhere: bool = False) -> None:
@@ -116,22 +124,10 @@ class Kaisa:
         self.grad_workers = grad_worker_count(world.size, grad_worker_fraction)
         self.partitions = world.size // self.grad_workers
         self.terms_everywhere = terms_everywhere
-        self.layers = {layer.name: layer for layer in layers}
         costs = {layer.name: float(layer.groups * (layer.in_dim**3 + layer.out_dim**3))
                  for layer in layers}
         self.owner = assign(costs, [self.column(c) for c in range(self.partitions)],
                             world.size)
-        self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
-        if world.distributed:  # every rank creates every group, columns then rows
-            for ranks in ([self.column(c) for c in range(self.partitions)]
-                          + [self.row(r) for r in range(self.grad_workers)]):
-                if len(ranks) > 1:
-                    self._groups[ranks] = process_group(ranks, world.size)
-
-    # ------------------------------------------------------------------ placement
-    @property
-    def distributed(self) -> bool:
-        return self.world.distributed
 
     def column(self, index: int) -> tuple[int, ...]:
         """The gradient workers of column ``index``: ranks ``index, index + P, ...``."""
@@ -163,75 +159,132 @@ class Kaisa:
         return (self.world.rank // self.partitions) * self.partitions \
             + self.owner[name] % self.partitions
 
-    # ------------------------------------------------------------------ collectives
+
+#: Computes the terms of the given layers (their states, the damping); returns how many
+#: decompositions failed (0-dim).
+Refresh = Callable[[list[LayerIO], list[LayerCurvature], Tensor], Tensor]
+#: A layer's direction ``(groups, d_out, d_in)`` for its gradient.
+Direction = Callable[[LayerIO, LayerGradient], Tensor]
+
+
+class Kaisa:
+    """The collectives that share the work of :class:`Placement` (module docstring) for
+    ``layers`` of a Kronecker preconditioner in ``world``. In a world of one, every layer is
+    this rank's and nothing is communicated."""
+
+    def __init__(self, layers: Sequence[LayerIO], grad_worker_fraction: float, world: World,
+                 terms_everywhere: bool = False) -> None:
+        self.world = world
+        self.placement = place = Placement(layers, grad_worker_fraction, world,
+                                           terms_everywhere)
+        self.layers = {layer.name: layer for layer in layers}
+        self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+        if world.distributed:  # every rank creates every group, columns then rows
+            for ranks in ([place.column(c) for c in range(place.partitions)]
+                          + [place.row(r) for r in range(place.grad_workers)]):
+                if len(ranks) > 1:
+                    self._groups[ranks] = process_group(ranks, world.size)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world.distributed
+
     def mean(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Means over all ranks (statistics)."""
         return comm.all_reduce_mean(tensors)
 
-    def total(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Sums over all ranks (e.g. counts of failed decompositions)."""
-        return comm.all_reduce_sum(tensors)
-
-    def share_terms(self, names: Sequence[str], state: dict[str, dict[str, Tensor]],
-                    keys: Sequence[str]) -> None:
-        """Broadcast the terms ``keys`` of layers ``names`` (just computed by their owners)
-        from each owner to the ranks that hold them, into ``state``."""
+    def refresh(self, layers: list[LayerIO], compute: Refresh,
+                states: Mapping[str, LayerCurvature], fields: Sequence[str],
+                damping: Tensor) -> Tensor:
+        """``compute`` the terms ``fields`` of the layers this rank owns, then share them with
+        the ranks that hold them, into ``states``; the failed decompositions of all ranks. In
+        one process, ``compute`` for all ``layers``."""
         if not self.distributed:
-            return
-        if self.terms_everywhere:
-            self._broadcast_from_owners(names, state, keys, range(self.world.size), None)
-            return
-        column = self.column(self.world.rank % self.partitions)
-        if len(column) > 1:
-            self._broadcast_from_owners(names, state, keys, column, self._groups[column])
+            return compute(layers, [states[layer.name] for layer in layers], damping)
+        owned = [layer for layer in layers if self.placement.owns(layer.name)]
+        kept = (compute(owned, [states[layer.name] for layer in owned], damping) if owned else
+                torch.zeros((), dtype=torch.long, device=layers[0].weight.device))
+        self._share_terms([layer.name for layer in layers], states, fields)
+        (total,) = comm.all_reduce_sum([kept])
+        return total
 
-    def complete(self, names: Sequence[str], state: Mapping[str, dict[str, Tensor]],
-                 keys: Sequence[str]) -> dict[str, dict[str, Tensor]]:
-        """A copy of ``state`` in which every layer of ``names`` has its terms ``keys`` (each
-        owner broadcasts them to all ranks): what a checkpoint must hold. A collective when
-        terms are not held everywhere."""
-        complete = {name: dict(values) for name, values in state.items()}
-        if self.distributed and not self.terms_everywhere and self.grad_workers < \
-                self.world.size:
-            self._broadcast_from_owners(names, complete, keys, range(self.world.size), None)
+    def directions(self, layers: list[LayerIO],
+                   direction: Direction) -> Iterator[tuple[LayerIO, LayerGradient, Tensor]]:
+        """Each layer with a gradient, its gradient and its direction: the layers' gradient
+        workers compute the directions, the other ranks receive them by a broadcast within
+        their row. In one process, computed one layer at a time as they are consumed."""
+        if not self.distributed:
+            for layer in layers:
+                grad = LayerGradient.of(layer)
+                if grad is not None:
+                    yield layer, grad, direction(layer, grad)
+            return
+        live = [(layer, grad) for layer in layers if (grad := LayerGradient.of(layer)) is not None]
+        computed = {layer.name: direction(layer, grad) for layer, grad in live
+                    if self.placement.computes(layer.name)}
+        shared = self._share_directions([layer.name for layer, _ in live], computed)
+        for layer, grad in live:
+            yield layer, grad, shared[layer.name]
+
+    def complete(self, names: Sequence[str], states: Mapping[str, LayerCurvature],
+                 fields: Sequence[str]) -> dict[str, LayerCurvature]:
+        """A copy of ``states`` in which every layer of ``names`` has its terms ``fields``
+        (each owner broadcasts them to all ranks): what a checkpoint must hold. A collective
+        when terms are not held everywhere."""
+        complete = {name: state.copy() for name, state in states.items()}
+        place = self.placement
+        if self.distributed and not place.terms_everywhere and \
+                place.grad_workers < self.world.size:
+            self._broadcast_from_owners(names, complete, fields, range(self.world.size), None)
         return complete
 
-    def share_directions(self, names: Sequence[str],
-                         directions: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _share_terms(self, names: Sequence[str], states: Mapping[str, LayerCurvature],
+                     fields: Sequence[str]) -> None:
+        """Broadcast the terms ``fields`` of layers ``names`` (just computed by their owners)
+        from each owner to the ranks that hold them, into ``states``."""
+        if self.placement.terms_everywhere:
+            self._broadcast_from_owners(names, states, fields, range(self.world.size), None)
+            return
+        column = self.placement.column(self.world.rank % self.placement.partitions)
+        if len(column) > 1:
+            self._broadcast_from_owners(names, states, fields, column, self._groups[column])
+
+    def _share_directions(self, names: Sequence[str],
+                          directions: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every layer's preconditioned gradient ``(groups, d_out, d_in)`` on this rank:
         ``directions`` holds those it computed; the others come from their source rank by a
         broadcast within this rank's row."""
-        row = self.row(self.world.rank // self.partitions)
-        if not self.distributed or len(row) == 1:
+        row = self.placement.row(self.world.rank // self.placement.partitions)
+        if len(row) == 1:
             return directions
         shared = dict(directions)
         for src in row:
-            mine = [name for name in names if self.source(name) == src]
+            mine = [name for name in names if self.placement.source(name) == src]
             tensors = [shared[name] if src == self.world.rank else
-                       torch.empty(term_shape(self.layers[name], "s"),
+                       torch.empty(term_shape(self.layers[name], "scale"),
                                    device=self.layers[name].weight.device)
                        for name in mine]
             comm.broadcast_(tensors, src, self._groups[row])
             shared.update(zip(mine, tensors, strict=True))
         return shared
 
-    def _broadcast_from_owners(self, names: Sequence[str], state: dict[str, dict[str, Tensor]],
-                               keys: Sequence[str], owners: Sequence[int],
+    def _broadcast_from_owners(self, names: Sequence[str], states: Mapping[str, LayerCurvature],
+                               fields: Sequence[str], owners: Sequence[int],
                                group: dist.ProcessGroup | None) -> None:
         """For each rank of ``owners`` in turn, one coalesced broadcast (within ``group``) of
         the terms of the layers of ``names`` it owns."""
         for owner in owners:
-            mine = [name for name in names if self.owner[name] == owner]
-            slots: list[tuple[str, str]] = [(name, key) for name in mine for key in keys]
+            mine = [name for name in names if self.placement.owner[name] == owner]
+            slots: list[tuple[str, str]] = [(name, field) for name in mine for field in fields]
             if owner == self.world.rank:
-                tensors = [state[name][key] for name, key in slots]
+                tensors = [getattr(states[name], field) for name, field in slots]
             else:
-                tensors = [torch.empty(term_shape(self.layers[name], key),
+                tensors = [torch.empty(term_shape(self.layers[name], field),
                                        device=self.layers[name].weight.device)
-                           for name, key in slots]
+                           for name, field in slots]
             comm.broadcast_(tensors, owner, group)
-            for (name, key), tensor in zip(slots, tensors, strict=True):
-                state[name][key] = tensor
+            for (name, field), tensor in zip(slots, tensors, strict=True):
+                setattr(states[name], field, tensor)
 
 
 class GlobalSamples(Task):
@@ -253,12 +306,3 @@ class GlobalSamples(Task):
         everyone = comm.all_gather_rows(outputs.detach())
         samples = self.task.sample_targets(everyone, generator)
         return samples[self.world.rank * rows:(self.world.rank + 1) * rows]
-
-
-def reduced_kept(kaisa: Kaisa, before: Tensor, after: Tensor) -> Tensor:
-    """The count of kept (failed) decompositions after a distributed refresh: ``before`` plus
-    every rank's increments (each rank counts the decompositions it ran)."""
-    if not kaisa.distributed:
-        return after
-    (increment,) = kaisa.total([after - before])
-    return before + increment

@@ -1,7 +1,8 @@
 """K-FAC: Kronecker-factored approximate curvature (Martens & Grosse 2015; Grosse & Martens 2016).
 
 Each covered layer's gradient ``M = [dW | db]`` is preconditioned with the damped Kronecker
-factors ``A`` and ``G`` (refreshed every ``inv_update_freq`` steps), per ``damping_mode``:
+factors ``A`` and ``G`` (refreshed every ``inv_update_freq`` steps), per ``damping_mode``
+(the terms: :mod:`ngexp.optim.kronecker_terms`):
 
 - ``factored`` (Sec. 6.3, factored Tikhonov damping): ``V = (G + d_G I)^-1 M (A + d_A I)^-1``
   with ``d_A = pi sqrt(damping)``, ``d_G = sqrt(damping) / pi`` and the pi correction ``pi =
@@ -19,8 +20,8 @@ factors ``A`` and ``G`` (refreshed every ``inv_update_freq`` steps), per ``dampi
   lambda_A^T + damping)) U_A^T`` from ``A = U_A diag(lambda_A) U_A^T``, ``G = U_G diag(lambda_G)
   U_G^T``, i.e. ``(G (x) A + damping I)^-1`` exactly.
 
-Statistics, damping schedules: :mod:`ngexp.optim.kronecker`; KL clipping and the optimizer:
-:mod:`ngexp.optim.preconditioner`.
+Statistics, damping schedules: :mod:`ngexp.optim.kronecker_preconditioner`; KL clipping and the
+optimizer: :mod:`ngexp.optim.preconditioner`.
 """
 
 from __future__ import annotations
@@ -31,25 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from ngexp.curvature.capture import TRAINING, LayerIO
-from ngexp.curvature.linalg import damped_inverses
-from ngexp.optim.kronecker import (
-    KroneckerPreconditioner,
-    LayerGradient,
-    eigenbasis_precondition,
-    kronecker_eigenvalues,
-    matmul,
-)
+from ngexp.optim.kronecker_preconditioner import KroneckerPreconditioner
+from ngexp.optim.kronecker_terms import DampedInverses, KroneckerEigenbasis, LayerGradient
 from ngexp.optim.training import base_optimizer
 from ngexp.options import checked, configurable
-
-
-def pi_ratio(a: Tensor, g: Tensor) -> Tensor:
-    """``sqrt((tr(A) / dim A) / (tr(G) / dim G))`` per group of stacked factors ``(groups, d, d)``
-    (Martens & Grosse 2015, Sec. 6.3), with both mean traces floored at float32 ``tiny``."""
-    tiny = torch.finfo(torch.float32).tiny
-    mean_a = a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)
-    mean_g = g.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)
-    return (mean_a / mean_g).sqrt()
 
 
 @configurable("optimizer", "kfac", extends=base_optimizer, defaults={"lr": 0.03, "momentum": 0.9})
@@ -58,24 +44,21 @@ class KFAC(KroneckerPreconditioner):
     """K-FAC preconditioner: ``KFAC(model, damping=..., ...)``, then any ``torch.optim``
     optimizer steps the preconditioned gradients (:mod:`ngexp.optim.preconditioner`).
     Options: ``damping_mode`` and ``pi_correction`` (module docstring) and those of
-    :class:`~ngexp.optim.kronecker.KroneckerPreconditioner` and
+    :class:`~ngexp.optim.kronecker_preconditioner.KroneckerPreconditioner` and
     :class:`~ngexp.optim.preconditioner.Preconditioner`."""
 
     def __init__(self, model: nn.Module, *,
                  damping_mode: Literal["factored", "eigen"] = "factored",
                  pi_correction: bool = True, **options: Any) -> None:
         self.damping_mode, self.pi_correction = damping_mode, pi_correction
+        self.terms = (DampedInverses(pi_correction) if damping_mode == "factored"
+                      else KroneckerEigenbasis())
         super().__init__(model, **options)
         #: Whether a layer's factored preconditioning pays off at the batch last seen (saved in
         #: the state dict: it decides whether the next steps capture, see ``_arm``).
         self._cheaper: dict[str, bool] = {}
         #: Fixed random probes ``(d_in, 2)`` per layer for the factored path's check.
         self._probes: dict[str, Tensor] = {}
-
-    @property
-    def _captures_every_step(self) -> bool:
-        return (self.damping_mode == "factored" and self._damping.device.type == "cpu"
-                and any(self._cheaper.values()))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "cheaper": dict(self._cheaper)}
@@ -87,70 +70,33 @@ class KFAC(KroneckerPreconditioner):
         self._cheaper = dict(state.get("cheaper", {}))
         super().load_state_dict(state)
 
-    def _refreshed(self, state: dict[str, Tensor]) -> bool:
-        return ("A_inv" if self.damping_mode == "factored" else "U_A") in state
-
-    def _term_keys(self) -> tuple[str, ...]:
-        if self.damping_mode == "factored":
-            return ("pi", "A_inv", "G_inv")
-        return ("lambda_A", "U_A", "lambda_G", "U_G")
-
-    def _refresh(self, layers: list[LayerIO]) -> None:
-        """Factored: recompute pi (a non-finite pi, from a bad factor, keeps the previous value,
-        or 1) and the damped inverses. Eigen: new eigenbases."""
-        if self.damping_mode == "eigen":
-            self._refresh_eigenbases(layers)
-            return
-        for layer in layers:
-            state = self.state[layer.name]
-            old = state.get("pi", state["A"].new_ones(layer.groups))
-            if self.pi_correction:
-                new = pi_ratio(state["A"], state["G"])
-                state["pi"] = torch.where(torch.isfinite(new), new, old)
-            else:
-                state["pi"] = old
-        self._invert(layers)
+    def _arm(self, step: int) -> None:
+        """The factored products on the CPU need the layer inputs and output gradients on
+        every step, not only for statistics."""
+        super()._arm(step)
+        if (not self.capture.active and self.damping_mode == "factored"
+                and self._damping.value.device.type == "cpu" and any(self._cheaper.values())):
+            self.capture.active = True
 
     def _update_scaling(self, refreshed: bool) -> None:
         """Factored mode: a damping change between refreshes re-inverts the damped factors."""
-        if self.damping_mode == "factored" and self._damping_changed and not refreshed:
-            self._distribute([layer for layer in self.layers if layer.name in self._fresh],
-                             self._invert)
+        if (isinstance(self.terms, DampedInverses) and self._damping.changed
+                and not refreshed):
+            fresh = [layer for layer in self.layers if layer.name in self._fresh]
+            self._kept += self._kaisa.refresh(fresh, self.terms.invert, self.state,
+                                              self.terms.fields, self._damping.value)
 
-    def _invert(self, layers: list[LayerIO]) -> None:
-        root = self._damping.sqrt()
-        factors, dampings, previous, names = [], [], [], []
-        for layer in layers:
-            state = self.state[layer.name]
-            pi = state["pi"][:, None]
-            for which, damping in (("A", root * pi), ("G", root / pi)):
-                factors.append(state[which])
-                dampings.append(damping)
-                previous.append(state.get(f"{which}_inv"))
-                names.append(f"{layer.name}.{which}")
-        if not factors:
-            return
-        inverses, kept = damped_inverses(factors, dampings, previous, names)
-        self._kept += kept
-        for index, layer in enumerate(layers):
-            state = self.state[layer.name]
-            state["A_inv"], state["G_inv"] = inverses[2 * index], inverses[2 * index + 1]
+    def _direction(self, layer: LayerIO, grad: LayerGradient) -> Tensor:
+        if self.damping_mode == "factored":
+            factored = self._factored_direction(layer, grad)
+            if factored is not None:
+                return factored
+        return super()._direction(layer, grad)
 
-    def _precondition(self, layer: LayerIO, state: dict[str, Tensor],
-                      grad: LayerGradient) -> Tensor:
-        if self.damping_mode == "eigen":
-            denominator = kronecker_eigenvalues(state) + self._damping
-            return eigenbasis_precondition(grad, state["U_A"], state["U_G"], denominator)
-        factored = self._factored_direction(layer, state, grad)
-        if factored is not None:
-            return factored
-        return matmul(state["G_inv"], grad.times(state["A_inv"]))
-
-    def _factored_direction(self, layer: LayerIO, state: dict[str, Tensor],
-                            grad: LayerGradient) -> Tensor | None:
+    def _factored_direction(self, layer: LayerIO, grad: LayerGradient) -> Tensor | None:
         """``(D G_d^-1)^T ([X | 1] A_d^-1)`` when it is cheaper and ``.grad`` is ``D^T [X |
         1]`` (module docstring), else ``None``."""
-        if (self._damping.device.type != "cpu" or not isinstance(layer.module, nn.Linear)
+        if (self._damping.value.device.type != "cpu" or not isinstance(layer.module, nn.Linear)
                 or len(self.capture.forwards) != 1
                 or len(layer.inputs) != 1 or layer.inputs[0].dim() != 2
                 or self._kaisa.distributed):
@@ -175,12 +121,10 @@ class KFAC(KroneckerPreconditioner):
         error = (expected - output_grads.T @ projected).norm()
         if not bool(error <= 1e-4 * expected.norm()):  # the CPU: no device to wait for
             return None
-        a_inv, g_inv = state["A_inv"][0], state["G_inv"][0]
+        state = self.state[layer.name]
+        assert state.a_inv is not None and state.g_inv is not None
+        a_inv, g_inv = state.a_inv[0], state.g_inv[0]
         right = inputs @ a_inv[:fan_in]
         if layer.has_bias:
             right = right + a_inv[fan_in]
         return ((output_grads @ g_inv).T @ right)[None]
-
-    def _curvature_quadratic(self, state: dict[str, Tensor], delta: Tensor) -> Tensor:
-        """``vec(D)^T (G (x) A) vec(D) = <D, G D A>``."""
-        return (state["G"] @ delta @ state["A"] * delta).sum()

@@ -6,11 +6,15 @@ optimization"). ``C`` is never formed: CG only needs products ``C v``
 (:mod:`ngexp.curvature.products`) on the current batch (or its first ``curvature_batch_size``
 examples):
 
-- ``curvature=ggn``, or ``fisher`` with ``fisher_type=exact``: the generalized Gauss-Newton
-  matrix, which is the exact Fisher for the losses here (their outputs are natural
-  parameters), so both run the same products;
-- ``fisher`` with ``fisher_type=empirical``: the empirical Fisher of the per-example gradients
-  (training labels), from the output gradients of the training backward.
+- ``fisher_type=exact``: the exact Fisher, which for the losses here (their outputs are natural
+  parameters) is the generalized Gauss-Newton matrix;
+- ``fisher_type=empirical``: the empirical Fisher of the per-example gradients (training
+  labels), from the output gradients of the training backward.
+
+The names are those of every preconditioner (:mod:`ngexp.curvature.choices`).
+``curvature=ggn`` is the old spelling of ``fisher_type=exact`` (the GGN is that Fisher): it
+still works, with a one-line deprecation warning (``curvature=fisher``, the default, defers to
+``fisher_type``).
 
 CG starts from ``warm_start_decay`` times the previous (unclipped) solution (Martens 2010,
 Sec. 4.5; 0 starts from zero). KL clipping (the preconditioner's ``kl_clip``) is a trust region
@@ -41,6 +45,7 @@ floats per iteration; ``curvature_batch_size`` counts examples per rank).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -48,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ngexp.curvature.capture import TRAINING, ForwardRecord
+from ngexp.curvature.choices import FisherType, ProductFisherType
 from ngexp.curvature.linalg import CGResult, conjugate_gradient
 from ngexp.curvature.products import (
     CurvatureProduct,
@@ -59,7 +65,8 @@ from ngexp.curvature.products import (
 from ngexp.curvature.tasks import at_least_float32
 from ngexp.distributed import comm
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
-from ngexp.optim.preconditioner import KLBlock, Preconditioner
+from ngexp.optim.kl_clip import KLBlock
+from ngexp.optim.preconditioner import Preconditioner
 from ngexp.optim.training import base_optimizer
 from ngexp.options import (
     check,
@@ -70,12 +77,24 @@ from ngexp.options import (
     configurable,
 )
 
+log = logging.getLogger("ngexp")
+#: Deprecated spellings already reported in this process (each is reported once).
+_DEPRECATIONS_SAID: set[str] = set()
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """One ``ngexp: warning:`` line, once per process, saying that ``old`` is spelled ``new``
+    now."""
+    if old not in _DEPRECATIONS_SAID:
+        _DEPRECATIONS_SAID.add(old)
+        log.warning("%s is deprecated: use %s (the same curvature)", old, new)
+
 
 def check_natural_gradient(damping: Any, curvature: str, fisher_type: str, cg_iters: int,
                            cg_tol: float, warm_start_decay: float,
                            curvature_batch_size: int | None, **_: Any) -> None:
     check_hyperparameter("damping", damping)
-    check(curvature == "fisher" or fisher_type == "exact", "fisher_type", fisher_type,
+    check(curvature == "fisher" or fisher_type == FisherType.EXACT, "fisher_type", fisher_type,
           "exact when curvature=ggn")
     check_integer("cg_iters", cg_iters, 1)
     check_nonnegative("cg_tol", cg_tol)
@@ -103,11 +122,14 @@ class NaturalGradient(Preconditioner):
 
     def __init__(self, model: nn.Module, *, damping: Hyperparameter = 1e-2,
                  curvature: Literal["fisher", "ggn"] = "fisher",
-                 fisher_type: Literal["exact", "empirical"] = "exact", cg_iters: int = 20,
+                 fisher_type: ProductFisherType = "exact", cg_iters: int = 20,
                  cg_tol: float = 1e-3, warm_start_decay: float = 0.95,
                  curvature_batch_size: int | None = None, **options: Any) -> None:
         super().__init__(model, **options)
-        self.damping, self.curvature, self.fisher_type = damping, curvature, fisher_type
+        if curvature == "ggn":
+            warn_deprecated("optimizer.curvature=ggn", "optimizer.fisher_type=exact")
+        self.damping, self.curvature = damping, curvature
+        self.fisher_type = FisherType(fisher_type)
         self.cg_iters, self.cg_tol, self.warm_start_decay = cg_iters, cg_tol, warm_start_decay
         self.curvature_batch_size = curvature_batch_size
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -118,7 +140,7 @@ class NaturalGradient(Preconditioner):
 
     @property
     def _empirical(self) -> bool:
-        return self.curvature == "fisher" and self.fisher_type == "empirical"
+        return self.fisher_type == FisherType.EMPIRICAL
 
     def _arm(self, step: int) -> None:
         self.capture.watch_model = True

@@ -51,36 +51,32 @@ curvature statistics as they were.
 
 Subclasses implement :meth:`_precondition_grads` (replace ``.grad`` by the directions ``V``)
 and may extend :meth:`backward`, :meth:`state_dict`, :meth:`load_state_dict`, :meth:`reset`,
-:meth:`log_metrics`.
+:meth:`log_metrics`. The parts beside the base class: KL clipping in
+:mod:`ngexp.optim.kl_clip`, the optimizer step hooks in :mod:`ngexp.optim.optimizer_hooks`,
+the grad scaler's view in :mod:`ngexp.optim.loss_scaling`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.amp.grad_scaler import OptState
-from torch.optim.optimizer import (
-    register_optimizer_step_post_hook,
-    register_optimizer_step_pre_hook,
-)
 
 from ngexp.curvature.capture import Capture
 from ngexp.curvature.coverage import Coverage
 from ngexp.curvature.tasks import TASKS, Task, build_task
-from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
+from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter
+from ngexp.optim.kl_clip import KLBlock, KLClip
+from ngexp.optim.loss_scaling import loss_scale
+from ngexp.optim.optimizer_hooks import OptimizerWatch
 from ngexp.options import check_choice, checked
 
 log = logging.getLogger("ngexp")
-
-#: A block of the KL sum: its parameters and <V, M> (a 0-dim tensor).
-KLBlock = tuple[list[Tensor], Tensor]
-
 
 def check_preconditioner(kl_clip: Any = None, task: Any = "classification", **_: Any) -> None:
     check_hyperparameter("kl_clip", kl_clip, allow_none=True)
@@ -110,35 +106,19 @@ class Preconditioner:
         self.capture = Capture(model, accumulate=True)
         self.grad_scaler = grad_scaler
         if grad_scaler is not None:
-            self.capture.grad_scale = self._loss_scale
+            self.capture.grad_scale = functools.partial(loss_scale, grad_scaler)
         self.keep_masks: dict[Tensor, Tensor] = {}
         trained = [p for p in model.parameters() if p.requires_grad]
         if not trained:
             raise ValueError(f"{type(self).__name__}: the model has no parameter that requires "
                              f"grad")
-        device = trained[0].device
-        self._kl_scale = torch.ones((), device=device)
-        self._pending_kl: tuple[float, list[KLBlock]] | None = None
+        #: Warnings given once each (by key).
+        self._warnings = OnceWarnings()
+        self._kl = KLClip(kl_clip, trained[0].device, type(self).__name__, self._warnings.warn)
         self._targets: Tensor | None = None
         self._loss: Tensor | None = None
-        self._covers: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool] = \
-            weakref.WeakKeyDictionary()
-        self._warned: set[str] = set()
-        own = weakref.ref(self)
-
-        def before(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-            live = own()
-            if live is not None:
-                live._before_optimizer_step(optimizer)
-
-        def after(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-            live = own()
-            if live is not None and live._covered(optimizer):
-                live._after_optimizer_step(optimizer)
-
-        self._hooks = [register_optimizer_step_pre_hook(before),
-                       register_optimizer_step_post_hook(after)]
-        weakref.finalize(self, _remove_handles, list(self._hooks))
+        self._watch = OptimizerWatch(model, self, self._before_optimizer_step,
+                                     self._after_optimizer_step)
         #: Which parameters this preconditioner covers (:mod:`ngexp.curvature.coverage`).
         self.coverage = Coverage.of(model, self._covered_parameters())
         line = self.coverage.describe(type(self).__name__)
@@ -157,11 +137,8 @@ class Preconditioner:
     @torch.no_grad()
     def step(self) -> None:
         """Replace the ``.grad`` of the preconditioned parameters by their directions."""
-        self._warn_unused_kl()
-        blocks = self._precondition_grads()
-        bound = None if self.kl_clip is None else value_at(self.kl_clip, self.steps)
-        if bound is not None and blocks:
-            self._pending_kl = (bound, blocks)
+        self._kl.discard()
+        self._kl.arm(self.steps, self._precondition_grads())
         self.capture.forwarded = False
         self.steps += 1
         self._arm(self.steps)
@@ -183,51 +160,27 @@ class Preconditioner:
         """Scalars for TensorBoard's ``optim/`` group; reading them synchronizes the device."""
         if self.kl_clip is None:
             return {}
-        return {"kl_scale": float(self._kl_scale)}
+        return {"kl_scale": float(self._kl.scale)}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors and containers (loadable with ``torch.load(weights_only=True)``)."""
-        return {"steps": self.steps, "kl_scale": self._kl_scale.clone()}
+        return {"steps": self.steps, "kl_scale": self._kl.scale.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.steps = int(state["steps"])
-        self._kl_scale.copy_(state["kl_scale"])
+        self._kl.scale.copy_(state["kl_scale"])
         self.capture.clear()
         self._arm(self.steps)
 
     def remove(self) -> None:
         """Detach every hook (the model and the optimizer steps are left alone afterwards)."""
         self.capture.remove()
-        _remove_handles(self._hooks)
+        self._watch.remove()
 
     # ------------------------------------------------------------------ for subclasses
     def _covered_parameters(self) -> list[nn.Parameter]:
         """The parameters whose gradient this preconditioner rewrites (default: all)."""
         return [p for p in self.model.parameters() if p.requires_grad]
-
-    def _loss_scale(self) -> Tensor | float:
-        """The grad scaler's current scale (1 before its first ``scale`` or when disabled)."""
-        assert self.grad_scaler is not None
-        scale = self.grad_scaler._get_scale_async()  # the device tensor: no host sync
-        return 1.0 if scale is None else scale
-
-    def _scaler_found_inf(self) -> Tensor | None:
-        """Whether the grad scaler found non-finite gradients at this step (a 0-dim bool on
-        the device; ``None`` without an enabled scaler). The scaler must have unscaled the
-        gradients already: preconditioning and KL clipping need the true gradients."""
-        scaler = self.grad_scaler
-        if scaler is None or not scaler.is_enabled():
-            return None
-        # GradScaler keeps its per-optimizer state private; this is where unscale_ records
-        # the non-finite flags that make scaler.step skip the optimizer step
-        states = [state for state in scaler._per_optimizer_states.values()
-                  if state["stage"] is OptState.UNSCALED]
-        if not states:
-            raise RuntimeError(f"{type(self).__name__}(grad_scaler=...).step() needs "
-                               f"scaler.unscale_(optimizer) first: call it after the backward "
-                               f"and before pre.step()")
-        flags = [flag for state in states for flag in state["found_inf_per_device"].values()]
-        return torch.stack(flags).sum() > 0
 
     def _precondition_grads(self) -> list[KLBlock]:
         """Replace the ``.grad`` ``M`` of the preconditioned parameters by their directions
@@ -238,57 +191,35 @@ class Preconditioner:
         """Set what the capture records in the forward/backward of step ``step``."""
 
     def _begin_backward(self, loss: Tensor, targets: Tensor | None) -> None:
-        self._warn_unused_kl()
+        self._kl.discard()
         self._targets = targets
         self._loss = loss.detach()
         if self.grad_scaler is not None:  # the scaled loss of an fp16 loop
-            self._loss = self._loss / self._loss_scale()
+            self._loss = self._loss / loss_scale(self.grad_scaler)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Runs after an optimizer step that updated the preconditioned parameters."""
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
-
     # ------------------------------------------------------------------ optimizer hooks
-    def _covered(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether ``optimizer`` updates any parameter of the model."""
-        if optimizer not in self._covers:
-            mine = {id(p) for p in self.model.parameters()}
-            self._covers[optimizer] = any(id(p) in mine for group in optimizer.param_groups
-                                          for p in group["params"])
-        return self._covers[optimizer]
-
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._covered(optimizer):
-            return
+        """Runs before an optimizer step that updates the preconditioned parameters: warns
+        when ``step()`` was skipped, applies KL clipping."""
         if self.capture.forwarded:
-            self._warn_once("no step", f"{optimizer.__class__.__name__}.step() after a "
+            self._warnings.warn("no step", f"{optimizer.__class__.__name__}.step() after a "
                             f"training forward without {type(self).__name__}.step(): this "
                             f"update used the plain gradients")
-        if self._pending_kl is None:
-            return
-        bound, blocks = self._pending_kl
-        self._pending_kl = None
-        lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-        kl = torch.stack([lrs.get(id(params[0]), 0.0) ** 2 * product
-                          for params, product in blocks]).sum()
-        tiny = torch.finfo(torch.float32).tiny
-        self._kl_scale = (bound / kl.clamp_min(tiny)).sqrt().clamp(max=1.0)
-        grads = [p.grad for params, _ in blocks for p in params if p.grad is not None]
-        torch._foreach_mul_(grads, self._kl_scale)
-
-    def _warn_unused_kl(self) -> None:
-        if self._pending_kl is not None:
-            self._pending_kl = None
-            self._warn_once("kl", f"{type(self).__name__}: kl_clip was not applied because no "
-                            f"torch.optim optimizer stepped the preconditioned parameters "
-                            f"after step() (KL clipping reads the learning rate from it)")
+        self._kl.apply(optimizer)
 
 
-def _remove_handles(handles: list[Any]) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
+class OnceWarnings:
+    """Python warnings given once each, by key."""
+
+    def __init__(self) -> None:
+        self._given: set[str] = set()
+
+    def warn(self, key: str, message: str) -> None:
+        """Warn with ``message`` unless ``key`` was warned before (the warning points at the
+        caller's caller)."""
+        if key not in self._given:
+            self._given.add(key)
+            warnings.warn(message, stacklevel=3)

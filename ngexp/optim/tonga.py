@@ -51,7 +51,8 @@ from torch import Tensor, nn
 
 from ngexp.curvature.products import flatten
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter, value_at
-from ngexp.optim.preconditioner import KLBlock, Preconditioner
+from ngexp.optim.kl_clip import KLBlock
+from ngexp.optim.preconditioner import Preconditioner
 from ngexp.optim.training import base_optimizer
 from ngexp.options import check_integer, check_range, checked, configurable
 

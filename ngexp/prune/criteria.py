@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ngexp.curvature.choices import KroneckerType
 from ngexp.curvature.diagonal import diagonal_ggn
 from ngexp.curvature.kronecker import kronecker_diagonal
 from ngexp.curvature.tasks import Task
@@ -117,7 +118,7 @@ def saliencies(criterion: str, model: nn.Module, task: Task, batches: Batches,
         curvature = {key: torch.ones_like(w) for key, w in weights.items()}
     elif spec.curvature == "ggn":
         curvature = diagonal_ggn(model, task, batches, layers, reduce)
-    elif spec.curvature in ("kfac", "ekfac"):
+    elif spec.curvature in tuple(KroneckerType):
         curvature = kronecker_diagonal(model, task, batches, fisher_type=fisher_type,
                                        kind=spec.curvature, generator=generator, reduce=reduce)
     return {name: unit_scores(layer.weight, grads.get(param_key(name)),

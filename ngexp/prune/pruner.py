@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ngexp.callbacks import Callback, Trainer
-from ngexp.curvature.kronecker import FISHER_TYPES
+from ngexp.curvature.choices import KRONECKER_FISHER_TYPES
 from ngexp.distributed import comm
 from ngexp.distributed.world import current
 from ngexp.errors import UserError
@@ -77,7 +77,8 @@ class PruneConfig:
     locality_penalty: float = 0.0
     num_examples: int = 1000
     batch_size: int = 250
-    fisher_type: str = choice_field("mc", FISHER_TYPES)
+    fisher_type: str = choice_field(
+        "mc", tuple(fisher_type.value for fisher_type in KRONECKER_FISHER_TYPES))
     schedule: str = choice_field("oneshot", ("oneshot", "iterative", "gradual"))
     finetune_epochs: int = 1
     rate_per_round: float = 0.2
