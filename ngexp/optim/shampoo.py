@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ngexp.optim.closure import closure_loss
 from ngexp.options import (
     check,
     check_integer,
@@ -85,10 +86,7 @@ class Shampoo(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
