@@ -23,7 +23,6 @@ schedules scale both, and ``state_dict``/``load_state_dict`` are torch's.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal
 
 import torch
@@ -80,15 +79,6 @@ def newton_schulz(matrix: Tensor, coefficients: tuple[float, float, float], step
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
-
-
-def adjusted_lr(lr: float, rule: str, shape: torch.Size) -> float:
-    """Muon's per-matrix step size for a ``(rows, cols)`` matrix: ``original``
-    ``lr sqrt(max(1, rows / cols))``, ``match_rms_adamw`` ``0.2 lr sqrt(max(rows, cols))``."""
-    rows, cols = shape[:2]
-    if rule == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(rows, cols))
-    return lr * math.sqrt(max(1, rows / cols))
 
 
 def check_muon(lr: float, momentum: float, weight_decay: float, ns_steps: int, adam_lr: float,
@@ -157,6 +147,8 @@ class Muon(torch.optim.Optimizer):
     def _muon_step(self, group: dict[str, Any]) -> None:
         """``torch.optim.Muon``'s step (its operations in its order); kernels of ndim > 2 as
         ``(out, rest)`` matrices; Newton-Schulz in ``ns_dtype``."""
+        from torch.optim._muon import _adjust_lr  # torch's per-matrix step size (torch >= 2.9)
+
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -172,8 +164,8 @@ class Muon(torch.optim.Optimizer):
             ortho = newton_schulz(update, group["ns_coefficients"], group["ns_steps"],
                                   group["eps"], dtype)
             p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(ortho.view_as(p), alpha=-adjusted_lr(group["lr"], group["adjust_lr_fn"],
-                                                         grad.shape))
+            p.add_(ortho.view_as(p), alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"],
+                                                        grad.shape))
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         """``torch.optim.AdamW``'s step (single-tensor path)."""
