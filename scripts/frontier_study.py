@@ -42,13 +42,15 @@ WORKLOADS = {
     "vit": {
         "title": "small Vision Transformer (model=vit: 7x7 patches, dim 64, 3 blocks; 5000 "
                  "training images held out)",
-        "base": ["model=vit", "data=fashion_mnist", "data.val_size=5000", "lr_schedule=cosine"],
+        "base": ["model=vit", "data=fashion_mnist", "data.val_size=5000", "lr_schedule=cosine",
+                 "trainer.eval_every=40"],  # val/loss 2-8 times an epoch: time-to-target resolution
         "objective": "val/loss",
         "presets": {"sgd", "adam", "kfac", "ekfac"},
     },
     "mlp": {
         "title": "MLP 784-512-256-10 (ReLU) on Fashion-MNIST (5000 training images held out)",
-        "base": ["model=mlp", "data=fashion_mnist", "data.val_size=5000", "lr_schedule=cosine"],
+        "base": ["model=mlp", "data=fashion_mnist", "data.val_size=5000", "lr_schedule=cosine",
+                 "trainer.eval_every=40"],
         "objective": "val/loss",
         "presets": set(),
     },
