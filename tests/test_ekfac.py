@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ngexp.curvature.capture import TRAINING
-from ngexp.curvature.kronecker import PassGroup, eigenbasis_moments
+from ngexp.curvature.kronecker import PassGroup, eigenbasis_moments, pass_groups
 from ngexp.curvature.tasks import Classification
 from ngexp.optim.ekfac import EKFAC
 from ngexp.optim.kronecker_terms import LayerGradient, eigenbasis_precondition
@@ -114,10 +114,14 @@ def test_step_equals_dense_inverse_of_damped_scaling() -> None:
                                    torch.linalg.solve(dense, grad.flatten()), rtol=1e-3, atol=1e-6)
 
 
-def test_scaling_refresh_schedule_and_running_average() -> None:
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+def test_scaling_refresh_schedule_and_running_average(fisher_type: str) -> None:
+    """``s`` is re-estimated every ``scale_update_freq`` steps from that step's passes of the
+    Fisher type (MC: targets sampled on those steps too, not only on statistics steps), as the
+    running average ``e = min(scale_decay, 1 - 1/k)``."""
     model, x, y = conv_net()
     pre = EKFAC(model, cov_update_freq=10, inv_update_freq=10, scale_update_freq=2,
-                scale_decay=0.5, fisher_type="empirical")
+                scale_decay=0.5, fisher_type=fisher_type)
     opt = sgd(model, lr=0.1)
     was_captured, scales, batches = [], [], []
     for step in range(5):
@@ -125,13 +129,12 @@ def test_scaling_refresh_schedule_and_running_average() -> None:
         opt.zero_grad()
         outputs = model(batch[0])
         was_captured.append(pre.capture.captured_inputs)
-        TASK.loss(outputs, batch[1]).backward()
+        pre.backward(TASK.loss(outputs, batch[1]), outputs, batch[1])
         state = pre.curvature().get("3")
         if was_captured[-1] and state is not None:  # this batch's moments in the current basis
-            layer = pre.layers[1]
-            group = PassGroup(-1, pre.capture.passes(TRAINING), len(batch[1]))
-            batches.append(eigenbasis_moments(layer, [group], state["U_A"], state["U_G"],
-                                              len(batch[1])))
+            groups, terms = pass_groups(pre.capture, fisher_type, TASK)
+            batches.append(eigenbasis_moments(pre.layers[1], groups, state["U_A"], state["U_G"],
+                                              terms))
         pre.step()
         opt.step()
         scales.append(pre.curvature()["3"]["s"].clone())
@@ -139,6 +142,19 @@ def test_scaling_refresh_schedule_and_running_average() -> None:
     torch.testing.assert_close(scales[1], scales[0])
     torch.testing.assert_close(scales[2], 0.5 * scales[1] + 0.5 * batches[0])  # e = min(.5, 1/2)
     torch.testing.assert_close(scales[4], 0.5 * scales[3] + 0.5 * batches[1])
+    assert not torch.equal(scales[4], scales[2])
+
+
+def test_mc_scaling_step_without_sampled_passes_raises() -> None:
+    """A scaling step that is not a statistics step still needs ``pre.backward`` with MC."""
+    model, x, y = conv_net()
+    pre = EKFAC(model, cov_update_freq=10, scale_update_freq=1, fisher_type="mc")
+    opt = sgd(model, lr=0.1)
+    train_step(model, pre, opt, x, y)
+    opt.zero_grad()
+    TASK.loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="pre.backward"):
+        pre.step()
 
 
 def test_resume_continues_bit_identically() -> None:

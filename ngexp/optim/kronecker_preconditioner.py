@@ -168,12 +168,13 @@ class KroneckerPreconditioner(Preconditioner):
     # ------------------------------------------------------------------ public API
     def backward(self, loss: Tensor, outputs: Tensor | None = None,
                  targets: Tensor | None = None) -> None:
-        """Fill ``.grad`` from ``loss``; on statistics steps with ``fisher_type="mc"`` first
-        record ``mc_samples`` backward passes of losses on targets sampled from the model."""
+        """Fill ``.grad`` from ``loss``; on the steps that capture (statistics steps, and
+        EKFAC's scaling steps) with ``fisher_type="mc"`` first record ``mc_samples`` backward
+        passes of losses on targets sampled from the model."""
         self._begin_backward(loss, targets)
         if (self.fisher_type == FisherType.MC
                 and any(layer.inputs for layer in self.capture.layers)
-                and self._statistics_due(self.steps)):
+                and self._captures(self.steps)):
             outputs = self.capture.model_output if outputs is None else outputs
             if outputs is None:
                 raise RuntimeError(f"{type(self).__name__}.backward(loss): the forward of this "
@@ -263,7 +264,7 @@ class KroneckerPreconditioner(Preconditioner):
     def _precondition_grads(self) -> list[KLBlock]:
         step, name = self.steps, type(self).__name__
         statistics = self._statistics
-        statistics.check(name, self.capture, self._statistics_due(step), bool(self.state))
+        statistics.check(name, self.capture, self._captures(step), bool(self.state))
         inf = found_inf(self.grad_scaler, name)
         if inf is not None:
             statistics.averages.ok = ~inf

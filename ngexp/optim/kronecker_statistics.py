@@ -71,13 +71,14 @@ class FactorStatistics:
         return pass_groups(capture, self.fisher_type, task)
 
     def check(self, owner: str, capture: Capture, due: bool, any_state: bool) -> None:
-        """Raise when this step cannot precondition: no statistics ever, or a statistics step
-        (``due``) whose Monte-Carlo passes are missing (``owner`` names the preconditioner)."""
+        """Raise when this step cannot precondition: no statistics ever, or a step that
+        captures (``due``: statistics, EKFAC's scaling) whose Monte-Carlo passes are missing
+        (``owner`` names the preconditioner)."""
         if (self.fisher_type == FisherType.MC and capture.captured_inputs and due
                 and any(f.passes(TRAINING) and not f.passes(SAMPLED) for f in capture.forwards)):
             raise RuntimeError(f"{owner}(fisher_type='mc') needs "
-                               f"pre.backward(loss) instead of loss.backward() on statistics "
-                               f"steps (it back-propagates sampled targets); or use "
+                               f"pre.backward(loss) instead of loss.backward() on the steps it "
+                               f"captures (it back-propagates sampled targets); or use "
                                f"fisher_type='empirical'")
         if not any_state and not self.captured(capture):
             raise RuntimeError(f"{owner}.step(): no curvature statistics were "
