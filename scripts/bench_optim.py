@@ -32,6 +32,8 @@ inputs, as ``trainer.precision`` and ``trainer.channels_last`` do in training.
 
     python scripts/bench_optim.py --threads 1 --peers asdl nngeometry   # CPU: MLP and LeNet-5
     python scripts/bench_optim.py --threads 1 --models vit --optimizers sgd kfac ekfac
+    python scripts/bench_optim.py --threads 1 --models autoencoder --batch-size 64 \\
+        --optimizers sgd adam kfac ekfac     # the frontier study's autoencoder step
     python scripts/bench_optim.py --device cuda --precisions fp32 bf16  # VGG-16, preact ResNet-18
 """
 
@@ -66,7 +68,7 @@ from ngexp.optim.build import build_optimizer
 from ngexp.optim.training import TrainingOptimizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-OPTIMIZERS = ("sgd", "kfac", "ekfac", "natural_gradient")
+OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac", "natural_gradient")
 PEERS = ("asdl", "nngeometry")
 #: Methods of the Kronecker preconditioners (or of their parts, dotted) timed inside ``step``,
 #: by the phase they belong to.
@@ -134,9 +136,11 @@ def compose_config(overrides: list[str]) -> Any:
         return compose("train", overrides=overrides)
 
 
-def batches(data: DataBundle, batch_size: int, seed: int, channels_last: bool) -> Batch:
+def batches(data: DataBundle, task: Task, batch_size: int, seed: int,
+            channels_last: bool) -> Batch:
     """Batch ``i`` of a fixed random order of the training split (the same for every method),
-    images in channels-last layout with ``channels_last``."""
+    as inputs and the ``task``'s targets, images in channels-last layout with
+    ``channels_last``."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data.train), generator=generator).to(data.train.inputs.device)
     per_epoch = len(order) // batch_size
@@ -146,7 +150,7 @@ def batches(data: DataBundle, batch_size: int, seed: int, channels_last: bool) -
         inputs = data.train.inputs[index]
         if channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return inputs, data.train.targets[index]
+        return inputs, task.targets(inputs, data.train.targets[index])
 
     return batch
 
@@ -303,7 +307,7 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
     if args.channels_last:
         template = template.to(memory_format=torch.channels_last)
     task = build_task(getattr(template, "task", data.spec.task))
-    batch = batches(data, args.batch_size, args.seed, args.channels_last)
+    batch = batches(data, task, args.batch_size, args.seed, args.channels_last)
     label = model_name if len(args.precisions) == 1 else f"{model_name} {precision}"
     kronecker = [f"optimizer.cov_update_freq={args.cov_update_freq}",
                  f"optimizer.inv_update_freq={args.inv_update_freq}",

@@ -52,6 +52,11 @@ class Task:
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def targets(self, inputs: Tensor, labels: Tensor) -> Tensor:
+        """What :meth:`loss` compares the outputs with, for a batch of ``inputs`` and the data
+        set's ``labels``: the labels."""
+        return labels
+
     def num_terms(self, targets: Tensor) -> int:
         """Number of terms averaged in :meth:`loss`."""
         return targets.shape[0]
@@ -152,6 +157,10 @@ class Reconstruction(Task):
 
     name = "reconstruction"
     metric_names = ("mse",)
+
+    def targets(self, inputs: Tensor, labels: Tensor) -> Tensor:
+        """The flattened inputs ``(B, D)``: a reconstruction ignores the labels."""
+        return inputs.flatten(1)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         targets = targets.flatten(1)

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ngexp.callbacks import Callback
 from ngexp.config import TrainerConfig, check_world
-from ngexp.curvature.tasks import Reconstruction, Task, build_task
+from ngexp.curvature.tasks import Task, build_task
 from ngexp.data.bundle import DataBundle
 from ngexp.distributed.world import World, join, launched_world
 from ngexp.errors import UserError
@@ -76,10 +76,6 @@ class Run:
 
     def autocast(self) -> AbstractContextManager[Any]:
         return autocast(self.settings.precision, self.device)
-
-    def targets_for(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """What the loss compares the outputs with: the flattened inputs of a reconstruction."""
-        return inputs.flatten(1) if isinstance(self.task, Reconstruction) else targets
 
     def memory_format(self, inputs: Tensor) -> Tensor:
         """Image batches ``(n, c, h, w)`` in channels-last memory with ``trainer.channels_last``."""

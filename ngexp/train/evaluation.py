@@ -32,7 +32,7 @@ class Evaluator:
         count = 0
         for inputs, targets in eval_batches(data, run.settings.eval_batch_size):
             inputs = run.memory_format(inputs)
-            targets = run.targets_for(inputs, targets)
+            targets = run.task.targets(inputs, targets)
             with run.autocast():
                 outputs = run.eval_forward(inputs)
             for key, value in run.task.metric_sums(outputs, targets).items():
@@ -61,7 +61,7 @@ class Evaluator:
         for begin in range(0, min(num_examples, len(split)), batch_size):
             end = min(begin + batch_size, num_examples, len(split))
             inputs = split.inputs[begin:end]
-            yield inputs, self.run.targets_for(inputs, split.targets[begin:end])
+            yield inputs, self.run.task.targets(inputs, split.targets[begin:end])
 
     def estimate_population_statistics(self) -> None:
         """For a model that estimates its batch norms' population statistics from training

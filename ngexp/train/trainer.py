@@ -133,7 +133,7 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_step_start(self)
         inputs = run.memory_format(inputs)
-        targets = run.targets_for(inputs, targets)
+        targets = run.task.targets(inputs, targets)
         self.optimizer.zero_grad()
         forward = run.eager if self.optimizer.captures_next_forward else run.forward
         with run.autocast():
