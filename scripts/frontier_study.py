@@ -66,7 +66,7 @@ WORKLOADS = {
     "lenet5": {
         "title": "LeNet-5 on Fashion-MNIST (5000 training images held out for validation)",
         "base": ["model=lenet5", "data=fashion_mnist", "data.val_size=5000",
-                 "lr_schedule=cosine"],
+                 "lr_schedule=cosine", "trainer.eval_every=40"],
         "objective": "val/loss",
         "presets": {"sgd", "adam", "kfac", "ekfac"},
     },

@@ -5,7 +5,8 @@ training algorithms, Dahl et al. 2023).
 A run *reaches* the target ``metric = value`` at its first record with ``metric <= value``
 (``>=`` for metrics where higher is better, :func:`ngexp.metrics.lower_is_better`); it took
 that record's ``step``, ``step x global batch`` examples and ``time`` seconds (the training
-wall time the trainer logs with every record; evaluations are recorded at ``trainer.eval_every``
+wall time the trainer logs with every record, evaluations and checkpoint writes left out,
+:mod:`ngexp.train.clock`; evaluations are recorded at ``trainer.eval_every``
 steps or each epoch end, which bounds the resolution). A run that never reaches it (or failed
 first) took ``inf``: it is counted in the group's ``reached k/n`` and its median (the median of
 all the group's runs, ``inf`` when half or more missed), and left out of the spread (min-max
@@ -140,7 +141,8 @@ def markdown_section(items: Sequence[TargetRow], keys: Sequence[str], metric: st
     lines = ["## Time to target", "",
              f"First record with `{metric} {sign} {number(target)}` ({source}): median over "
              "the runs (misses count as never; `never` when half or more missed), min-max of "
-             "the runs that reached it in parentheses. Seconds are training wall time.", "",
+             "the runs that reached it in parentheses. Seconds are training wall time "
+             "(evaluations and checkpoint writes left out).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for item in items:
         row = item.row

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -85,7 +84,7 @@ def run_session(trainer: Trainer) -> dict[str, Any]:
     resumed = trainer.checkpoints.exist()
     if resumed:
         trainer.checkpoints.resume(trainer.load_state_dict)
-    trainer.session_start = time.perf_counter()
+    trainer.clock.start_session()
     handlers: dict[int, Any] = {}
     started: list[Logger] = []
     trainer.progress = ConsoleProgress(run.console, run.settings.progress if main else "none",

@@ -19,7 +19,6 @@ run's log, loggers, signals and summary (:mod:`~ngexp.train.summarize`) -- is
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ from ngexp.data.bundle import epoch_batches
 from ngexp.train.best import BestMetrics, selection_key
 from ngexp.train.build import Run
 from ngexp.train.checkpoint import LAST, rng_state, set_rng_state
+from ngexp.train.clock import TrainingClock
 from ngexp.train.console import ConsoleProgress
 from ngexp.train.evaluation import Evaluator
 from ngexp.train.lr_schedule import step_scheduler
@@ -54,8 +54,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.permutation: Tensor | None = None  # this epoch's order of the training examples
-        self.elapsed_before = 0.0  # training seconds of earlier sessions
-        self.session_start = time.perf_counter()
+        self.clock = TrainingClock()
         self.best = BestMetrics()
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
@@ -70,8 +69,9 @@ class Trainer:
 
     @property
     def elapsed(self) -> float:
-        """Training wall time of this run in seconds, summed over resumes."""
-        return self.elapsed_before + time.perf_counter() - self.session_start
+        """Training wall time of this run in seconds, summed over resumes, without evaluations
+        and checkpoint writes (:mod:`ngexp.train.clock`)."""
+        return self.clock.seconds
 
     def selection_key(self) -> str:
         """The metric ``best.pt`` follows (:func:`ngexp.train.best.selection_key`)."""
@@ -198,20 +198,22 @@ class Trainer:
             raise FloatingPointError(f"nan at step {records[-1][0]}")
 
     def _evaluate_and_log(self) -> None:
-        metrics = self.evaluator.evaluate_splits()
-        for callback in self.callbacks:
-            metrics.update(callback.metrics(self))
-        self.last_eval = metrics
-        self.log(metrics)
-        self.progress.update(self.step, metrics)
-        if self.best.update(metrics, self.step, self.selection_key()):
-            self._save(BEST)
-        for callback in self.callbacks:
-            callback.on_evaluation(self, metrics)
+        with self.clock.paused():
+            metrics = self.evaluator.evaluate_splits()
+            for callback in self.callbacks:
+                metrics.update(callback.metrics(self))
+            self.last_eval = metrics
+            self.log(metrics)
+            self.progress.update(self.step, metrics)
+            if self.best.update(metrics, self.step, self.selection_key()):
+                self._save(BEST)
+            for callback in self.callbacks:
+                callback.on_evaluation(self, metrics)
 
     # ----------------------------------------------------------------- state
     def _save(self, name: str) -> None:
-        self.checkpoints.save(name, self.state_dict())
+        with self.clock.paused():
+            self.checkpoints.save(name, self.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
         run = self.run
@@ -240,6 +242,6 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         permutation = state["permutation"]
         self.permutation = None if permutation is None else permutation.to(self.run.device)
-        self.elapsed_before = state["elapsed"]
+        self.clock.before = state["elapsed"]
         self.best.values, self.last_eval = state["best"], state["last_eval"]
         self.best.steps = state.get("best_step", {})
