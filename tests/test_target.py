@@ -80,6 +80,9 @@ def test_target_from_a_baseline_group_and_the_command(sweep: Path, tmp_path: Pat
     steps = {(r["optimizer"], r["seed"]): float(r["steps"]) for r in lines}
     assert steps == {("adam", "0"): 200, ("adam", "1"): 100, ("adam", "2"): 300,
                      ("kfac", "0"): 100, ("kfac", "1"): 100, ("kfac", "2"): 100}
+    for row in lines:  # relative to the CSV's folder, as in report.csv
+        run_dir = out / row["run_dir_relative_to_csv"]
+        assert (run_dir / "metrics.jsonl").is_file() and run_dir.name == f"seed_{row['seed']}"
     text = (out / "report.md").read_text()
     assert "| adam | completed | 3/3 | 200 (100-300) | 25600 (12800-38400) |" in text
     assert ("| kfac | completed | 3/3 | 100 (100-100) | 12800 (12800-12800) "

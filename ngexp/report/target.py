@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -153,15 +154,17 @@ def markdown_section(items: Sequence[TargetRow], keys: Sequence[str], metric: st
 
 
 def write_csv(path: Path, items: Sequence[TargetRow], keys: Sequence[str]) -> None:
-    """One line per run: its group, seed, status and time to target per measure (``inf`` for
-    never)."""
+    """One line per run: its group, seed, status, time to target per measure (``inf`` for
+    never) and run directory, relative to the CSV's folder as in report.csv."""
+    folder = path.parent.resolve()
     with path.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
-        writer.writerow([*keys, "seed", "status", *MEASURES, "run_dir"])
+        writer.writerow([*keys, "seed", "status", *MEASURES, "run_dir_relative_to_csv"])
         for item in items:
             for run, hit in zip(item.row.runs, item.hits, strict=True):
                 writer.writerow([*map(str, item.row.key), run.seed, run.status,
-                                 *(repr(hit[m]) for m in MEASURES), run.path])
+                                 *(repr(hit[m]) for m in MEASURES),
+                                 os.path.relpath(run.path, folder)])
 
 
 def problem(run: Run) -> tuple[Any, ...]:
