@@ -10,7 +10,7 @@ import pytest
 
 from ngexp.train import clock
 from ngexp.train.clock import TrainingClock
-from tests.helpers import build_trainer, compose, read_metrics, read_summary
+from tests.helpers import InterruptAfter, build_trainer, compose, read_metrics, read_summary
 
 
 class FakeTime:
@@ -41,20 +41,15 @@ def test_paused_seconds_are_left_out_and_the_clock_reads_the_pause_start(
     assert watch.seconds == 10.0
 
 
-def test_evaluations_and_checkpoints_are_not_training_time(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each evaluation and each checkpoint write takes 1000 fake seconds, every training step
-    1: the records' times and ``wall_time`` count the steps only."""
-    from ngexp.train.session import run_session
-
-    fake = FakeTime()
-    monkeypatch.setattr(clock, "perf_counter", fake)
+def slow_trainer(fake: FakeTime, run_dir: Path):
+    """A trainer of a tiny MLP run in ``run_dir`` whose training steps take 1 fake second and
+    whose evaluations and checkpoint writes take 1000."""
     cfg = compose("model=mlp", "data=synthetic", "data.shape=[1,8,8]", "data.num_train=64",
                   "data.num_test=32", "trainer.batch_size=16", "trainer.epochs=2",
                   "trainer.eval_every=2", "trainer.log_every=1", "trainer.progress=none",
-                  "trainer.device=cpu", f"output_root={tmp_path}")
-    (tmp_path / "run").mkdir()
-    trainer = build_trainer(cfg, {"model": "mlp"}, tmp_path / "run")
+                  "trainer.device=cpu", f"output_root={run_dir.parent}")
+    run_dir.mkdir(exist_ok=True)
+    trainer = build_trainer(cfg, {"model": "mlp"}, run_dir)
 
     def slow(method):
         def wrapped(*args, **kwargs):
@@ -66,8 +61,30 @@ def test_evaluations_and_checkpoints_are_not_training_time(
     trainer.train_step = lambda *args: (setattr(fake, "now", fake.now + 1.0), step(*args))
     trainer.evaluator.evaluate_splits = slow(trainer.evaluator.evaluate_splits)
     trainer.checkpoints.save = slow(trainer.checkpoints.save)
-    run_session(trainer)
-    records = read_metrics(tmp_path / "run")
-    assert [r["time"] for r in records if "train/loss" in r] == [float(s) for s in range(1, 9)]
+    return trainer
+
+
+@pytest.mark.parametrize("interrupt_at", [None, 3])
+def test_evaluations_and_checkpoints_are_not_training_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt_at: int | None) -> None:
+    """Record times and ``wall_time`` count the training steps only (1 s each), also across
+    a kill and resume (the interrupted session's checkpoint written at step 3), and every
+    ``train/step_time_ms`` is one step's 1000 ms, the first after the resume too."""
+    from ngexp.train.session import run_session
+    from ngexp.train.stop import RunInterrupted
+
+    fake = FakeTime()
+    monkeypatch.setattr(clock, "perf_counter", fake)
+    run_dir = tmp_path / "run"
+    if interrupt_at is not None:
+        trainer = slow_trainer(fake, run_dir)
+        trainer.callbacks.append(InterruptAfter(interrupt_at))
+        with pytest.raises(RunInterrupted):
+            run_session(trainer)
+    run_session(slow_trainer(fake, run_dir))
+    records = read_metrics(run_dir)
+    train = [r for r in records if "train/loss" in r]
+    assert [(r["step"], r["time"]) for r in train] == [(s, float(s)) for s in range(1, 9)]
+    assert {r["train/step_time_ms"] for r in train} == {1000.0}
     assert [r["time"] for r in records if "test/loss" in r] == [2.0, 4.0, 6.0, 8.0]
-    assert read_summary(tmp_path / "run")["wall_time"] == 8.0
+    assert read_summary(run_dir)["wall_time"] == 8.0

@@ -10,7 +10,6 @@ steps.
 from __future__ import annotations
 
 import resource
-import time
 from pathlib import Path
 
 import torch
@@ -19,14 +18,16 @@ from torch import Tensor
 from ngexp.curvature.tasks import Task
 from ngexp.distributed.world import World
 from ngexp.optim.training import TrainingOptimizer
+from ngexp.train.clock import TrainingClock
 from ngexp.train.ranks import agree_first_bad_step, sum_over_ranks
 
 
 class MetricWindow:
     """The ``train/`` metrics of the steps since the last record, and their timing."""
 
-    def __init__(self, task: Task, world: World, device: torch.device, step: int) -> None:
-        self.task, self.world, self.device = task, world, device
+    def __init__(self, task: Task, world: World, device: torch.device, clock: TrainingClock,
+                 step: int) -> None:
+        self.task, self.world, self.device, self.clock = task, world, device, clock
         self.reset(step)
 
     def reset(self, step: int) -> None:
@@ -37,13 +38,9 @@ class MetricWindow:
         #: The global gradient norm of the window's last step (of the ranks' mean gradient).
         self.grad_norm: Tensor | None = None
         self.steps = 0
-        self.restart_clock()
+        self.started = self.clock.seconds  # training time: evaluations are left out
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.step_counter = torch.full((), step, dtype=torch.int64, device=self.device)
-
-    def restart_clock(self) -> None:
-        """Time training from now (an evaluation is not training time)."""
-        self.started = time.perf_counter()
 
     @torch.no_grad()
     def record(self, outputs: Tensor, targets: Tensor, loss: Tensor) -> None:
@@ -81,7 +78,7 @@ class MetricWindow:
     def flush(self, optimizer: TrainingOptimizer, global_batch: int) -> dict[str, float]:
         """The window's record: ``train/`` averages, the optimizer's state, throughput and
         peak memory."""
-        seconds = time.perf_counter() - self.started
+        seconds = self.clock.seconds - self.started
         metrics = self.averages(slice(0, self.steps))
         metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
         if self.grad_norm is not None:  # of the ranks' mean gradient: the same on all

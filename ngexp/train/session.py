@@ -84,7 +84,7 @@ def run_session(trainer: Trainer) -> dict[str, Any]:
     resumed = trainer.checkpoints.exist()
     if resumed:
         trainer.checkpoints.resume(trainer.load_state_dict)
-    trainer.clock.start_session()
+    trainer.start_session()
     handlers: dict[int, Any] = {}
     started: list[Logger] = []
     trainer.progress = ConsoleProgress(run.console, run.settings.progress if main else "none",

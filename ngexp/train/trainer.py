@@ -59,7 +59,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self.stop = StopRequest()
-        self.window = MetricWindow(run.task, run.world, run.device, self.step)
+        self.window = MetricWindow(run.task, run.world, run.device, self.clock, self.step)
         self.evaluator = Evaluator(run)
         self.evaluate = self.evaluator.evaluate
         self.train_batches = self.evaluator.train_batches
@@ -72,6 +72,12 @@ class Trainer:
         """Training wall time of this run in seconds, summed over resumes, without evaluations
         and checkpoint writes (:mod:`ngexp.train.clock`)."""
         return self.clock.seconds
+
+    def start_session(self) -> None:
+        """Start this session's training clock and metric window at the current step (after
+        :meth:`load_state_dict` on a resume)."""
+        self.clock.start_session()
+        self.window.reset(self.step)
 
     def selection_key(self) -> str:
         """The metric ``best.pt`` follows (:func:`ngexp.train.best.selection_key`)."""
@@ -110,7 +116,6 @@ class Trainer:
                     self._flush_window()
                 if settings.eval_every and self.step % settings.eval_every == 0:
                     self._evaluate_and_log()
-                    self.window.restart_clock()
                 if self.stop.signalled(run.world):
                     self._check_finite()
                     self._save(LAST)
@@ -172,7 +177,6 @@ class Trainer:
         if finished or self.stop.reason is not None \
                 or epochs_done % settings.checkpoint_every == 0:
             self._save(LAST)
-        self.window.restart_clock()  # evaluation is not training time
 
     def _flush_window(self) -> None:
         """Log the window's training metrics (one host sync); stop at a non-finite loss."""
