@@ -490,9 +490,8 @@ def launch_job(cfg: Any, choices: dict[str, str | None], runtime: Any, job_dir: 
 
     overrides = [*runtime.overrides.task,
                  *(o for o in runtime.overrides.hydra if o.startswith("hydra.run.dir="))]
-    if job_dir is not None:  # the sweep's pointer, as train() writes it for one process
-        run_dir = rundir.run_directory(cfg, choices, cfg.trainer.devices)
-        rundir.atomic_write_text(job_dir / "run_dir.txt", str(run_dir.resolve()) + "\n")
+    # the sweep's pointer, as train() writes it for one process
+    rundir.write_pointer(job_dir, rundir.run_directory(cfg, choices, cfg.trainer.devices))
     code = launch_local(cfg.trainer.devices, ["train", *overrides])
     if code == INTERRUPTED:
         raise KeyboardInterrupt

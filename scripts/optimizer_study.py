@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 from collections import defaultdict
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 import torch
@@ -81,10 +81,14 @@ def main() -> None:
         overrides.append(f"data.subset={args.subset}")
     command = ["ngexp", "train", "-m", *overrides]
     print(" ".join(command), flush=True)
-    subprocess.run([sys.executable, "-m", "ngexp", "train", "-m", *overrides], check=True)
+    # this invocation's own sweep folder: two studies started in the same second (Hydra's
+    # default folder name) would write their job pointers into one folder
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S-%f}"
+    sweep_dir = Path(args.output_root) / "sweeps" / f"{args.study}-{stamp}"
+    subprocess.run([sys.executable, "-m", "ngexp", "train", "-m", *overrides,
+                    f"hydra.sweep.dir={sweep_dir}"], check=True)
 
-    sweeps = sorted((Path(args.output_root) / "sweeps").iterdir())
-    runs = [Path(p.read_text().strip()) for p in sweeps[-1].rglob("run_dir.txt")]
+    runs = [Path(p.read_text().strip()) for p in sweep_dir.rglob("run_dir.txt")]
     curves: dict[str, list[list[tuple[float, float, float]]]] = defaultdict(list)
     versions = {}
     for run in runs:

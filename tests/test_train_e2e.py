@@ -103,6 +103,13 @@ def test_multirun_gives_one_run_directory_per_job(tmp_path: Path) -> None:
         == {("sgd", 0), ("sgd", 1), ("rmsprop", 0), ("rmsprop", 1)}
     pointers = sorted((tmp_path / "sweeps").rglob("run_dir.txt"))
     assert {Path(p.read_text().strip()) for p in pointers} == {r.resolve() for r in runs}
+    # relaunched, every job skips its finished run and still points to it
+    again = ngexp("train", "-m", "optimizer=sgd,rmsprop", "seed=0,1", *SHORT,
+                  "trainer.max_steps=10", f"output_root={tmp_path}",
+                  f"hydra.sweep.dir={tmp_path / 'again'}")
+    assert again.stdout.count("skipping") == 4
+    pointers = sorted((tmp_path / "again").rglob("run_dir.txt"))
+    assert {Path(p.read_text().strip()) for p in pointers} == {r.resolve() for r in runs}
 
 
 def test_divergence_stops_as_failed_nan(tmp_path: Path) -> None:

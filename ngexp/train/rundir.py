@@ -220,12 +220,20 @@ def make_run_dir(run_dir: Path, output_root: str) -> Path:
     return run_dir
 
 
-def skip_finished(run_dir: Path, console: Console) -> bool:
-    """Whether the run in ``run_dir`` already finished (said on the console)."""
+def write_pointer(job_dir: Path | None, run_dir: Path) -> None:
+    """A sweep job's ``run_dir.txt``: where its run is (``ngexp report SWEEP`` follows it)."""
+    if job_dir is not None:
+        atomic_write_text(job_dir / "run_dir.txt", str(run_dir.resolve()) + "\n")
+
+
+def skip_finished(run_dir: Path, console: Console, job_dir: Path | None = None) -> bool:
+    """Whether the run in ``run_dir`` already finished (said on the console); a sweep job
+    that skips it still points to it, so a relaunched sweep reports all its runs."""
     summary = read_summary(run_dir)
     if not is_finished(summary):
         return False
     assert summary is not None
+    write_pointer(job_dir, run_dir)
     reason = f"({summary['reason']})" if summary.get("reason") else ""
     console.print(f"skipping {run_dir}: already {summary['status']}{reason} "
                   f"(force=true re-runs it)")
@@ -250,7 +258,7 @@ def prepare_run_dir(stack: ExitStack, cfg: DictConfig, run_dir: Path, console: C
     ``False`` when the run is to be skipped (finished, or another process holds it)."""
     if not hold_lock(stack, run_dir, cfg.output_root, console, "is running"):
         return False
-    if not cfg.force and skip_finished(run_dir, console):
+    if not cfg.force and skip_finished(run_dir, console, job_dir):
         return False
     if (cfg.force or not cfg.resume) and has_outputs(run_dir):
         aside = set_aside(run_dir, "replaced")  # we hold its lock: nobody runs it
@@ -259,8 +267,7 @@ def prepare_run_dir(stack: ExitStack, cfg: DictConfig, run_dir: Path, console: C
         if not hold_lock(stack, run_dir, cfg.output_root, console, "started"):
             return False
     try:
-        if job_dir is not None:
-            atomic_write_text(job_dir / "run_dir.txt", str(run_dir.resolve()) + "\n")
+        write_pointer(job_dir, run_dir)
         if not any((run_dir / "checkpoints").glob("*.pt")):
             remove_outputs(run_dir)  # a run that died before its first checkpoint
         save_config(run_dir, cfg)

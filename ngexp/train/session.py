@@ -61,7 +61,7 @@ def train(cfg: DictConfig, choices: Mapping[str, str | None], console: Console |
         if run_dir.parent.name != rundir.config_hash(cfg, world.size):
             console.print(f"using {run_dir}: the run of this config written by an earlier "
                           f"ngexp version (its directory hash was computed another way)")
-    if not cfg.force and on_main(world, lambda: rundir.skip_finished(run_dir, console)):
+    if not cfg.force and on_main(world, lambda: rundir.skip_finished(run_dir, console, job_dir)):
         return None
     trainer = Trainer(build_run(cfg, choices, run_dir, console, world))
     with ExitStack() as stack:
