@@ -102,9 +102,9 @@ def test_tonga_and_hessian_free_loops_give_the_weights_of_ngexp_train(name: str,
 
 
 def test_readme_library_snippets_run_and_precondition() -> None:
-    """Every Python block of the README's library section runs as written (``loader`` given)
-    and preconditions every step from captured curvature."""
-    text = (REPO / "README.md").read_text()
+    """Every Python block of the library section of docs/library.md (once the README's) runs
+    as written (``loader`` given) and preconditions every step from captured curvature."""
+    text = (REPO / "docs" / "library.md").read_text()
     section = text.split("## Use it as a library", 1)[1].split("\n## ", 1)[0]
     blocks = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
     assert len(blocks) >= 2
@@ -114,7 +114,7 @@ def test_readme_library_snippets_run_and_precondition() -> None:
     kinds = set()
     namespace: dict = {"loader": loader}  # one session: later blocks use earlier imports
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+        exec(compile(block, "docs/library.md", "exec"), namespace)  # noqa: S102
         pre = namespace["pre"]
         assert pre.steps == len(loader)
         assert {"A", "G"} <= set(next(iter(pre.curvature().values())))
