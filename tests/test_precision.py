@@ -13,7 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ngexp.cli import main
+from ngexp.curvature.tasks import Classification
 from ngexp.errors import UserError
+from ngexp.optim.ekfac import EKFAC
+from ngexp.optim.kfac import KFAC
+from ngexp.optim.kronecker_preconditioner import KroneckerPreconditioner
 from ngexp.optim.training import TrainingOptimizer
 from ngexp.train.checkpoint import read_checkpoint, save_checkpoint
 from ngexp.train.precision import grad_scaler
@@ -135,6 +139,78 @@ def test_resume_restores_the_scaler_bit_identically(tmp_path: Path) -> None:
     for key, state in expected["optimizer"]["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(final["optimizer"]["optimizer"]["state"][key][name], value)
+
+
+def scaled_kronecker_steps(kind: type[KroneckerPreconditioner],
+                           batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+                           poison: int | None = None,
+                           generator_at: tuple[int, torch.Tensor] | None = None,
+                           **options) -> tuple[nn.Module, KroneckerPreconditioner,
+                                               list[torch.Tensor | None], float]:
+    """SGD steps on ``batches`` with ``kind`` and a GradScaler at 2^10: the model, the
+    preconditioner, its MC generator state after each step and the final scale. At step
+    ``poison`` one gradient entry is made inf after the backward: the scaler finds it and skips
+    the step, the recorded statistics themselves stay finite. ``generator_at = (i, state)``
+    sets the MC generator to ``state`` before step ``i`` (through the state dict)."""
+    model, _, _ = tiny_problem()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    pre = kind(model, grad_scaler=scaler, kl_clip=None, cov_update_freq=1, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    generators = []
+    for step, (x, y) in enumerate(batches):
+        if generator_at is not None and generator_at[0] == step:
+            pre.load_state_dict({**pre.state_dict(), "generator": generator_at[1]})
+        opt.zero_grad()
+        pre.backward(scaler.scale(Classification().loss(model(x), y)))
+        if step == poison:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.unscale_(opt)
+        pre.step()
+        scaler.step(opt)
+        scaler.update()
+        generators.append(pre.state_dict()["generator"])
+    return model, pre, generators, scaler.get_scale()
+
+
+@pytest.mark.parametrize("inv_update_freq", [1, 100], ids=["refresh-every-step", "refresh-once"])
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+@pytest.mark.parametrize("kind", [KFAC, EKFAC], ids=["kfac", "ekfac"])
+@pytest.mark.parametrize("poison", [0, 3])
+def test_a_skipped_step_is_the_run_without_its_batch(kind, fisher_type, inv_update_freq,
+                                                     poison) -> None:
+    """An overflowing step in a run of 6 (the first, or one in the middle) equals the run of
+    the 5 other batches: the same weights, factors and terms, bit for bit; only that step's
+    estimates are counted as skipped. Exact: a power-of-two loss scale (2^10 here, 2^9 after
+    the skip in the skipped run) commutes with float32 rounding, so both runs compute the same
+    numbers; the steps later count the 1/k equal-weight average (and EKFAC's s average) from
+    the estimates that entered. With ``cov_update_freq=1`` and refreshes every step or only at
+    the first, the step index the skip shifts changes no schedule; the MC reference continues
+    from the skipped run's generator, which also drew targets at the skipped step."""
+    generator = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 6, generator=generator),
+                torch.randint(0, 3, (16,), generator=generator)) for _ in range(6)]
+    options = {"fisher_type": fisher_type, "inv_update_freq": inv_update_freq}
+    if kind is EKFAC:
+        options["scale_decay"] = 0.9  # a running s: its count matters
+    skipped, pre, generators, scale = scaled_kronecker_steps(kind, batches, poison=poison,
+                                                             **options)
+    assert scale == 2.0**9  # the scaler saw the overflow
+    kept = batches[:poison] + batches[poison + 1:]
+    continue_at = None if fisher_type == "empirical" else (poison, generators[poison])
+    reference, reference_pre, _, _ = scaled_kronecker_steps(kind, kept, generator_at=continue_at,
+                                                            **options)
+    for a, b in zip(skipped.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    curvature, expected = pre.curvature(), reference_pre.curvature()
+    assert set(curvature) == set(expected) == {"0", "2"}
+    for name, state in expected.items():
+        assert set(curvature[name]) == set(state)
+        for key, value in state.items():
+            assert torch.equal(curvature[name][key], value), (name, key)
+    # per layer A and G, and EKFAC's s once a basis exists (not at the first step)
+    estimates_per_layer = 3 if kind is EKFAC and poison > 0 else 2
+    assert pre.log_metrics()["skipped_statistics"] == 2 * estimates_per_layer
+    assert reference_pre.log_metrics()["skipped_statistics"] == 0
 
 
 def test_fp16_unsupported_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

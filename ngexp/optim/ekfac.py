@@ -14,8 +14,9 @@ returns ``M``.
 ``s`` is re-estimated every ``scale_update_freq`` steps (default: every step) from the current
 batch, cheaply compared with the eigendecompositions (every ``inv_update_freq`` steps),
 optionally as a running average ``s <- e s + (1 - e) s_batch`` (``e = min(scale_decay, 1 -
-1/k)`` for the ``k``-th estimate since the basis changed); a new basis restarts it from the
-batch, or from ``lambda_G lambda_A^T`` when the step captured no batch. The terms (bases and
+1/k)`` for the ``k``-th estimate that entered since the basis changed: a step the grad scaler
+skips leaves ``s`` as it was and does not count); a new basis restarts it from the batch, or
+from ``lambda_G lambda_A^T`` when the step captured no batch. The terms (bases and
 ``s``): :class:`~ngexp.optim.kronecker_terms.CorrectedEigenbasis`; everything else:
 :mod:`ngexp.optim.kronecker_preconditioner` and :mod:`ngexp.optim.preconditioner`.
 
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from ngexp.curvature.kronecker import eigenbasis_moments
 from ngexp.optim.kronecker_preconditioner import KroneckerPreconditioner
 from ngexp.optim.kronecker_terms import CorrectedEigenbasis
+from ngexp.optim.layer_curvature import EstimateCount
 from ngexp.optim.training import base_optimizer
 from ngexp.options import check_integer, check_range, checked, configurable
 
@@ -60,7 +62,17 @@ class EKFAC(KroneckerPreconditioner):
         self.scale_update_freq, self.scale_decay = scale_update_freq, scale_decay
         self.terms = CorrectedEigenbasis()
         super().__init__(model, **options)
-        self.counters["scale_updates"] = 0  # estimates of s since the basis last changed
+        #: Estimates of s that entered since the basis last changed.
+        self._scale_estimates = EstimateCount(self._kept.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "scale_estimates": self._scale_estimates.value.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        # checkpoints from before the device count kept it in counters
+        legacy = self.counters.pop("scale_updates", 0)
+        self._scale_estimates.load(state.get("scale_estimates", legacy))
 
     def _captures(self, step: int) -> bool:
         """Statistics steps, scaling steps and basis refreshes (whose ``s`` is measured anew)."""
@@ -71,11 +83,11 @@ class EKFAC(KroneckerPreconditioner):
         statistics = self._statistics
         captured = statistics.captured(self.capture)
         if refreshed:
-            self.counters["scale_updates"] = 0
+            self._scale_estimates.reset()
         elif not (captured and self.steps % self.scale_update_freq == 0):
             return
-        self.counters["scale_updates"] += int(captured)
-        decay = min(self.scale_decay, 1 - 1 / max(self.counters["scale_updates"], 1))
+        decay = self._scale_estimates.advance(statistics.averages.ok & captured,
+                                              self.scale_decay)
         groups, num_terms = statistics.groups(self.capture, self.task)
         layers = [layer for layer in self.layers
                   if layer.name in self.state and self.state[layer.name].basis_a is not None]

@@ -39,8 +39,9 @@ damping_max]``. This needs the batch targets: ``pre.backward(loss, targets=y)``.
 
 The state dict keeps the layout of a flat K-FAC state: ``layers[name][key]`` with the keys of
 :mod:`ngexp.optim.layer_curvature` (``A``, ``G``, ``pi``, ``A_inv``, ``U_A``, ``lambda_A``,
-``s``, ...), ``counters``, ``damping``, ``kept``, ``skipped_statistics``, ``generator``,
-``damping_changed``.
+``s``, ...), ``counters``, ``damping``, ``kept``, ``skipped_statistics``,
+``factor_estimates`` (the factor updates that entered: those of steps the grad scaler did not
+skip), ``generator``, ``damping_changed``.
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ class KroneckerPreconditioner(Preconditioner):
         self._fresh: set[str] = set()
         #: Python counters (saved in the state dict).
         self.counters = {"factor_updates": 0}
+        #: Whether a factor update is known to have entered the averages (:meth:`_updates`).
+        self._entered = False
         adaptive = damping_schedule == "adaptive"
         self._damping = Damping(scheduled_damping(damping, damping_schedule, damping_decay,
                                                   damping_decay_steps, damping_min),
@@ -198,6 +201,8 @@ class KroneckerPreconditioner(Preconditioner):
         self.state.clear()
         self._fresh.clear()
         self.counters = {key: 0 for key in self.counters}
+        self._statistics.estimates.reset()
+        self._entered = False
         self._adaptive = None
         super().reset()
 
@@ -219,6 +224,7 @@ class KroneckerPreconditioner(Preconditioner):
             damping=self._damping.value.clone(),
             kept=self._kept.clone(),
             skipped_statistics=self._statistics.averages.skipped.clone(),
+            factor_estimates=self._statistics.estimates.value.clone(),
             generator=None if self._generator is None else self._generator.get_state(),
             damping_changed=self._damping.changed,
         )
@@ -238,8 +244,12 @@ class KroneckerPreconditioner(Preconditioner):
             if not self._kaisa.placement.holds(name):
                 values.drop(self.terms.fields)
         self.counters.update(state["counters"])
+        self._entered = False
         self._kept.copy_(state["kept"])
         self._statistics.averages.skipped.copy_(state["skipped_statistics"])
+        # checkpoints from before the count: every factor update entered
+        self._statistics.estimates.load(
+            state.get("factor_estimates", self.counters["factor_updates"]))
         if self._generator is not None and state["generator"] is not None:
             self._generator.set_state(state["generator"].cpu())
         # A damping change not yet folded into the terms re-inverts them at the next step, as
@@ -249,8 +259,20 @@ class KroneckerPreconditioner(Preconditioner):
         super().load_state_dict(state)
 
     # ------------------------------------------------------------------ the step
+    def _updates(self) -> int:
+        """The factor updates that entered the running averages. A grad scaler may have
+        skipped all of them: then their count is read off the device until one has entered (a
+        host sync per step only at the start of an fp16 run whose first steps overflow; the
+        scaler's own step syncs anyway), so that statistics are due again and no terms are
+        computed from the placeholders."""
+        updates = self.counters["factor_updates"]
+        if not self._entered and updates > 0:
+            scaled = self.grad_scaler is not None and self.grad_scaler.is_enabled()
+            self._entered = not scaled or bool(self._statistics.estimates.value > 0)
+        return updates if self._entered else 0
+
     def _statistics_due(self, step: int) -> bool:
-        return self._schedule.statistics_due(step, self.counters["factor_updates"])
+        return self._schedule.statistics_due(step, self._updates())
 
     def _captures(self, step: int) -> bool:
         """Whether the forward of step ``step`` must capture inputs and output gradients."""
@@ -271,13 +293,13 @@ class KroneckerPreconditioner(Preconditioner):
         self._damping.follow(step)
         if statistics.captured(self.capture) and self._statistics_due(step):
             self.counters["factor_updates"] += 1
-            for layer in statistics.update(self.capture, self.task, self.state,
-                                           self.counters["factor_updates"]):
+            for layer in statistics.update(self.capture, self.task, self.state):
                 self._warnings.warn(f"unseen {layer.name}", f"{name}: layer {layer.name!r} "
                                     f"({type(layer.module).__name__}) got a gradient but its "
                                     f"forward hook never ran (called functionally?): its "
                                     f"parameters keep the plain gradient")
-        with_factors = [layer for layer in self.layers if layer.name in self.state]
+        entered = self._updates() > 0  # else the factors are placeholders of skipped steps
+        with_factors = [layer for layer in self.layers if entered and layer.name in self.state]
         stale = any(layer.name not in self._fresh for layer in with_factors)
         refreshed = bool(with_factors) and (self._schedule.refresh_due(step) or stale)
         if refreshed:

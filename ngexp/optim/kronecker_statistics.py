@@ -4,10 +4,12 @@ On a statistics step (every ``cov_update_freq`` steps, :class:`FactorSchedule`) 
 recorded the layer inputs and the output gradients of the Fisher type
 (:mod:`ngexp.curvature.capture`); :meth:`FactorStatistics.update` folds the batch factors
 (:func:`~ngexp.curvature.kronecker.kronecker_factors`) into running averages ``A <- e A + (1
-- e) A_batch`` with ``e = min(stat_decay, 1 - 1/k)`` at the ``k``-th update: the first
-estimate replaces -- no identity initialization -- and early ones are averaged with equal
-weights. Batch statistics that are not finite are skipped (no host sync,
-:class:`~ngexp.optim.layer_curvature.RunningAverages`). Data-parallel, the batch factors are
+- e) A_batch`` with ``e = min(stat_decay, 1 - 1/k)`` at the ``k``-th update that entered: the
+first estimate replaces -- no identity initialization -- and early ones are averaged with
+equal weights. Batch statistics that are not finite, and all of a step the grad scaler skips,
+are left out, and a skipped step does not count in ``k`` (no host sync,
+:class:`~ngexp.optim.layer_curvature.RunningAverages` and
+:class:`~ngexp.optim.layer_curvature.EstimateCount`). Data-parallel, the batch factors are
 the ranks' mean first: the global batch's factors.
 """
 
@@ -32,7 +34,7 @@ from ngexp.curvature.kronecker import (
 from ngexp.curvature.tasks import Task
 from ngexp.optim.hyperparams import Hyperparameter, value_at
 from ngexp.optim.kaisa import Kaisa
-from ngexp.optim.layer_curvature import LayerCurvature, RunningAverages
+from ngexp.optim.layer_curvature import EstimateCount, LayerCurvature, RunningAverages
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,15 @@ class FactorSchedule:
 
 class FactorStatistics:
     """The running factors of ``layers`` (module docstring) for ``fisher_type`` and
-    ``kfac_approx``; :attr:`averages` keeps the skip flag and count."""
+    ``kfac_approx``; :attr:`averages` keeps the skip flag and count, :attr:`estimates` the
+    number of updates that entered."""
 
     def __init__(self, layers: list[LayerIO], kaisa: Kaisa, fisher_type: FisherType,
                  kfac_approx: str, stat_decay: float, device: torch.device) -> None:
         self.layers, self.kaisa = layers, kaisa
         self.fisher_type, self.kfac_approx, self.stat_decay = fisher_type, kfac_approx, stat_decay
         self.averages = RunningAverages(device)
+        self.estimates = EstimateCount(device)
 
     def captured(self, capture: Capture) -> bool:
         """Whether the capture holds passes of the Fisher type."""
@@ -86,12 +90,12 @@ class FactorStatistics:
                                f"with grad enabled, then loss.backward() (empirical Fisher) or "
                                f"pre.backward(loss) (MC Fisher), before step()")
 
-    def update(self, capture: Capture, task: Task, states: dict[str, LayerCurvature],
-               count: int) -> list[LayerIO]:
-        """The ``count``-th update of the running factors in ``states`` (a new layer gets its
-        state); returns the layers that have a gradient but neither statistics nor a record in
-        this step's forwards (called functionally, or hooks bypassed)."""
-        decay = min(self.stat_decay, 1 - 1 / count)
+    def update(self, capture: Capture, task: Task,
+               states: dict[str, LayerCurvature]) -> list[LayerIO]:
+        """Update the running factors in ``states`` (a new layer gets its state) unless the grad
+        scaler skips this step; returns the layers that have a gradient but neither statistics
+        nor a record in this step's forwards (called functionally, or hooks bypassed)."""
+        decay = self.estimates.advance(self.averages.ok, self.stat_decay)
         groups, num_terms = self.groups(capture, task)
         layers = [layer for layer in self.layers
                   if any(layer.records[group.record].inputs for group in groups)]

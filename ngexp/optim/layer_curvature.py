@@ -113,14 +113,43 @@ class RunningAverages:
         self.ok = torch.ones((), dtype=torch.bool, device=device)
         self.skipped = torch.zeros((), dtype=torch.long, device=device)
 
-    def update(self, old: Tensor | None, batch: Tensor, decay: float) -> Tensor:
+    def update(self, old: Tensor | None, batch: Tensor, decay: Tensor | float) -> Tensor:
         """``decay * old + (1 - decay) * batch``; a first (or non-finite) old value is replaced,
         a non-finite batch estimate is skipped. Finiteness is read off the sums (a NaN or inf
         entry makes the sum non-finite; so does, conservatively, an overflowing one)."""
-        if old is None:  # a skipped first estimate is replaced by the next good one
-            return torch.where(self.ok, batch, float("nan"))
         good = torch.isfinite(batch.sum()) & self.ok
-        old_good = torch.isfinite(old.sum())
         self.skipped += ~good
+        if old is None:  # a skipped first estimate is replaced by the next good one
+            return torch.where(good, batch, float("nan"))
+        if isinstance(decay, Tensor):
+            decay = decay.to(batch.dtype)
+        old_good = torch.isfinite(old.sum())
         return torch.lerp(torch.where(good, batch, old), torch.where(old_good, old, batch),
                           decay)
+
+
+class EstimateCount:
+    """How many rounds of batch estimates entered a set of running averages, a 0-dim long on
+    the device (no host sync). A round the grad scaler skips (``ok`` false) does not count, so
+    the ``k``-th round that entered gets the weight ``1/k`` of an equal-weight average however
+    many were skipped before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.value = torch.zeros((), dtype=torch.long, device=device)
+
+    def advance(self, ok: Tensor, cap: float) -> Tensor:
+        """Count this round if ``ok``; returns its decay ``min(cap, 1 - 1/k)`` (float32, ``k``
+        the count with this round; 0 while it is 0, so a first estimate replaces)."""
+        self.value += ok
+        count = self.value.float()
+        return ((count - 1) / count.clamp(min=1)).clamp(min=0, max=cap)
+
+    def reset(self) -> None:
+        self.value.zero_()
+
+    def load(self, value: Tensor | int) -> None:
+        """Set the count (a checkpoint's tensor, or a number)."""
+        if isinstance(value, Tensor):
+            self.value.copy_(value)
+        else:
+            self.value.fill_(value)
