@@ -38,6 +38,7 @@ from ngexp.options import (
     check_choice,
     check_choices,
     check_integer,
+    check_nonnegative,
     check_positive,
     choice_field,
 )
@@ -67,6 +68,10 @@ class TrainerConfig:
     channels_last: bool = False
     grad_clip: float | None = None  # global-norm clipping threshold
     checkpoint_every: int = 1  # epochs between checkpoints (and always at the end)
+    # last.pt also every N steps and every M wall-clock minutes since the last write (0 = off;
+    # docs/runs.md): a crash loses at most that much work, however long an epoch is
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 30.0
     deterministic: bool = False  # torch.use_deterministic_algorithms
     progress: str = choice_field("auto", ("auto", "rich", "plain", "none"))
     # data parallel (docs/distributed.md): batch_size is per process, the global batch is
@@ -87,6 +92,8 @@ class TrainerConfig:
         check_choices(self, "trainer")
         check_positive("trainer.grad_clip", self.grad_clip, allow_none=True)
         check_integer("trainer.checkpoint_every", self.checkpoint_every, 1)
+        check_integer("trainer.checkpoint_every_steps", self.checkpoint_every_steps, 0)
+        check_nonnegative("trainer.checkpoint_every_minutes", self.checkpoint_every_minutes)
         check_integer("trainer.devices", self.devices, 1)
 
 
@@ -234,6 +241,8 @@ NON_SEMANTIC_KEYS = (
     "trainer.log_every",
     "trainer.progress",
     "trainer.checkpoint_every",
+    "trainer.checkpoint_every_steps",
+    "trainer.checkpoint_every_minutes",
     "trainer.eval_batch_size",
     "trainer.devices",  # the world size enters through the global batch (semantic_config)
     "optimizer.grad_worker_fraction",  # where K-FAC's work runs, not what it computes

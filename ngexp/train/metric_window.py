@@ -4,18 +4,21 @@ kept on the device so that the step path does not synchronize with the host.
 Per step the window keeps the task's metric sums ``(k,)`` and its number of terms, and, on the
 device, the first step whose loss was not finite. :meth:`MetricWindow.flush` reads it all once
 (one host sync; data-parallel, summed over every rank's examples) every ``trainer.log_every``
-steps.
+steps. The window travels in checkpoints (:meth:`MetricWindow.state_dict`), so a run stopped
+between two records and resumed records what the uninterrupted run does.
 """
 
 from __future__ import annotations
 
 import resource
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ngexp.curvature.tasks import Task
+from ngexp.distributed import comm
 from ngexp.distributed.world import World
 from ngexp.optim.training import TrainingOptimizer
 from ngexp.train.clock import TrainingClock
@@ -41,6 +44,34 @@ class MetricWindow:
         self.started = self.clock.seconds  # training time: evaluations are left out
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.step_counter = torch.full((), step, dtype=torch.int64, device=self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The window so far (tensors and plain containers), for a checkpoint: a resumed run's
+        next record then averages the steps the uninterrupted run's does. Data-parallel (every
+        rank calls this) it holds the sums over the ranks, which rank 0 takes on a resume."""
+        rows, terms = list(self.rows), list(self.terms)
+        if self.world.distributed and rows:
+            total, counts = comm.all_reduce_sum([
+                torch.stack(rows).double(),
+                torch.tensor(terms, dtype=torch.float64, device=self.device)])
+            rows, terms = list(total.float().unbind()), [int(t) for t in counts.tolist()]
+        return {"rows": rows, "terms": terms, "keys": list(self.keys),
+                "grad_norm": self.grad_norm, "steps": self.steps, "started": self.started,
+                "first_bad_step": self.first_bad_step.clone(),
+                "step_counter": self.step_counter.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the window of :meth:`state_dict` (``started`` is on the training clock,
+        which continues over resumes); ranks other than 0 start from zero sums."""
+        rows, terms = [row.to(self.device) for row in state["rows"]], list(state["terms"])
+        if self.world.rank > 0:
+            rows, terms = [torch.zeros_like(row) for row in rows], [0] * len(terms)
+        self.rows, self.terms, self.keys = rows, terms, tuple(state["keys"])
+        norm = state["grad_norm"]
+        self.grad_norm = None if norm is None else norm.to(self.device)
+        self.steps, self.started = int(state["steps"]), float(state["started"])
+        self.first_bad_step = state["first_bad_step"].to(self.device)
+        self.step_counter = state["step_counter"].to(self.device)
 
     @torch.no_grad()
     def record(self, outputs: Tensor, targets: Tensor, loss: Tensor) -> None:

@@ -1,5 +1,6 @@
 """Agreement across the ranks of a data-parallel run on what each rank's host decides alone:
-rank 0's decisions, metric sums, the first non-finite loss, a stop signal.
+rank 0's decisions, metric sums, the first non-finite loss, a stop signal and a
+time-based checkpoint.
 
 Every function is a no-op agreement (its local value) in a single-process run.
 """
@@ -56,9 +57,12 @@ def agree_first_bad_step(bad: int, world: World) -> int:
     return -1 if bad == NO_BAD_STEP else bad
 
 
-def agree_stop_signal(signal: int | None, world: World) -> int | None:
-    """A stop signal that arrived on any rank (agreed on the host at every step, so every rank
-    checkpoints the same step)."""
+def agree_stop_signal(signal: int | None, checkpoint_due: bool, world: World
+                      ) -> tuple[int | None, bool]:
+    """A stop signal that arrived on any rank, and whether any rank's clock asks for a
+    checkpoint (agreed on the host at every step in one exchange, ``2 signal + due``, so every
+    rank checkpoints the same step; a stop checkpoints anyway)."""
     if not world.distributed:
-        return signal
-    return comm.agree_max(signal or 0) or None
+        return signal, checkpoint_due
+    agreed = comm.agree_max(2 * (signal or 0) + int(checkpoint_due))
+    return agreed // 2 or None, bool(agreed % 2)

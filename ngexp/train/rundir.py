@@ -10,7 +10,8 @@ is found by its stored ``config.yaml`` and used.
 
 Before a session trains, :func:`prepare_run_dir` takes the directory's lock (a live run is never
 renamed nor written to), sets a replaced run aside and writes the config; a finished run is
-skipped (:func:`skip_finished`).
+skipped (:func:`skip_finished`). A run with nothing to resume from starts over with what its
+earlier sessions wrote set aside (:func:`set_aside_outputs`, :mod:`ngexp.train.resume`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
@@ -138,10 +138,17 @@ def is_finished(summary: Mapping[str, Any] | None) -> bool:
         summary.get("status") == "failed" and str(summary.get("reason", "")).startswith("nan"))
 
 
-def set_aside(path: Path, label: str) -> Path:
+#: What the sessions of a run write besides its config (the loggers' files and folders among
+#: them), set aside when it starts over; nothing else of a directory is touched.
+SESSION_OUTPUTS = ("metrics.jsonl", "tb", "csv", "mlflow_run_id", "wandb", "train.log",
+                   "summary.json", "checkpoints")
+
+
+def set_aside(path: Path, label: str, stamp: str | None = None) -> Path:
     """Rename ``path`` (a run directory replaced by ``force=true``, a corrupted checkpoint and its
-    digest) to ``<name>.<label>-<time>`` so nothing written is lost."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    digest, the outputs of a run that starts over) to ``<name>.<label>-<stamp>`` (default: the
+    time now) so nothing written is lost."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
     target = path.with_name(f"{path.name}.{label}-{stamp}")
     counter = 1
     while target.exists():
@@ -159,14 +166,15 @@ def has_outputs(run_dir: Path) -> bool:
     return any(path.name != ".lock" for path in run_dir.iterdir()) if run_dir.is_dir() else False
 
 
-def remove_outputs(run_dir: Path) -> None:
-    """Remove the metrics and events of a run that starts over (no checkpoint to resume)."""
-    for name in ("metrics.jsonl", "tb"):
-        path = run_dir / name
-        if path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
+def set_aside_outputs(run_dir: Path) -> str | None:
+    """Set aside (:func:`set_aside`, label ``restarted``) what earlier sessions of a run that
+    starts over wrote -- metrics, events, logs, summary, ``checkpoints/`` with a ``best.pt`` --
+    so the new session appends to none of it; what moved where (``None``: nothing there)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = [name for name in SESSION_OUTPUTS if (run_dir / name).exists()]
+    for name in moved:
+        set_aside(run_dir / name, "restarted", stamp)
+    return f"{', '.join(moved)} moved to <name>.restarted-{stamp}" if moved else None
 
 
 def save_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -268,8 +276,6 @@ def prepare_run_dir(stack: ExitStack, cfg: DictConfig, run_dir: Path, console: C
             return False
     try:
         write_pointer(job_dir, run_dir)
-        if not any((run_dir / "checkpoints").glob("*.pt")):
-            remove_outputs(run_dir)  # a run that died before its first checkpoint
         save_config(run_dir, cfg)
         for name, text in (hydra_files or {}).items():  # Hydra's own record of the job
             atomic_write_text(run_dir / ".hydra" / name, text)

@@ -2,7 +2,8 @@
 
 :func:`train` decides whether to run at all (a finished run is skipped, a live one is left
 alone), builds the run (:func:`ngexp.train.build.build_run`) and prepares its directory
-(:mod:`ngexp.train.rundir`); :func:`run_session` then resumes from the newest good checkpoint,
+(:mod:`ngexp.train.rundir`); :func:`run_session` then resumes from the newest good checkpoint
+(or starts over, the earlier outputs set aside: :meth:`~ngexp.train.resume.Checkpoints.plan`),
 opens ``train.log`` and the loggers, catches stop signals, runs the trainer's loop
 (:meth:`ngexp.train.trainer.Trainer.fit`) and ends with the summary
 (:mod:`ngexp.train.summarize`), whatever happened.
@@ -77,13 +78,14 @@ def run_session(trainer: Trainer) -> dict[str, Any]:
     (disk full, permissions) ends the run as ``failed(io: ...)``."""
     run = trainer.run
     main = run.world.is_main
+    plan = trainer.checkpoints.plan()  # before train.log: a run that starts over sets it aside
     run_log = attach_run_log(run.run_dir / "train.log") if main else None
     preconditioner = trainer.optimizer.preconditioner
     if preconditioner is not None:  # said when it was built, before train.log was open
         log.info("%s", preconditioner.coverage.describe(type(preconditioner).__name__))
-    resumed = trainer.checkpoints.exist()
-    if resumed:
-        trainer.checkpoints.resume(trainer.load_state_dict)
+    for note in plan.notes:
+        say(run.console, note)
+    resumed_step = trainer.checkpoints.resume(plan, trainer.load_state_dict)
     trainer.start_session()
     handlers: dict[int, Any] = {}
     started: list[Logger] = []
@@ -92,7 +94,7 @@ def run_session(trainer: Trainer) -> dict[str, Any]:
                                        trainer.steps_per_epoch)
     status: Status
     try:
-        info = run_info(trainer, trainer.step if resumed else None)
+        info = run_info(trainer, resumed_step)
         for logger in run.loggers:
             logger.start(info)
             started.append(logger)

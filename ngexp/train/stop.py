@@ -30,10 +30,12 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal: int | None = None  # a stop signal that arrived (this rank's)
         self.reason: str | None = None  # a callback's reason to end as completed
+        self.checkpoint_due = False  # agreed by signalled(): a rank's clock asks for last.pt
 
-    def signalled(self, world: World) -> bool:
-        """Whether a stop signal arrived, on any rank."""
-        self.signal = agree_stop_signal(self.signal, world)
+    def signalled(self, world: World, checkpoint_due: bool = False) -> bool:
+        """Whether a stop signal arrived, on any rank; the same exchange agrees on this rank's
+        ``checkpoint_due`` (:attr:`checkpoint_due`: whether any rank's is true)."""
+        self.signal, self.checkpoint_due = agree_stop_signal(self.signal, checkpoint_due, world)
         return self.signal is not None
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -34,7 +34,8 @@ from ngexp.train.console import ConsoleProgress
 from ngexp.train.evaluation import Evaluator
 from ngexp.train.lr_schedule import step_scheduler
 from ngexp.train.metric_window import MetricWindow
-from ngexp.train.resume import Checkpoints
+from ngexp.train.resume import Cadence, Checkpoints
+from ngexp.train.runlog import say
 from ngexp.train.stop import RunInterrupted, StopRequest
 
 #: The checkpoint of the best evaluation of :meth:`Trainer.selection_key`.
@@ -64,6 +65,7 @@ class Trainer:
         self.evaluate = self.evaluator.evaluate
         self.train_batches = self.evaluator.train_batches
         self.checkpoints = Checkpoints(run.run_dir, run.world, run.console)
+        self.cadence = Cadence(run.settings)
         self.progress = ConsoleProgress(run.console, "none", run.total_steps, 0,
                                         run.steps_per_epoch)
 
@@ -74,10 +76,13 @@ class Trainer:
         return self.clock.seconds
 
     def start_session(self) -> None:
-        """Start this session's training clock and metric window at the current step (after
-        :meth:`load_state_dict` on a resume)."""
+        """Start this session's training clock, checkpoint minutes and metric window at the
+        current step (after :meth:`load_state_dict` on a resume; a window restored from the
+        checkpoint continues)."""
         self.clock.start_session()
-        self.window.reset(self.step)
+        self.cadence.reset()
+        if self.window.steps == 0:
+            self.window.reset(self.step)
 
     def selection_key(self) -> str:
         """The metric ``best.pt`` follows (:func:`ngexp.train.best.selection_key`)."""
@@ -107,6 +112,7 @@ class Trainer:
             if start == 0 or self.permutation is None:
                 self.permutation = torch.randperm(len(self.data.train), device=run.device,
                                                   generator=self.generator)
+            due = False  # a checkpoint of the step or time cadence (resume.Cadence)
             for inputs, targets in epoch_batches(self.data.train, settings.batch_size,
                                                  self.permutation, start, self.data.augment,
                                                  self.generator, run.world.rank, run.world.size):
@@ -116,7 +122,7 @@ class Trainer:
                     self._flush_window()
                 if settings.eval_every and self.step % settings.eval_every == 0:
                     self._evaluate_and_log()
-                if self.stop.signalled(run.world):
+                if self.stop.signalled(run.world, self.cadence.time_due()):
                     self._check_finite()
                     self._save(LAST)
                     raise RunInterrupted()
@@ -126,9 +132,13 @@ class Trainer:
                     break
                 if self.step >= self.total_steps:
                     break
+                due = self.stop.checkpoint_due or self.cadence.step_due(self.step)
+                if due and self.step % self.steps_per_epoch:  # else at the epoch's end
+                    self._check_finite()
+                    self._save(LAST)
             if self.stop.reason is None and (self.step % self.steps_per_epoch == 0
                                              or self.step >= self.total_steps):
-                self._end_epoch()
+                self._end_epoch(due)
         for callback in self.callbacks:
             callback.on_train_end(self)
 
@@ -165,7 +175,9 @@ class Trainer:
         self.window.record(outputs, targets, loss)
         self.step += 1
 
-    def _end_epoch(self) -> None:
+    def _end_epoch(self, due: bool) -> None:
+        """The epoch's record, callbacks and evaluation, then ``last.pt`` when a cadence
+        (``due``: of steps or time) or the end of training asks for it."""
         settings = self.run.settings
         self._flush_window()
         for callback in self.callbacks:
@@ -174,8 +186,8 @@ class Trainer:
         if not settings.eval_every or finished and self.step % settings.eval_every:
             self._evaluate_and_log()
         epochs_done = math.ceil(self.step / self.steps_per_epoch)
-        if finished or self.stop.reason is not None \
-                or epochs_done % settings.checkpoint_every == 0:
+        if finished or due or self.stop.reason is not None \
+                or self.cadence.epoch_due(epochs_done):
             self._save(LAST)
 
     def _flush_window(self) -> None:
@@ -218,6 +230,8 @@ class Trainer:
     def _save(self, name: str) -> None:
         with self.clock.paused():
             self.checkpoints.save(name, self.state_dict())
+        if name == LAST:
+            self.cadence.reset()
 
     def state_dict(self) -> dict[str, Any]:
         run = self.run
@@ -234,6 +248,8 @@ class Trainer:
             "best": self.best.values,
             "best_step": self.best.steps,
             "last_eval": self.last_eval,
+            "last_train": self.last_train,
+            "window": self.window.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -249,3 +265,10 @@ class Trainer:
         self.clock.before = state["elapsed"]
         self.best.values, self.last_eval = state["best"], state["last_eval"]
         self.best.steps = state.get("best_step", {})
+        self.last_train = state.get("last_train", {})
+        if "window" in state:
+            self.window.load_state_dict(state["window"])
+        elif self.step % self.run.settings.log_every:
+            say(self.console, f"checkpoint without its metric window (an earlier ngexp): the "
+                              f"first train/ record after step {self.step} averages only the "
+                              f"steps after it")
