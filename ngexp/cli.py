@@ -16,7 +16,9 @@ from typing import Any
 
 from rich.console import Console
 
-from ngexp.errors import OptionError
+from ngexp.config import conf_dir
+from ngexp.errors import OptionError, UserError
+from ngexp.hydra_compat import VERSION_BASE, plugin_mismatch
 from ngexp.options import check
 
 COMMANDS = {
@@ -31,15 +33,6 @@ LAUNCHER_PLUGINS = {"joblib": "parallel", "submitit_slurm": "slurm", "submitit_l
 SWEEPER_PLUGINS = {"optuna": "tune"}
 
 
-def conf_dir() -> Path:
-    """The config tree: shipped inside the package, or at the top of a source checkout."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "conf", package.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"ngexp's conf/ tree is missing next to {package}")
-
-
 def error_line(message: str) -> int:
     """Print ``ngexp: error: MESSAGE`` (once per run: a data-parallel run's rank 0 alone)."""
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("0", ""):
@@ -49,8 +42,10 @@ def error_line(message: str) -> int:
 
 # --------------------------------------------------------------------------- help
 def options(group: str) -> list[str]:
-    folder = conf_dir() / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    """The options of ``group``: ngexp's presets and the plugins' (:mod:`ngexp.plugins`)."""
+    from ngexp.config import option_names
+
+    return option_names(group)
 
 
 #: The kind of example (``DataSpec.kind``) each data schema yields.
@@ -78,9 +73,9 @@ def default_choices() -> dict[str, str]:
 def schema_of(group: str, option: str) -> str | None:
     """The schema a ``conf/<group>/<option>.yaml`` extends: ``kfac`` for a defaults entry
     ``/schema/optimizer/kfac@_here_``."""
-    from omegaconf import OmegaConf
+    from ngexp.config import option_node
 
-    for item in OmegaConf.load(conf_dir() / group / f"{option}.yaml").get("defaults", []):
+    for item in option_node(group, option).get("defaults", []):
         if str(item).startswith(f"/schema/{group}/"):
             return str(item).removeprefix(f"/schema/{group}/").split("@")[0]
     return None
@@ -132,7 +127,7 @@ def train_help() -> str:
         prefix = "+" if group == "experiment" else ""
         lines.append(f"  {prefix + group + ':':<16} {', '.join(names) or '-'}")
     lines += ["", "Run settings (KEY=VALUE, defaults shown, choices in {}):"]
-    with initialize_config_dir(str(conf_dir()), version_base=None):
+    with initialize_config_dir(str(conf_dir()), **VERSION_BASE):
         cfg = compose("train")  # conf/train.yaml sets some run defaults (trainer.epochs ...)
     top = [setting_text(o.name, dataclasses.replace(o, default=cfg[o.name]))
            for o in dataclass_options(TrainConfig) if o.name not in GROUPS and o.name != "trainer"]
@@ -211,6 +206,9 @@ def describe(error: BaseException, overrides: Iterable[str]) -> str:
         key = message.split("'")[1]
         parent, _, leaf = key.rpartition(".")
         valid = known_keys(parent, [o for o in overrides if not o.startswith(key + "=")])
+        if valid is None:
+            return (f"{key}: {parent} is a value, not a node; to give it a schedule, set the "
+                    f"whole node: '{parent}={{_target_: ..., ...}}'")
         return f"{key}: {leaf!r} is not a key of {parent or 'the run config'}; valid keys: {valid}"
     if cause is not error:
         failing = message.removeprefix("Error merging override ").strip()
@@ -218,14 +216,17 @@ def describe(error: BaseException, overrides: Iterable[str]) -> str:
     return message
 
 
-def known_keys(node: str, overrides: list[str]) -> str:
-    """Comma-separated keys of config node ``node`` (dotted; '' = top level)."""
+def known_keys(node: str, overrides: list[str]) -> str | None:
+    """Comma-separated keys of config node ``node`` (dotted; '' = top level); ``None`` when
+    ``node`` is a value."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-    with initialize_config_dir(str(conf_dir()), version_base=None):
+    with initialize_config_dir(str(conf_dir()), **VERSION_BASE):
         cfg = compose("train", overrides=sweep_variants(overrides)[0])
     selected = OmegaConf.select(cfg, node) if node else cfg
+    if selected is not None and not isinstance(selected, DictConfig):
+        return None
     keys = [k for k in selected.keys() if not str(k).startswith("_")] if selected else []
     return ", ".join(map(str, keys)) or "none"
 
@@ -309,7 +310,7 @@ def validate_overrides(overrides: list[str]) -> None:
 
     register_all()
     launched = launched_world()
-    with initialize_config_dir(str(conf_dir()), version_base=None):
+    with initialize_config_dir(str(conf_dir()), **VERSION_BASE):
         pending = sweep_variants(overrides)
         intervals = real_intervals(overrides)
         checked_sweeper, sweeper = False, {}
@@ -332,6 +333,9 @@ def validate_overrides(overrides: list[str]) -> None:
                     pending += sweep_variants(variant + extra)
                     intervals.update(real_intervals(extra))
                 sweeper = cfg.hydra.sweeper
+                mismatch = plugin_mismatch(sweeper.get("_target_"))  # Hydra 1.3/1.4
+                if mismatch is not None:
+                    raise OptionError(mismatch)
             with open_dict(cfg):
                 del cfg["hydra"]
             validate(cfg)
@@ -455,7 +459,7 @@ def run_hydra(args: list[str]) -> int:
 
     register_all()
     configure_logging()
-    app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)(task)
+    app = hydra.main(config_path=str(conf_dir()), config_name="train", **VERSION_BASE)(task)
     saved = sys.argv
     sys.argv = ["ngexp train", *args]
     try:
@@ -542,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     """``ngexp`` entry point; a closed stdout (``ngexp train --help | head``) ends it quietly."""
     try:
         return dispatch(sys.argv[1:] if argv is None else argv)
+    except UserError as error:  # e.g. a plugin that cannot be loaded (ngexp.plugins)
+        return error_line(str(error))
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit flush
         return 1

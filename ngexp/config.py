@@ -24,13 +24,16 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from hydra.core.config_store import ConfigStore
+from hydra.plugins.config_source import ConfigSource
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ngexp.distributed.world import World, device_type
+from ngexp import plugins
 from ngexp.errors import OptionError
+from ngexp.hydra_compat import Store
 from ngexp.options import (
     REGISTRY,
     Spec,
@@ -41,7 +44,12 @@ from ngexp.options import (
     check_nonnegative,
     check_positive,
     choice_field,
+    full_name,
 )
+from ngexp.targets import check_targets
+
+if TYPE_CHECKING:
+    from ngexp.distributed.world import World
 
 #: Packages whose import registers schemas (each ``__init__`` imports its option modules).
 SCHEMA_PACKAGES = ("ngexp.data", "ngexp.models", "ngexp.optim", "ngexp.train", "ngexp.prune",
@@ -153,6 +161,9 @@ GROUPS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig)
 CHOICE_GROUPS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig)
                                        if f.metadata.get("group")
                                        and not f.metadata["list_valued"])
+#: The groups that take a list of options (``logger=[tensorboard,csv]``).
+LIST_GROUPS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                                     if f.metadata.get("list_valued"))
 #: The groups whose choices name a run family (``<data>-<model>-<optimizer>[-<prune>]``).
 NAMING_GROUPS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig)
                                        if f.metadata.get("names_run"))
@@ -180,18 +191,13 @@ def config_type(annotation: Any) -> Any:
     return Any
 
 
-def qualified_name(target: Any) -> str:
-    target = inspect.unwrap(target)
-    return f"{target.__module__}.{target.__qualname__}"
-
-
 def schema_class(group: str, name: str, spec: Spec) -> type:
     """The dataclass schema of ``spec`` (see the module docstring)."""
     if spec.dataclass_schema is not None:
         spec.dataclass_schema.__schema_id__ = f"{group}/{name}"  # type: ignore[attr-defined]
         return spec.dataclass_schema
     fields: list[tuple[str, Any, Any]] = [("_target_", str,
-                                           field(default=qualified_name(spec.target)))]
+                                           field(default=full_name(spec.target)))]
     for option in spec.options():
         default = MISSING if option.default is inspect.Parameter.empty else option.default
         if isinstance(default, (list, tuple, dict)):
@@ -216,14 +222,88 @@ def schema_class(group: str, name: str, spec: Spec) -> type:
 
 
 def register_all() -> None:
-    """Import every package that declares schemas and store them and the top-level schema."""
+    """Import every package that declares schemas and every plugin (:mod:`ngexp.plugins`);
+    store their schemas, the top-level schema and the plugins' options."""
     for package in SCHEMA_PACKAGES:
         importlib.import_module(package)
-    store = ConfigStore.instance()
+    loaded = plugins.load()
+    store = Store()  # ConfigStore.instance(), clean on Hydra 1.3 and 1.4 (hydra_compat)
     for group, specs in REGISTRY.items():
         for name, spec in specs.items():
             store.store(group=f"schema/{group}", name=name, node=schema_class(group, name, spec))
     store.store(name="train_schema", node=TrainConfig)
+    for group, found in plugin_options(loaded).items():
+        for name, (node, package) in found.items():
+            store.store(group=group, name=name, node=node, package=package)
+
+
+def conf_dir() -> Path:
+    """ngexp's config tree: shipped inside the package, or at the top of a source checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"ngexp's conf/ tree is missing next to {package}")
+
+
+def schema_package(group: str, name: str) -> str:
+    """Where an option puts its schema: the group node (``@_here_``), or in a list-valued group
+    (``logger``, ``callbacks``) a node of the option's name."""
+    return name if group in LIST_GROUPS else "_here_"
+
+
+#: Group -> option -> ``(node, package)``.
+PluginOptions = dict[str, dict[str, tuple[Any, str | None]]]
+
+
+@cache
+def plugin_options(loaded: tuple[plugins.Plugin, ...]) -> PluginOptions:
+    """Group -> option -> ``(node, package)`` of the plugins' options: the presets of their
+    ``conf/`` folders, then an option of each of their schemas that no preset has the name of
+    (``defaults: [/schema/<group>/<name>@_here_, _self_]``). A name that ngexp's own
+    ``conf/`` has already is a :class:`~ngexp.plugins.PluginError`."""
+    found: PluginOptions = {}
+    owners: dict[tuple[str, str], str] = {}
+
+    def add(group: str, name: str, node: Any, package: str | None, owner: str) -> None:
+        if (conf_dir() / group / f"{name}.yaml").is_file() or (group, name) in owners:
+            other = owners.get((group, name), "ngexp")
+            raise plugins.PluginError(f"{owner} adds {group}={name}, which {other} has "
+                                      f"already; rename it")
+        owners[(group, name)] = owner
+        found.setdefault(group, {})[name] = (node, package)
+
+    for plugin in loaded:
+        for path in sorted(plugin.conf.rglob("*.yaml")) if plugin.conf else ():
+            group = path.parent.relative_to(plugin.conf).as_posix()
+            text = path.read_text(encoding="utf-8")
+            package = ConfigSource._get_header_dict(text)["package"]
+            add(group, path.stem, OmegaConf.create(text), package, f"plugin {plugin.module!r}")
+    for group, specs in REGISTRY.items():
+        for name, spec in specs.items():
+            module = inspect.unwrap(spec.target).__module__
+            if plugins.is_plugin_module(module) and name not in found.get(group, {}):
+                node = {"defaults": [f"/schema/{group}/{name}@{schema_package(group, name)}",
+                                     "_self_"]}
+                add(group, name, node, None, f"plugin {module!r}")
+    return found
+
+
+def option_names(group: str) -> list[str]:
+    """The options of config group ``group``: ngexp's presets and the plugins'."""
+    folder = conf_dir() / group
+    names = {path.stem for path in folder.glob("*.yaml")} if folder.is_dir() else set()
+    return sorted(names | set(plugin_options(plugins.load()).get(group, {})))
+
+
+def option_node(group: str, option: str) -> DictConfig:
+    """The config of ``<group>=<option>`` as written (its defaults list unresolved)."""
+    plugin = plugin_options(plugins.load()).get(group, {}).get(option)
+    if plugin is not None:
+        return OmegaConf.create(plugin[0])
+    node = OmegaConf.load(conf_dir() / group / f"{option}.yaml")
+    assert isinstance(node, DictConfig)
+    return node
 
 
 #: Keys that do not change what a run computes; left out of the run-directory hash.
@@ -251,9 +331,10 @@ NON_SEMANTIC_KEYS = (
 
 def validate(cfg: DictConfig) -> None:
     """Reject keys no schema declares (``+trainer.epoch=3``, ``+foo=1``: Hydra's ``+`` appends
-    them past the schemas), then instantiate every schema dataclass so each ``__post_init__``
-    range check runs."""
+    them past the schemas) and untrusted ``_target_``s (:mod:`ngexp.targets`), then instantiate
+    every schema dataclass so each ``__post_init__`` range check runs."""
     check_keys(cfg)
+    check_targets(cfg)
     OmegaConf.to_object(cfg)
 
 
@@ -302,6 +383,8 @@ def check_world(cfg: DictConfig, world: World, launched: bool) -> None:
     naming one GPU, SyncBatchNorm without CUDA, too few GPUs, K-FAC's
     ``grad_worker_fraction``, or ``trainer.devices`` under a launcher that started another
     number of processes."""
+    from ngexp.distributed.world import device_type  # torch: not needed to compose configs
+
     trainer = cfg.trainer
     if launched:
         check(trainer.devices in (1, world.local_size), "trainer.devices", trainer.devices,

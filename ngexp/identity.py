@@ -22,6 +22,7 @@ settings equal today's, a setting it lacks (added since) counting as its referen
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import sys
 from collections.abc import Mapping
@@ -152,16 +153,19 @@ def matches_stored(cfg: DictConfig, stored: Mapping[str, Any], world_size: int =
 
 
 def current_defaults() -> dict[str, dict[str, Any]]:
-    """Schema id -> field -> current default, for every registered schema."""
+    """Schema id -> field -> current default, for every schema of ngexp's own (a plugin's
+    settings are hashed against its current defaults: docs/extending.md)."""
     from ngexp.config import register_all, schema_class
     from ngexp.options import REGISTRY
+    from ngexp.plugins import is_plugin_module
 
     register_all()
     found = {schema_id(TrainConfig): schema_defaults(TrainConfig),
              schema_id(TrainerConfig): schema_defaults(TrainerConfig)}
     for group, specs in REGISTRY.items():
         for name, spec in specs.items():
-            found[f"{group}/{name}"] = schema_defaults(schema_class(group, name, spec))
+            if not is_plugin_module(inspect.unwrap(spec.target).__module__):
+                found[f"{group}/{name}"] = schema_defaults(schema_class(group, name, spec))
     return {key: found[key] for key in sorted(found)}  # type: ignore[index]
 
 

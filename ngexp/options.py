@@ -28,7 +28,7 @@ import inspect
 import math
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -169,9 +169,10 @@ def literal_values(annotation: Any) -> tuple[Any, ...] | None:
     return None
 
 
-def choice_field(default: Any, choices: tuple[Any, ...]) -> Any:
-    """A dataclass field with fixed ``choices`` (read by :func:`check_choices` and by tools that
-    enumerate settings, e.g. the option-matrix test)."""
+def choice_field(default: Any, choices: Collection[Any]) -> Any:
+    """A dataclass field with ``choices`` (read by :func:`check_choices` and by tools that
+    enumerate settings, e.g. the option-matrix test); a live view such as a registry's
+    ``keys()`` grows with the plugins' choices."""
     return field(default=default, metadata={"choices": choices})
 
 
@@ -285,14 +286,29 @@ class Spec:
 REGISTRY: dict[str, dict[str, Spec]] = {}
 
 
+def register_spec(group: str, name: str, spec: Spec) -> None:
+    """Store ``spec`` as ``REGISTRY[group][name]``; a name taken by another target (a plugin's
+    ``optimizer/kfac``) raises, so no registration replaces another silently."""
+    taken = REGISTRY.get(group, {}).get(name)
+    if taken is not None and full_name(taken.target) != full_name(spec.target):
+        raise OptionError(f"{group}/{name} is registered already (by {full_name(taken.target)}); "
+                          f"{full_name(spec.target)} needs another name")
+    REGISTRY.setdefault(group, {})[name] = spec
+
+
+def full_name(target: Any) -> str:
+    """``module.QualName`` of a callable (decorators unwrapped)."""
+    target = inspect.unwrap(target)
+    return f"{target.__module__}.{target.__qualname__}"
+
+
 def configurable(group: str, name: str, *, extends: Callable[..., Any] | None = None,
                  defaults: Mapping[str, Any] | None = None) -> Callable[[T], T]:
     """Register ``target``'s signature as the schema ``schema/<group>/<name>``."""
 
     def register(target: T) -> T:
         base = Spec(extends) if extends is not None else None
-        spec = Spec(target, base, dict(defaults or {}))  # type: ignore[arg-type]
-        REGISTRY.setdefault(group, {})[name] = spec
+        register_spec(group, name, Spec(target, base, dict(defaults or {})))  # type: ignore
         return target
 
     return register
@@ -302,7 +318,18 @@ def schema(group: str, name: str) -> Callable[[type[T]], type[T]]:
     """Register a config-only dataclass (with ``_target_`` and ``__post_init__`` checks)."""
 
     def register(cls: type[T]) -> type[T]:
-        REGISTRY.setdefault(group, {})[name] = Spec(cls, dataclass_schema=cls)
+        register_spec(group, name, Spec(cls, dataclass_schema=cls))
         return cls
 
     return register
+
+
+#: Callables a config may name in a ``_target_`` node inside a setting (a schedule of the
+#: damping), besides the schemas' targets (:mod:`ngexp.targets`).
+NESTED_TARGETS: set[str] = set()
+
+
+def nested_target(target: T) -> T:
+    """Allow configs to build ``target`` in a setting's ``_target_`` node."""
+    NESTED_TARGETS.add(full_name(target))
+    return target

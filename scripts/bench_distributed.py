@@ -54,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ngexp.config import register_all
 from ngexp.curvature.capture import supported_layers
 from ngexp.curvature.tasks import build_task
+from ngexp.hydra_compat import VERSION_BASE
 from ngexp.models import build_model
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.kaisa import assign, grad_worker_count
@@ -66,7 +67,7 @@ BYTES = 4  # float32
 
 def compose_config(model: str, optimizer: str) -> Any:
     register_all()
-    with initialize_config_dir(str(CONF), version_base=None):
+    with initialize_config_dir(str(CONF), **VERSION_BASE):
         return compose("train", overrides=[f"model={model}", f"optimizer={optimizer}",
                                            "data=synthetic", "trainer.device=cpu"])
 

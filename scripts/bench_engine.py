@@ -38,6 +38,7 @@ from rich.console import Console
 
 from ngexp.config import register_all
 from ngexp.curvature.tasks import Classification
+from ngexp.hydra_compat import VERSION_BASE
 from ngexp.models import build_model
 from ngexp.optim.build import build_optimizer
 from ngexp.train.build import build_run
@@ -54,7 +55,7 @@ def run_engine(overrides: list[str], steps: int, rounds: int, run_dir: Path) -> 
     value per ``steps``-step window as the trainer measures it (batching, step, metric
     accumulation; evaluation and the once-per-window logging excluded); the first window is
     warm-up and dropped."""
-    with initialize_config_dir(str(CONF), version_base=None):
+    with initialize_config_dir(str(CONF), **VERSION_BASE):
         cfg = compose("train", overrides=[*overrides, f"trainer.max_steps={steps * (rounds + 1)}",
                                           f"trainer.log_every={steps}", "trainer.progress=none"],
                       return_hydra_config=True)
@@ -68,7 +69,7 @@ def run_engine(overrides: list[str], steps: int, rounds: int, run_dir: Path) -> 
 
 def minimal_rates(overrides: list[str], steps: int, rounds: int) -> list[float]:
     """The same model, optimizer, batch and device tensors in a minimal loop."""
-    with initialize_config_dir(str(CONF), version_base=None):
+    with initialize_config_dir(str(CONF), **VERSION_BASE):
         cfg = compose("train", overrides=overrides)
     device = torch.device(cfg.trainer.device)
     torch.manual_seed(cfg.seed)

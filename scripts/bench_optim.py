@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from ngexp.config import register_all
 from ngexp.curvature.tasks import Task, build_task
 from ngexp.data.bundle import DataBundle
+from ngexp.hydra_compat import VERSION_BASE
 from ngexp.models import build_model
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.training import TrainingOptimizer
@@ -132,7 +133,7 @@ class Contender:
 
 
 def compose_config(overrides: list[str]) -> Any:
-    with initialize_config_dir(str(CONF), version_base=None):
+    with initialize_config_dir(str(CONF), **VERSION_BASE):
         return compose("train", overrides=overrides)
 
 

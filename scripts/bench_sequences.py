@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ngexp.config import register_all
 from ngexp.data.spec import DataSpec
+from ngexp.hydra_compat import VERSION_BASE
 from ngexp.models import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -103,7 +104,7 @@ def build(name: str, shape: tuple[int, int], hidden: int) -> nn.Module:
     """``torch.nn.LSTM`` + head, or ngexp's ``model=name`` preset for sequences of ``shape``."""
     if name == TORCH:
         return TorchLSTM(shape[1], hidden, CLASSES)
-    with initialize_config_dir(str(CONF), version_base=None):  # the model group on its own
+    with initialize_config_dir(str(CONF), **VERSION_BASE):  # the model group on its own
         cfg = compose(f"model/{name}", overrides=[f"model.hidden_size={hidden}"])
     return build_model(cfg.model, DataSpec(f"sequences{shape[0]}", shape, CLASSES))
 

@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from ngexp.config import option_names, option_node, register_all
+from ngexp.options import REGISTRY
+
 LR = "tag(log, interval({}, {}))"
 #: Workload: the runs' fixed settings, the tuning objective, the presets that exist.
 WORKLOADS = {
@@ -111,10 +114,39 @@ def fixed(workload: dict, optimizer: str, args: argparse.Namespace) -> list[str]
             *([f"data.subset={args.subset}"] if args.subset else [])]
 
 
-def space(workload: dict, optimizer: str) -> list[str]:
-    """The search space of ``optimizer`` on ``workload``: :data:`SPACES`, unless the workload
-    rescales it (its ``spaces``, each with the measurement that asked for it)."""
-    return workload.get("spaces", {}).get(optimizer, SPACES[optimizer])
+def space(workload: dict, optimizer: str, given: dict[str, list[str]] | None = None) -> list[str]:
+    """The search space of ``optimizer`` on ``workload``: ``--space``, else :data:`SPACES`
+    unless the workload rescales it (its ``spaces``, each with the measurement that asked for
+    it), else -- an optimizer of a plugin -- :func:`default_space`."""
+    if given and optimizer in given:
+        return given[optimizer]
+    if optimizer in SPACES:
+        return workload.get("spaces", {}).get(optimizer, SPACES[optimizer])
+    return default_space(optimizer)
+
+
+def default_space(optimizer: str) -> list[str]:
+    """``optimizer.lr`` on a log scale from 1/30 to 30 times its default: the space of an
+    optimizer ngexp has no space for (a plugin's), when ``--space`` gives none."""
+    register_all()
+    schema = next((str(item).split("/")[-1].split("@")[0]
+                   for item in option_node("optimizer", optimizer).get("defaults", [])
+                   if str(item).startswith("/schema/optimizer/")), optimizer)
+    lr = next((o.default for o in REGISTRY["optimizer"][schema].options() if o.name == "lr"),
+              None)
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        sys.exit(f"frontier_study: optimizer={optimizer} has no lr default to search around; "
+                 f"give its space: --space '{optimizer}=optimizer.KEY=SPACE[;...]'")
+    return [f"optimizer.lr={LR.format(f'{lr / 30:.3g}', f'{lr * 30:.3g}')}"]
+
+
+def parse_spaces(values: list[str]) -> dict[str, list[str]]:
+    """``--space 'lion=optimizer.lr=tag(log, interval(1e-5, 1e-2));optimizer.beta1=...'``."""
+    found = {}
+    for value in values:
+        name, _, overrides = value.partition("=")
+        found[name] = [o.strip() for o in overrides.split(";") if o.strip()]
+    return found
 
 
 def tune(workload: dict, optimizer: str, args: argparse.Namespace, root: Path) -> dict:
@@ -123,7 +155,8 @@ def tune(workload: dict, optimizer: str, args: argparse.Namespace, root: Path) -
     ngexp(["train", "-m", "hydra/sweeper=optuna", f"hydra.sweeper.n_trials={args.trials}",
            "hydra.sweeper.direction=minimize", "hydra.sweeper.sampler.seed=0",
            f"hydra.sweep.dir={sweep_dir}", *fixed(workload, optimizer, args),
-           *space(workload, optimizer), BATCH, "seed=0", f"output_root={root / 'tune'}"])
+           *space(workload, optimizer, args.space), BATCH, "seed=0",
+           f"output_root={root / 'tune'}"])
     return yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
 
 
@@ -131,7 +164,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload", choices=sorted(WORKLOADS))
     parser.add_argument("--optimizers", default=",".join(SPACES),
-                        help="comma-separated; adam is the target's baseline and must be one")
+                        help="comma-separated options of the optimizer group (a plugin's too); "
+                             "adam is the target's baseline and must be one")
+    parser.add_argument("--space", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="search space of an optimizer, overrides separated by ';' (default "
+                             "for one without a space here: its lr, 1/30 to 30x its default)")
     parser.add_argument("--trials", type=int, default=6, help="Optuna trials per optimizer")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of each best setting")
     parser.add_argument("--epochs", type=int, default=2)
@@ -141,10 +178,12 @@ def main() -> None:
     args = parser.parse_args()
     workload = WORKLOADS[args.workload]
     optimizers = args.optimizers.split(",")
-    unknown = sorted(set(optimizers) - set(SPACES))
+    args.space = parse_spaces(args.space)
+    register_all()
+    unknown = sorted(set(optimizers) - set(option_names("optimizer")))
     if unknown or "adam" not in optimizers:
         parser.error(f"--optimizers: {','.join(unknown) or 'adam missing'}; choices: "
-                     + ", ".join(SPACES))
+                     + ", ".join(option_names("optimizer")))
     root = Path(args.output_root) / args.workload
     best = {opt: tune(workload, opt, args, root) for opt in optimizers}
     for opt, found in best.items():
@@ -168,7 +207,7 @@ def main() -> None:
              "", "| optimizer | search space (plus trainer.batch_size in 64, 128, 256) "
              "| best setting | best trial's objective |", "|---|---|---|---|"]
     for opt, found in best.items():
-        searched = "; ".join(f"`{s}`" for s in space(workload, opt))
+        searched = "; ".join(f"`{s}`" for s in space(workload, opt, args.space))
         setting = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in found["best_params"].items())
         lines.append(f"| {opt} | {searched} | {setting} | {found['best_value']:.4g} |")

@@ -63,12 +63,13 @@ def scaled_init(model: list[str], scale: float, seed: int, folder: Path) -> Path
     from hydra.utils import instantiate
 
     from ngexp.config import register_all
+    from ngexp.hydra_compat import VERSION_BASE
     from ngexp.models import build_model
 
     path = folder / f"init_{'_'.join(model).replace('=', '-')}_x{scale}_seed{seed}.pt"
     if not path.exists():
         register_all()
-        with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        with initialize_config_dir(str(REPO / "conf"), **VERSION_BASE):
             cfg = compose("train", overrides=[*model, f"seed={seed}"])
         torch.manual_seed(seed)
         net = build_model(cfg.model, instantiate(cfg.data, _partial_=True)().spec)

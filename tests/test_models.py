@@ -20,6 +20,7 @@ from torchvision.transforms import Normalize
 import ngexp.models
 from ngexp.config import register_all
 from ngexp.data.spec import DataSpec
+from ngexp.hydra_compat import VERSION_BASE
 from ngexp.models import build_model
 from ngexp.models.autoencoder import Autoencoder
 from ngexp.models.layers import PadTo, Standardize, input_layers, sparse_init_
@@ -52,7 +53,7 @@ OPTIONS = (
 def compose_model(option: str, *overrides: str) -> DictConfig:
     """``cfg.model`` as a run composes it: the option YAML over its registered schema."""
     register_all()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF), **VERSION_BASE):
         return compose(overrides=[f"+model={option}", *overrides]).model
 
 

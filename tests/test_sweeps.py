@@ -61,9 +61,10 @@ def compose(launcher: str, *overrides: str) -> DictConfig:
 
     from ngexp.cli import conf_dir
     from ngexp.config import register_all
+    from ngexp.hydra_compat import VERSION_BASE
 
     register_all()
-    with initialize_config_dir(str(conf_dir()), version_base=None):
+    with initialize_config_dir(str(conf_dir()), **VERSION_BASE):
         return compose("train", overrides=[f"hydra/launcher={launcher}", *overrides],
                        return_hydra_config=True)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
@@ -15,8 +14,9 @@ from ngexp.models import mlp as mlp
 from ngexp.models import resnet as resnet
 from ngexp.models import vgg as vgg
 from ngexp.models import vit as vit
+from ngexp.targets import instantiate
 
 
 def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
     """The model of config node ``cfg`` (``cfg.model`` of a run) for data described by ``spec``."""
-    return instantiate(cfg, _partial_=True)(spec=spec)
+    return instantiate(cfg, key="model", _partial_=True)(spec=spec)

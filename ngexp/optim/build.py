@@ -5,13 +5,14 @@ from __future__ import annotations
 import inspect
 
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ngexp.curvature.tasks import Task
 from ngexp.optim.preconditioner import Preconditioner
 from ngexp.optim.training import TrainingOptimizer, base_optimizer
+from ngexp.targets import check_targets, instantiate
 
 #: Keys of a preconditioner's config that configure its base optimizer.
 BASE_KEYS = tuple(inspect.signature(base_optimizer).parameters)[1:]
@@ -25,14 +26,16 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, task: Task,
     ``grad_scaler`` when given: it receives the scaled loss's gradients) and its
     :func:`base_optimizer`."""
     params = [p for p in model.parameters() if p.requires_grad]
+    check_targets(cfg, "optimizer")  # before get_object imports what it names
     target = get_object(cfg._target_)
     if not (isinstance(target, type) and issubclass(target, Preconditioner)):
         takes_model = "model" in inspect.signature(target).parameters
-        optimizer = instantiate(cfg, **({"model": model} if takes_model else {"params": params}))
+        optimizer = instantiate(cfg, key="optimizer",
+                                **({"model": model} if takes_model else {"params": params}))
         return TrainingOptimizer(optimizer, grad_scaler=grad_scaler)
     options = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(options, dict)
     base = {key: options.pop(key) for key in BASE_KEYS}
     scaling = {} if grad_scaler is None else {"grad_scaler": grad_scaler}
-    preconditioner = instantiate(options, model=model, task=task, **scaling)
+    preconditioner = instantiate(options, key="optimizer", model=model, task=task, **scaling)
     return TrainingOptimizer(base_optimizer(params, **base), preconditioner, grad_scaler)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ngexp.options import check, check_integer, check_positive, is_number
+from ngexp.options import check, check_integer, check_positive, is_number, nested_target
 
 #: A hyperparameter: a fixed value or a schedule of the step (int-valued for frequencies).
 Hyperparameter = float | Callable[[int], float]
@@ -52,6 +52,7 @@ def check_hyperparameter(key: str, value: Any, *, integer: bool = False,
         check_positive(key, value, allow_none=allow_none)
 
 
+@nested_target
 @dataclass(frozen=True)
 class Exponential:
     """``initial * decay^(step / every)``, floored at ``minimum`` (0 unless given: K-FAC's
@@ -74,6 +75,7 @@ class Exponential:
         return max(self.minimum, self.initial * self.decay ** (step / self.every))
 
 
+@nested_target
 @dataclass(frozen=True)
 class Piecewise:
     """``values[i]`` from step ``boundaries[i - 1]`` on (``values[0]`` before the first
@@ -92,6 +94,7 @@ class Piecewise:
         return self.values[bisect_right(list(self.boundaries), step)]
 
 
+@nested_target
 @dataclass(frozen=True)
 class Linear:
     """From ``start`` to ``end`` linearly over steps ``0 .. steps``, then ``end``."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -31,11 +32,13 @@ from ngexp.curvature.choices import KroneckerType
 from ngexp.curvature.diagonal import diagonal_ggn
 from ngexp.curvature.kronecker import kronecker_diagonal
 from ngexp.curvature.tasks import Task
+from ngexp.errors import OptionError
 from ngexp.prune.masks import param_key
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 #: Elementwise sums over the data-parallel ranks (``ngexp.distributed.comm.all_reduce_sum``).
 Reduce = Callable[[list[Tensor]], list[Tensor]]
+F = TypeVar("F", bound=Callable[..., dict[str, Tensor]])
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,29 @@ class Criterion:
     curvature: str | None  # identity | ggn | kfac | ekfac | None (d = 0)
 
 
-CRITERIA: dict[str, Criterion | None] = {
+class ScoreFunction(Protocol):
+    """A pruning criterion of one's own (:func:`criterion`): the score of every unit of each
+    layer, ``name -> (num_units[name],)``, lower = pruned first. ``model`` is masked and in
+    eval mode; ``batches`` is a list of ``(inputs, targets)`` on its device (empty for a
+    criterion that needs no data); ``generator`` is the run's; data-parallel, ``reduce`` sums a
+    list of tensors over the ranks (``None`` in one process) and must combine whatever the
+    scores are sums of, so that every rank selects the same units."""
+
+    def __call__(self, model: nn.Module, task: Task, batches: list[tuple[Tensor, Tensor]],
+                 layers: dict[str, nn.Module], num_units: dict[str, int], *, penalty: float,
+                 generator: torch.Generator | None,
+                 reduce: Reduce | None) -> dict[str, Tensor]: ...
+
+
+@dataclass(frozen=True)
+class CustomCriterion:
+    """A criterion registered with :func:`criterion`."""
+
+    score: ScoreFunction
+    needs_data: bool
+
+
+CRITERIA: dict[str, Criterion | CustomCriterion | None] = {
     "magnitude": Criterion(gradient=False, curvature="identity"),
     "taylor1": Criterion(gradient=True, curvature=None),
     "obd": Criterion(gradient=False, curvature="ggn"),
@@ -57,8 +82,25 @@ CRITERIA: dict[str, Criterion | None] = {
 }
 
 
+def criterion(name: str, *, needs_data: bool = True) -> Callable[[F], F]:
+    """Register ``score`` (a :class:`ScoreFunction`) as ``prune.criterion=<name>``;
+    ``needs_data``: whether it reads the scoring batches (``prune.num_examples``)."""
+
+    def register(score: F) -> F:
+        taken = CRITERIA.get(name, False)
+        if taken is not False and getattr(taken, "score", None) is not score:
+            raise OptionError(f"prune.criterion={name} is registered already; choose another "
+                              f"name")
+        CRITERIA[name] = CustomCriterion(score, needs_data)
+        return score
+
+    return register
+
+
 def needs_data(criterion: str) -> bool:
     spec = CRITERIA[criterion]
+    if isinstance(spec, CustomCriterion):
+        return spec.needs_data
     return spec is not None and (spec.gradient or spec.curvature not in ("identity", None))
 
 
@@ -108,6 +150,9 @@ def saliencies(criterion: str, model: nn.Module, task: Task, batches: Batches,
     ``generator`` draws the random scores and the targets of the ``mc`` Fisher; ``reduce``
     sums the statistics over data-parallel ranks (module docstring)."""
     spec = CRITERIA[criterion]
+    if isinstance(spec, CustomCriterion):
+        return spec.score(model, task, list(batches), layers, num_units, penalty=penalty,
+                          generator=generator, reduce=reduce)
     if spec is None:
         return {name: torch.rand(num_units[name], generator=generator,
                                  device=layer.weight.device) for name, layer in layers.items()}

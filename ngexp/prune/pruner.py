@@ -68,7 +68,7 @@ class PruneConfig:
     """
 
     _target_: str = "ngexp.prune.pruner.Pruner"
-    criterion: str = choice_field("magnitude", tuple(CRITERIA))
+    criterion: str = choice_field("magnitude", CRITERIA.keys())  # plugins' too: a live view
     structure: str = choice_field("unstructured", ("unstructured", "filter"))
     scope: str = choice_field("global", ("global", "layerwise"))
     target_sparsity: float = 0.9
@@ -235,7 +235,8 @@ class Pruner(Callback):
         world, generator, reduce = current(), trainer.generator, None
         if world.distributed and needs_data(s.criterion):
             batches, reduce = batches[world.rank::world.size], comm.all_reduce_sum
-            if s.fisher_type == "mc" and CRITERIA[s.criterion].curvature in ("kfac", "ekfac"):
+            if s.fisher_type == "mc" and getattr(CRITERIA[s.criterion], "curvature", None) \
+                    in ("kfac", "ekfac"):
                 seed = torch.randint(2**62, (), device=generator.device, generator=generator)
                 generator = torch.Generator(generator.device).manual_seed(int(seed) + world.rank)
         scores = saliencies(s.criterion, unwrap(trainer.model), trainer.task, batches,

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import Tensor, nn
@@ -34,6 +33,7 @@ from ngexp.errors import UserError
 from ngexp.models import build_model
 from ngexp.optim.build import build_optimizer
 from ngexp.optim.training import TrainingOptimizer
+from ngexp.targets import instantiate
 from ngexp.train.checkpoint import init_weights
 from ngexp.train.loggers import Logger, MetricsFile, build_loggers
 from ngexp.train.precision import autocast, grad_scaler
@@ -127,7 +127,7 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None], run_dir: Path,
     device = resolve_device(settings.device, world)
     seed_everything(cfg.seed, settings.deterministic)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    data = instantiate(cfg.data, _partial_=True)().to(device)
+    data = instantiate(cfg.data, key="data", _partial_=True)().to(device)
     model = build_model(cfg.model, data.spec)
     if settings.sync_bn and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -137,10 +137,10 @@ def build_run(cfg: DictConfig, choices: Mapping[str, str | None], run_dir: Path,
     task = build_task(getattr(model, "task", data.spec.task))
     if cfg.init_from:
         load_init_weights(model, cfg.init_from)
-    callbacks: list[Callback] = [instantiate(node, _partial_=True)()
-                                 for node in (cfg.get("callbacks") or {}).values()]
+    callbacks: list[Callback] = [instantiate(node, key=f"callbacks.{name}", _partial_=True)()
+                                 for name, node in (cfg.get("callbacks") or {}).items()]
     if cfg.get("prune"):
-        callbacks.append(instantiate(cfg.prune, _partial_=True)())
+        callbacks.append(instantiate(cfg.prune, key="prune", _partial_=True)())
     run = Run(cfg, settings, dict(choices), run_dir, run_console(world, console), world,
               device, generator, data, model, task, callbacks)
     for callback in callbacks:  # e.g. variational gates: parameters to train
@@ -179,7 +179,7 @@ def build_schedule(run: Run) -> None:
                         f"{examples // world.size}")
     run.total_steps = min(settings.max_steps or math.inf,
                           settings.epochs * run.steps_per_epoch)
-    multiplier = instantiate(run.cfg.lr_schedule, _partial_=True)(
+    multiplier = instantiate(run.cfg.lr_schedule, key="lr_schedule", _partial_=True)(
         total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer.optimizer, multiplier)
 
