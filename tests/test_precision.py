@@ -154,7 +154,7 @@ def scaled_kronecker_steps(kind: type[KroneckerPreconditioner],
     sets the MC generator to ``state`` before step ``i`` (through the state dict)."""
     model, _, _ = tiny_problem()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    pre = kind(model, grad_scaler=scaler, kl_clip=None, cov_update_freq=1, **options)
+    pre = kind(model, grad_scaler=scaler, cov_update_freq=1, **{"kl_clip": None, **options})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     generators = []
     for step, (x, y) in enumerate(batches):
@@ -211,6 +211,24 @@ def test_a_skipped_step_is_the_run_without_its_batch(kind, fisher_type, inv_upda
     estimates_per_layer = 3 if kind is EKFAC and poison > 0 else 2
     assert pre.log_metrics()["skipped_statistics"] == 2 * estimates_per_layer
     assert reference_pre.log_metrics()["skipped_statistics"] == 0
+
+
+def test_a_skipped_step_drops_its_kl_clipping_without_a_warning(recwarn) -> None:
+    """With KL clipping on, the step the scaler skips leaves its KL blocks unused, as it
+    should: no warning that no optimizer stepped (a real missing step still warns)."""
+    generator = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 6, generator=generator),
+                torch.randint(0, 3, (16,), generator=generator)) for _ in range(3)]
+    scaled_kronecker_steps(KFAC, batches, poison=1, kl_clip=1e-2)
+    assert not [w for w in recwarn if "kl_clip was not applied" in str(w.message)]
+    model, _, _ = tiny_problem()
+    pre = KFAC(model, grad_scaler=torch.amp.GradScaler("cpu"))
+    x, y = batches[0]
+    pre.backward(pre.grad_scaler.scale(Classification().loss(model(x), y)))
+    pre.grad_scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.1))
+    pre.step()  # a finite step, and no optimizer step after it
+    with pytest.warns(UserWarning, match="kl_clip was not applied"):
+        pre.backward(Classification().loss(model(batches[1][0]), batches[1][1]))
 
 
 def test_fp16_unsupported_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,9 @@ projection (``in_proj_weight``, or ``q/k/v_proj_weight`` when the key/value size
 capture therefore takes them from those ``F.linear`` calls themselves: while a hooked
 attention module runs a capturing forward, ``torch.nn.functional.linear`` is replaced by a
 function that calls the original and records each call whose weight is (a row block of) one of
-the module's projection weights. So torch's own computation runs unchanged, and the blocks are:
+the module's projection weights (and ``F.multi_head_attention_forward`` by itself run eagerly,
+so that a compiled forward records real tensors too). So torch's own computation runs
+unchanged, and the blocks are:
 
 - ``q``, ``k``, ``v``: ``s = W_x [a; 1]`` with ``W_x`` the rows ``[iE, (i+1)E)`` of
   ``in_proj_weight`` (and of ``in_proj_bias``), inputs the query, key and value rows; a packed
@@ -30,10 +32,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ngexp.curvature.layers import LayerIO, OnCall
+from ngexp.curvature.layers import LayerIO, OnCall, eager
 
 #: The role of each block and the parameter names it reads (separate q/k/v weights).
 ROLES = ("q", "k", "v")
+#: The entered :class:`ProjectionCalls`: while there are some, ``F.linear`` and torch's
+#: attention function are replaced (:data:`REPLACEMENTS`), the originals kept in ``SAVED``.
+ENTERED: list[ProjectionCalls] = []
+SAVED: dict[str, Callable[..., Any]] = {}
+
+
+def recording_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, reporting the call to every entered :class:`ProjectionCalls`."""
+    output = SAVED["linear"](x, weight, bias)
+    for calls in ENTERED:
+        calls.seen(x, weight, output)
+    return output
+
+
+#: What replaces each function of ``torch.nn.functional``, run eagerly: a compiled forward
+#: would trace torch's attention with fake tensors.
+REPLACEMENTS = {"linear": eager(recording_linear),
+                "multi_head_attention_forward": eager(F.multi_head_attention_forward)}
 
 
 class ProjectionIO(LayerIO):
@@ -99,12 +119,11 @@ def attach_projections(module: nn.MultiheadAttention, layers: list[LayerIO], on_
 
     def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if enabled(module):
-            query = args[0] if args else kwargs["query"]
-            calls.batch = batch_size(module, query)
-            calls.__enter__()
+            calls.start(batch_size(module, args[0] if args else kwargs["query"]))
 
     def leave(*_: Any) -> None:
-        calls.__exit__()
+        if calls.entered:
+            calls.__exit__()
 
     return [module.register_forward_pre_hook(enter, with_kwargs=True),
             module.register_forward_hook(leave, always_call=True)]
@@ -114,30 +133,46 @@ class ProjectionCalls:
     """While entered, ``F.linear`` calls on the projection weights of one attention module
     are recorded with ``record(block, rows (B, L, E), output, to_rows)``, ``to_rows`` mapping
     the output's gradient to the block's batch-first gradient rows. ``batch`` is the batch size
-    of the running forward (set by the caller)."""
+    of the running forward (:meth:`start` sets it)."""
 
     def __init__(self, blocks: list[ProjectionIO], record: OnCall) -> None:
         self.blocks, self.record = blocks, record
         self.batch = 1
-        self._original: Callable[..., Tensor] | None = None
+        #: Whether this module's calls are recorded now.
+        self.entered = False
+
+    @eager
+    def start(self, batch: int) -> None:
+        """Enter, for a forward of batch size ``batch``."""
+        self.batch = batch
+        self.__enter__()
 
     def __enter__(self) -> ProjectionCalls:
-        self._original = F.linear
-        F.linear = self._linear  # the name torch's attention functions look up at call time
+        if self.entered:
+            return self
+        if not ENTERED:  # the names torch's attention functions look up at call time
+            for name, replacement in REPLACEMENTS.items():
+                SAVED[name] = getattr(F, name)
+                setattr(F, name, replacement)
+        ENTERED.append(self)
+        self.entered = True
         return self
 
+    @eager
     def __exit__(self, *_: Any) -> None:
-        if self._original is not None:
-            F.linear = self._original
-            self._original = None
+        """Leave (in any order when several captures record the same module)."""
+        if self.entered:
+            self.entered = False
+            ENTERED.remove(self)
+            if not ENTERED:
+                for name, original in SAVED.items():
+                    setattr(F, name, original)
 
-    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        assert self._original is not None
-        output = self._original(x, weight, bias)
+    def seen(self, x: Tensor, weight: Tensor, output: Tensor) -> None:
+        """Record the call ``output = F.linear(x, weight, ...)`` if ``weight`` holds blocks."""
         for block, begin, end in self._matches(weight):
             self.record(block, self._batch_first(x), output,
                         lambda grad, b=begin, e=end: self._batch_first(grad[..., b:e]))
-        return output
 
     def _matches(self, weight: Tensor) -> list[tuple[ProjectionIO, int, int]]:
         """The blocks whose rows ``weight`` holds, with their column range in its output."""

@@ -108,6 +108,8 @@ class Capture:
         self.watch_model = False
         self.training_only = training_only
         self.accumulate = accumulate
+        #: Who holds the capture, for its error messages (a preconditioner sets its name).
+        self.owner = "the curvature capture"
         #: The loss scale the ``training`` passes' gradients are divided by (``None``: 1).
         self.grad_scale: Callable[[], Tensor | float] | None = None
         #: Set by every training-mode forward with grad enabled (whether capturing or not).

@@ -13,6 +13,13 @@ store the gradients of each call into it, paired by call index whatever the orde
 in. A pass has the recorder's current *kind* (:attr:`Recorder.mode`; ``None``: nothing is
 stored). Inactive hooks return at once (no copies, no unfold).
 
+Under ``torch.compile`` the checks stay in the graph and what records runs eagerly
+(:func:`~ngexp.curvature.layers.eager`: dynamo breaks the graph around it), on the real
+tensors between the compiled graphs, so the records are those of the eager forward. A forward
+the hooks would record (whether the capture is active or not) with covered parameters replaced
+(``torch.func.functional_call`` with other tensors) raises: the gradients would not reach
+their ``.grad``.
+
 With the capture's ``grad_scale`` (a callable giving the loss scale of a ``GradScaler``), the
 gradients of ``training`` passes are stored divided by it, so every estimator reads the
 gradients of the unscaled loss (sampled passes are never scaled).
@@ -31,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ngexp.curvature.attention import ProjectionIO, attach_projections
-from ngexp.curvature.layers import LayerIO, LayerRecord, NormIO, OnCall
+from ngexp.curvature.layers import LayerIO, LayerRecord, NormIO, OnCall, eager
 from ngexp.curvature.records import TRAINING, ForwardRecord, Records, autocast_dtype
 
 
@@ -58,13 +65,16 @@ def attach(module: nn.Module, layers: list[LayerIO], on_call: OnCall,
     (layer,) = layers
     normalize = isinstance(layer, NormIO)
 
+    @eager
+    def record(module: nn.Module, x: Tensor, output: Tensor) -> None:
+        if normalize:
+            with torch.no_grad():
+                x = normalized(module, x)
+        on_call(layer, x, output, None)
+
     def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         if enabled(module):
-            x = args[0]
-            if normalize:
-                with torch.no_grad():
-                    x = normalized(module, x)
-            on_call(layer, x, output, None)
+            record(module, args[0], output)
 
     return [module.register_forward_hook(hook)]
 
@@ -76,6 +86,7 @@ class Switches(Protocol):
     model: nn.Module
     layers: list[LayerIO]
     records: Records
+    owner: str
     active: bool
     watch_model: bool
     training_only: bool
@@ -98,6 +109,11 @@ class Recorder:
         #: Layer outputs of the running forward whose gradient hooks wait for the model output's.
         self._pending: list[tuple[LayerIO, int, Tensor, Callable[[Tensor], Tensor] | None]] = []
         model = capture.model
+        covered = {id(param) for layer in capture.layers for param in layer.params}
+        #: Where each covered parameter sits: ``(module, name, parameter, full name)``.
+        self._slots = [(module, name, param, f"{prefix}.{name}" if prefix else name)
+                       for prefix, module in model.named_modules()
+                       for name, param in module._parameters.items() if id(param) in covered]
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
         by_module: dict[nn.Module, list[LayerIO]] = {}
         for layer in capture.layers:
@@ -136,15 +152,33 @@ class Recorder:
         capture = self.capture
         if model.training and torch.is_grad_enabled():
             capture.forwarded = True
-        if not (capture.active or capture.watch_model) or not self._enabled(model):
+        if not self._enabled(model):
             return
-        capture.records.open_forward(capture.accumulate)
+        for owner, name, param, full_name in self._slots:
+            if owner._parameters.get(name) is not param:
+                raise RuntimeError(
+                    f"{capture.owner} hooks the model's own parameters, but this forward ran "
+                    f"with {full_name} replaced (torch.func.functional_call with other "
+                    f"tensors?): its curvature and .grad would not be those of the model; call "
+                    f"the model itself, or functional_call with dict(model.named_parameters())")
+        if capture.active or capture.watch_model:
+            self._open_forward()
+
+    @eager
+    def _open_forward(self) -> None:
+        self.capture.records.open_forward(self.capture.accumulate)
         self.reset()
 
     def _on_model_output(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         capture = self.capture
-        if not (capture.active or capture.watch_model) or not self._enabled(model):
-            return
+        if (capture.active or capture.watch_model) and self._enabled(model):
+            self._watch_output(args, output)
+
+    @eager
+    def _watch_output(self, args: tuple[Any, ...], output: Any) -> None:
+        """Keep what ``watch_model`` asks of the model's forward and hook the gradients of its
+        output and of the layer outputs it recorded."""
+        capture = self.capture
         if not isinstance(output, Tensor):
             raise TypeError(f"curvature capture needs a model whose forward returns one tensor, "
                             f"got {type(output).__name__}")
@@ -159,6 +193,7 @@ class Recorder:
             layer_output.register_hook(partial(self._on_grad, layer.record, call, to_rows))
         self._pending.clear()
 
+    @eager  # a compiled autograd traces tensor hooks
     def _on_output_grad(self, forward: ForwardRecord, grad: Tensor) -> None:
         """The first gradient of a backward pass: open a pass of the current kind."""
         self._recording = self.mode is not None
@@ -178,11 +213,14 @@ class Recorder:
         return grad if self._pass_scale is None else grad / self._pass_scale
 
     def _recording_calls(self, module: nn.Module) -> bool:
-        """Whether calls of ``module`` are recorded now."""
-        return self.capture.active and self._enabled(module) and bool(self.capture.records.forwards)
+        """Whether calls of ``module`` are recorded now (:meth:`_on_call` then checks that a
+        forward of the model is open)."""
+        return self.capture.active and self._enabled(module)
 
     def _on_call(self, layer: LayerIO, x: Tensor, output: Tensor,
                  to_rows: Callable[[Tensor], Tensor] | None) -> None:
+        if not self.capture.records.forwards:  # a layer called outside the model's forward
+            return
         record = layer.record
         call = len(record.inputs)
         record.inputs.append(x.detach())
@@ -190,6 +228,7 @@ class Recorder:
         if output.requires_grad:
             self._pending.append((layer, call, output, to_rows))
 
+    @eager
     def _on_grad(self, record: LayerRecord, call: int, to_rows: Callable[[Tensor], Tensor] | None,
                  grad: Tensor) -> None:
         if self._recording and record.grads:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,17 @@ CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 #: What a hooked call reports: the layer, its input, its output, and a map from the output's
 #: gradient to the layer's output-gradient rows (``None``: the gradient itself).
 OnCall = Callable[["LayerIO", Tensor, Tensor, "Callable[[Tensor], Tensor] | None"], None]
+
+F_ = TypeVar("F_", bound=Callable[..., object])
+
+
+def eager(fn: F_) -> F_:
+    """``fn``, run eagerly even inside a ``torch.compile``'d forward: dynamo breaks the graph
+    around its calls, so it gets real tensors (inputs and outputs of the compiled graphs)
+    that it can keep and put gradient hooks on, exactly as in an eager forward. The capture's
+    hooks call such functions only once their cheap (traced) checks say they record, so a
+    compiled forward that never records is one graph."""
+    return torch.compiler.disable(fn)  # type: ignore[return-value]
 
 
 @dataclass(eq=False)

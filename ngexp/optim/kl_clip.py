@@ -27,12 +27,15 @@ class KLClip:
         self.kl_clip, self.owner, self.warn = kl_clip, owner, warn
         self.scale = torch.ones((), device=device)
         self._pending: tuple[float, list[KLBlock]] | None = None
+        #: Whether a GradScaler skips the optimizer step the blocks wait for (0-dim, or None).
+        self._skipped: Tensor | None = None
 
-    def arm(self, step: int, blocks: list[KLBlock]) -> None:
-        """Keep ``blocks`` for the next optimizer step (when clipping is on at ``step``)."""
+    def arm(self, step: int, blocks: list[KLBlock], skipped: Tensor | None = None) -> None:
+        """Keep ``blocks`` for the next optimizer step (when clipping is on at ``step``);
+        ``skipped``: the scaler's non-finite flag, under which no optimizer step comes."""
         bound = None if self.kl_clip is None else value_at(self.kl_clip, step)
         if bound is not None and blocks:
-            self._pending = (bound, blocks)
+            self._pending, self._skipped = (bound, blocks), skipped
 
     def apply(self, optimizer: torch.optim.Optimizer) -> None:
         """Scale the pending blocks' gradients by ``nu`` with ``optimizer``'s learning rates."""
@@ -49,9 +52,12 @@ class KLClip:
         torch._foreach_mul_(grads, self.scale)
 
     def discard(self) -> None:
-        """Drop blocks no optimizer step used, warning once that there were some."""
+        """Drop blocks no optimizer step used, warning once that there were some -- unless
+        the GradScaler skipped that step (its overflow; one host sync, on such steps only)."""
         if self._pending is not None:
             self._pending = None
+            if self._skipped is not None and bool(self._skipped):
+                return
             self.warn("kl", f"{self.owner}: kl_clip was not applied because no torch.optim "
                       f"optimizer stepped the preconditioned parameters after step() (KL "
                       f"clipping reads the learning rate from it)")

@@ -14,16 +14,20 @@ def loss_scale(scaler: torch.amp.GradScaler) -> Tensor | float:
     return 1.0 if scale is None else scale
 
 
-def found_inf(scaler: torch.amp.GradScaler | None, owner: str) -> Tensor | None:
+def found_inf(scaler: torch.amp.GradScaler | None, owner: str, *,
+              required: bool = True) -> Tensor | None:
     """Whether the scaler found non-finite gradients at this step (a 0-dim bool on the device;
     ``None`` without an enabled scaler). The scaler must have unscaled the gradients already:
-    preconditioning and KL clipping need the true gradients (else raises, naming ``owner``)."""
+    preconditioning and KL clipping need the true gradients (else raises, naming ``owner``;
+    ``None`` when not ``required``)."""
     if scaler is None or not scaler.is_enabled():
         return None
     # GradScaler keeps its per-optimizer state private; this is where unscale_ records
     # the non-finite flags that make scaler.step skip the optimizer step
     states = [state for state in scaler._per_optimizer_states.values()
               if state["stage"] is OptState.UNSCALED]
+    if not states and not required:
+        return None
     if not states:
         raise RuntimeError(f"{owner}(grad_scaler=...).step() needs "
                            f"scaler.unscale_(optimizer) first: call it after the backward "

@@ -49,6 +49,20 @@ The recorded output gradients are divided by the scale, so the curvature is that
 unscaled loss; a step whose gradients the scaler found non-finite (and skips) leaves the
 curvature statistics as they were.
 
+**torch.compile.** A compiled model (``cmodel = torch.compile(model)``, the preconditioner
+built on ``model``) may be called on every step: on the steps that capture, dynamo breaks its
+graph around the hooks' recording, which runs eagerly on the real tensors between the
+compiled graphs (the same statistics as eager, to the rounding of the compiled kernels). Such
+a step, and the later ones, run as several graphs; to keep the other steps in one graph, call
+the eager model where the preconditioner captures (as ``ngexp train`` does)::
+
+    outputs = (model if pre.captures_next_forward else cmodel)(x)
+
+``torch.func.functional_call`` with the model's own parameters
+(``dict(model.named_parameters())``) is the plain loop; with other tensors in place of the
+covered parameters, their gradients would not reach ``.grad`` and the statistics would be of
+them, so a training forward raises.
+
 Subclasses implement :meth:`_precondition_grads` (replace ``.grad`` by the directions ``V``)
 and may extend :meth:`backward`, :meth:`state_dict`, :meth:`load_state_dict`, :meth:`reset`,
 :meth:`log_metrics`. The parts beside the base class: KL clipping in
@@ -72,7 +86,7 @@ from ngexp.curvature.coverage import Coverage
 from ngexp.curvature.tasks import TASKS, Task, build_task
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter
 from ngexp.optim.kl_clip import KLBlock, KLClip
-from ngexp.optim.loss_scaling import loss_scale
+from ngexp.optim.loss_scaling import found_inf, loss_scale
 from ngexp.optim.optimizer_hooks import OptimizerWatch
 from ngexp.options import check_choice, checked
 
@@ -104,6 +118,7 @@ class Preconditioner:
         #: Calls of :meth:`step` so far: the step that hyperparameter schedules read.
         self.steps = 0
         self.capture = Capture(model, accumulate=True)
+        self.capture.owner = type(self).__name__
         self.grad_scaler = grad_scaler
         if grad_scaler is not None:
             self.capture.grad_scale = functools.partial(loss_scale, grad_scaler)
@@ -138,10 +153,18 @@ class Preconditioner:
     def step(self) -> None:
         """Replace the ``.grad`` of the preconditioned parameters by their directions."""
         self._kl.discard()
-        self._kl.arm(self.steps, self._precondition_grads())
+        blocks = self._precondition_grads()
+        skipped = found_inf(self.grad_scaler, type(self).__name__, required=False)
+        self._kl.arm(self.steps, blocks, skipped)
         self.capture.forwarded = False
         self.steps += 1
         self._arm(self.steps)
+
+    @property
+    def captures_next_forward(self) -> bool:
+        """Whether the hooks record the next training forward (module docstring: a compiled
+        model compiles whole on the other steps only)."""
+        return self.capture.active or self.capture.watch_model
 
     def restrict_to(self, keep_masks: Mapping[Tensor, Tensor]) -> None:
         """Hold the coordinates of a parameter where its mask (same shape, read at every step:
