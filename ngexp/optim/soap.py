@@ -13,8 +13,8 @@ with ``c_t = sqrt(1 - beta2^t) / (1 - beta1^t)``; the first step only builds ``L
 the bases (Alg. 3). Sides longer than ``max_precondition_dim`` and 1-D parameters (unless
 ``precondition_1d``) keep the identity basis, i.e. Adam. The optimizer is
 ``pytorch_optimizer.SOAP`` (a port of the authors' nikhilvyas/SOAP; why this one:
-docs/second_order.md, "Optimizers"); ``tests/test_frontier_optim.py`` checks it against the update above written
-densely.
+docs/second_order.md, "Optimizers"); ``tests/test_frontier_optim.py`` checks it against the
+update above written densely.
 """
 
 from __future__ import annotations
