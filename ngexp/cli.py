@@ -111,7 +111,7 @@ def train_help() -> str:
 
     from hydra import compose, initialize_config_dir
 
-    from ngexp.config import GROUPS, TrainConfig, TrainerConfig, register_all
+    from ngexp.config import GROUPS, LIST_GROUPS, TrainConfig, TrainerConfig, register_all
     from ngexp.options import REGISTRY, dataclass_options
 
     register_all()
@@ -143,7 +143,10 @@ def train_help() -> str:
             if not users:
                 continue
             lines.append(f"  {group}={','.join(users)}:")
-            items = [setting_text(f"{group}.{o.name}", o) for o in spec.options()]
+            node = group  # a list-valued group holds each option under its name
+            if group in LIST_GROUPS:
+                node = f"{group}.{users[0] if len(users) == 1 else 'OPTION'}"
+            items = [setting_text(f"{node}.{o.name}", o) for o in spec.options()]
             lines += wrapped(items) if items else ["    (no settings)"]
     lines += ["", "Examples:", "  ngexp train optimizer=kfac model=lenet5",
               "  ngexp train optimizer=kfac optimizer.base=adam optimizer.lr=1e-3",

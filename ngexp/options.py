@@ -105,7 +105,9 @@ def checked(fn: Check | None = None) -> Callable[[T], T]:
 
             @functools.wraps(init)
             def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
-                full(**bound_arguments(init, (self, *args), kwargs))
+                # the defaults of options inherited through **options, then the call's own
+                full(**{**inherited_defaults(target),
+                        **bound_arguments(init, (self, *args), kwargs)})
                 init(self, *args, **kwargs)
 
             target.__init__ = checked_init  # type: ignore[misc]
@@ -120,6 +122,18 @@ def checked(fn: Check | None = None) -> Callable[[T], T]:
         return checked_call  # type: ignore[return-value]
 
     return decorate
+
+
+def inherited_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of the parents' options that ``cls.__init__`` takes through ``**options``
+    (:meth:`Spec.chain`), so that a subclass's check sees every option it may check."""
+    found: dict[str, Any] = {}
+    for owner in list(Spec(cls).chain())[1:]:
+        for parameter in inspect.signature(inspect.unwrap(vars(owner)["__init__"])
+                                           ).parameters.values():
+            if parameter.default is not parameter.empty:
+                found.setdefault(parameter.name, parameter.default)
+    return found
 
 
 def with_literal_checks(function: Callable[..., Any], fn: Check | None) -> Check:

@@ -5,6 +5,7 @@ name code no one registered refused before anything runs."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 pytest.importorskip("ngexp_example")
@@ -34,6 +36,7 @@ from tests.helpers import (  # noqa: E402
     run_dirs,
 )
 from tests.test_resume import assert_identical, final_checkpoint  # noqa: E402
+from tests.test_tune import HAVE_OPTUNA  # noqa: E402
 
 #: A short in-process run on the CPU.
 QUICK = ("trainer.device=cpu", "trainer.progress=none", "trainer.batch_size=64")
@@ -286,3 +289,27 @@ def test_plugin_run_resumes_bit_identically(tmp_path: Path, overrides: tuple[str
         assert len(expected) > 6 and any("dynamics/weight_ratio/layers.0" in metrics
                                          for _, metrics in expected)
         assert events_without_time(tmp_path / "resumed" / "events.ndjson") == expected
+
+
+@pytest.mark.skipif(not HAVE_OPTUNA, reason="hydra-optuna-sweeper not installed (ngexp[tune])")
+def test_a_plugin_optimizer_is_tuned_and_judged_against_a_built_in(tmp_path: Path) -> None:
+    """A 2-trial Optuna sweep of Lion's lr beside SGD, then ``ngexp report --target-from sgd``:
+    the best trial is the lowest final loss of the sweep's runs, and the report's time to the
+    target has a row for every run of both optimizers."""
+    tiny = ("data=synthetic", "trainer.max_steps=6", "trainer.epochs=1", "logger=[]",
+            "objective=train/loss", "trainer.log_every=2", f"output_root={tmp_path}")
+    assert main(["train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                 "hydra.sweeper.sampler.seed=0", "optimizer=lion",
+                 "optimizer.lr=tag(log, interval(1e-4,1e-2))", *QUICK, *tiny]) == 0
+    assert main(["train", "optimizer=sgd", *QUICK, *tiny]) == 0
+    lion = [r for r in run_dirs(tmp_path) if "lion" in r.parts[-3]]
+    assert len(lion) == 2 and all(read_summary(r)["status"] == "completed" for r in lion)
+    [results] = list((tmp_path / "sweeps").glob("*/optimization_results.yaml"))
+    best = yaml.safe_load(results.read_text())
+    assert best["best_value"] == min(read_summary(r)["final"]["train/loss"] for r in lion)
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path), "--by", "optimizer", "--metric", "train/loss",
+                 "--target-from", "sgd", "--out", str(out)]) == 0
+    with (out / "target.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert sorted(row["optimizer"] for row in rows) == ["lion", "lion", "sgd"]

@@ -77,8 +77,8 @@ class RelativeDampedInverses(DampedInverses):
         return kept
 
 
-def check_relative(damping_mode: str = "factored", **_: Any) -> None:
-    """``damping_mode`` is an option of KFAC: absent here unless given (its default: factored)."""
+def check_relative(damping_mode: str, **_: Any) -> None:
+    """``damping_mode``, an option inherited from KFAC (its default comes with it)."""
     check(damping_mode == "factored", "damping_mode", damping_mode,
           "factored (relative damping scales the factored inverses' dampings)")
 
