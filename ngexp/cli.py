@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -303,8 +304,9 @@ def defer_group_keys(overrides: list[str]) -> list[str]:
     return result
 
 
-def validate_overrides(overrides: list[str]) -> None:
-    """Compose and validate each sweep variant; raises on the first bad value."""
+def validate_overrides(overrides: list[str], source: ConfigSource | None = None) -> None:
+    """Compose (from ``source``: ngexp's ``train`` by default) and validate each sweep variant;
+    raises on the first bad value."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
@@ -313,14 +315,16 @@ def validate_overrides(overrides: list[str]) -> None:
 
     register_all()
     launched = launched_world()
-    with initialize_config_dir(str(conf_dir()), **VERSION_BASE):
+    source = source or ConfigSource(conf_dir())
+    with initialize_config_dir(str(source.path), **VERSION_BASE):
         pending = sweep_variants(overrides)
         intervals = real_intervals(overrides)
         checked_sweeper, sweeper = False, {}
         while pending:
             variant = pending.pop(0)
             try:
-                cfg = compose("train", overrides=variant, return_hydra_config=True)
+                cfg = compose(source.name, overrides=source.search_path(variant),
+                              return_hydra_config=True)
             except Exception as error:
                 message = f"{error} {error.__cause__}"
                 for key, text in intervals.items():
@@ -408,10 +412,15 @@ def run_hydra(args: list[str]) -> int:
 
     def task(cfg: DictConfig) -> float:
         """One run; returns its objective (:mod:`ngexp.train.objective`) for a sweeper."""
-        validate(cfg)
         runtime = HydraConfig.get()
         choices = {group: runtime.runtime.choices.get(group) for group in CHOICE_GROUPS}
         multirun = runtime.mode == RunMode.MULTIRUN
+        try:  # again here: a config from --config-dir/-cp was not validated beforehand
+            validate(cfg)
+        except UserError as error:
+            if multirun:
+                raise
+            raise SystemExit(error_line(str(error))) from None
         job_dir = Path(runtime.runtime.output_dir) if multirun else None
         hydra_files = {"config.yaml": OmegaConf.to_yaml(cfg),
                        "hydra.yaml": OmegaConf.to_yaml(runtime),
@@ -533,16 +542,73 @@ def train_command(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
         print(train_help())
         return 0
-    if not any(arg.startswith(("--cfg", "-c", "--info")) for arg in args):
-        overrides = [arg for arg in args if not arg.startswith("-")]
+    flags, overrides = split_args(args)
+    if not any(flag.split("=")[0] in INSPECT_FLAGS for flag in flags):
         try:
-            validate_overrides(overrides)
+            validate_overrides(overrides, ConfigSource.of(flags))
         except Exception as error:  # any composition or schema error -> one line
             return error_line(describe(error, overrides))
-    if "-m" in args or "--multirun" in args:
-        overrides = defer_group_keys([arg for arg in args if not arg.startswith("-")])
-        args = [arg for arg in args if arg.startswith("-")] + overrides
+    if "-m" in flags or "--multirun" in flags:
+        args = flags + defer_group_keys(overrides)
     return run_hydra(args)
+
+
+#: Hydra's flags that print instead of running (the config is not validated for them).
+INSPECT_FLAGS = ("--cfg", "-c", "--info", "-i")
+#: Hydra's flags whose value may be the next argument.
+VALUE_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+               "--cfg", "-c", "--package", "-p")
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """``(Hydra's flags with their values, the overrides)`` of ``ngexp train``'s arguments."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        if not arg.startswith("-"):
+            overrides.append(arg)
+            continue
+        flags.append(arg)
+        if arg in VALUE_FLAGS:
+            following = next(rest, None)
+            if following is not None:
+                flags.append(following)
+    return flags, overrides
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where Hydra composes the run's config from: ngexp's ``conf/`` and ``train``, or what
+    ``--config-path/-cp``, ``--config-name/-cn`` and ``--config-dir/-cd`` say (a saved
+    config, a folder of one's own presets)."""
+
+    path: Path
+    name: str = "train"
+    extra: Path | None = None
+
+    @classmethod
+    def of(cls, flags: list[str]) -> ConfigSource:
+        def value(*names: str) -> str | None:
+            for index, flag in enumerate(flags):
+                key, equals, given = flag.partition("=")
+                if key in names:
+                    return given if equals else (flags[index + 1] if index + 1 < len(flags)
+                                                 else None)
+            return None
+
+        path, extra = value("--config-path", "-cp"), value("--config-dir", "-cd")
+        # Hydra reads a relative --config-path from the folder of the app's module
+        root = Path(__file__).parent / path if path is not None else conf_dir()
+        return cls(root.resolve(), value("--config-name", "-cn") or "train",
+                   Path(extra).resolve() if extra else None)
+
+    def search_path(self, overrides: list[str]) -> list[str]:
+        """``overrides`` with ``--config-dir``'s folder on the search path (unless the user
+        sets ``hydra.searchpath`` there)."""
+        if self.extra is None or any(o.startswith("hydra.searchpath=") for o in overrides):
+            return overrides
+        return [*overrides, f"hydra.searchpath=[file://{self.extra}]"]
 
 
 def main(argv: list[str] | None = None) -> int:

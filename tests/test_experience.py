@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ngexp.cli import describe, main, train_help
-from ngexp.config import register_all
+from ngexp.config import LIST_GROUPS, register_all
 from ngexp.options import REGISTRY
 from ngexp.train.console import format_duration, format_number
 from tests.helpers import ngexp, read_metrics, read_summary, requires_fashion_mnist, run_dirs
@@ -279,8 +279,9 @@ def test_help_lists_every_setting_of_every_schema() -> None:
     register_all()
     text = train_help()
     for group, specs in REGISTRY.items():
-        for spec in specs.values():
+        for name, spec in specs.items():
+            node = f"{group}.{name}" if group in LIST_GROUPS else group  # callbacks.NAME.key
             for option in spec.options():
-                assert f"{group}.{option.name}=" in text, f"{group}.{option.name}"
+                assert f"{node}.{option.name}=" in text, f"{node}.{option.name}"
     assert "trainer.epochs=5" in text  # the composed defaults, not only the schemas'
     assert "$NGEXP_DATA" in text

@@ -258,7 +258,18 @@ def test_untrusted_targets_are_refused_before_anything_runs(
     error = one_line_error(capsys, "+experiment=evil", f"hydra.searchpath=[file://{tmp_path}/conf]",
                            root)
     assert "optimizer._target_='subprocess.call' is not a trusted target" in error
+    error = one_line_error(capsys, "--config-dir", str(tmp_path / "conf"), "+experiment=evil",
+                           root)
+    assert "optimizer._target_='subprocess.call' is not a trusted target" in error
     assert not (tmp_path / "runs").exists()
+    # a saved config (a run's .hydra/config.yaml, edited) given as the whole config
+    assert main(["train", "--cfg", "job", root]) == 0
+    saved = capsys.readouterr().out.replace("_target_: ngexp.models.mlp.MLP",
+                                            "_target_: builtins.exec")
+    (tmp_path / "saved.yaml").write_text(saved)
+    error = one_line_error(capsys, "-cp", str(tmp_path), "-cn", "saved")
+    assert "model._target_='builtins.exec' is not a trusted target" in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["conf", "saved.yaml"]
 
 
 # --------------------------------------------------------------------------- resume
