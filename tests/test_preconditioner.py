@@ -268,3 +268,23 @@ def test_lower_layers_import_nothing_from_train_and_ngexp_has_no_import_cycle() 
 
     for name in graph:
         visit(name, [name])
+
+
+def test_a_preconditioner_without_data_parallel_support_refuses_several_ranks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subclass whose statistics are its rank's own (the base's default) would precondition
+    each rank differently: one clear error in a world of 2; ngexp's own declare support."""
+    from ngexp.distributed.world import World
+    from ngexp.errors import UserError
+    from ngexp.optim import preconditioner
+
+    class LocalDiagonal(preconditioner.Preconditioner):
+        def _precondition_grads(self) -> list:
+            return []
+
+    model = nn.Linear(3, 2)
+    LocalDiagonal(model)  # one process: fine
+    monkeypatch.setattr(preconditioner, "current", lambda: World(0, 2, 0, 2))
+    with pytest.raises(UserError, match="LocalDiagonal does not declare data-parallel support"):
+        LocalDiagonal(model)
+    assert all(kind.data_parallel for kind in (KFAC, EKFAC, NaturalGradient, HessianFree, TONGA))

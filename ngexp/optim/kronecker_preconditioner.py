@@ -110,6 +110,8 @@ class KroneckerPreconditioner(Preconditioner):
     terms between refreshes (:meth:`_update_scaling`) or choose another way to a layer's
     direction (:meth:`_direction`)."""
 
+    data_parallel = True  # factors all-reduced (KAISA, ngexp/optim/kaisa.py)
+
     #: Whether every rank of a data-parallel run keeps every layer's terms (EKFAC's scaling
     #: rotates each rank's per-example gradients into the eigenbases).
     _terms_everywhere = False

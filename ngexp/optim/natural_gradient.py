@@ -120,6 +120,8 @@ class NaturalGradient(Preconditioner):
     """Truncated-Newton natural gradient preconditioner (module docstring):
     ``NaturalGradient(model, damping=..., cg_iters=..., ...)``."""
 
+    data_parallel = True  # products all-reduced to the global batch's
+
     def __init__(self, model: nn.Module, *, damping: Hyperparameter = 1e-2,
                  curvature: Literal["fisher", "ggn"] = "fisher",
                  fisher_type: ProductFisherType = "exact", cg_iters: int = 20,

@@ -76,7 +76,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +84,8 @@ from torch import Tensor, nn
 from ngexp.curvature.capture import Capture
 from ngexp.curvature.coverage import Coverage
 from ngexp.curvature.tasks import TASKS, Task, build_task
+from ngexp.distributed.world import current
+from ngexp.errors import UserError
 from ngexp.optim.hyperparams import Hyperparameter, check_hyperparameter
 from ngexp.optim.kl_clip import KLBlock, KLClip
 from ngexp.optim.loss_scaling import found_inf, loss_scale
@@ -105,6 +107,11 @@ class Preconditioner:
     number, a schedule of the step, or ``None`` for off) bounds the step's KL divergence;
     ``grad_scaler`` is the ``torch.amp.GradScaler`` of an fp16 loop (module docstring)."""
 
+    #: Whether the directions are the same on every rank of a data-parallel run: statistics
+    #: reduced over the ranks, or computed from the DDP-averaged gradients alone. A subclass
+    #: that does neither would precondition each rank differently, so it raises there.
+    data_parallel: ClassVar[bool] = False
+
     def __init__(self, model: nn.Module, *, task: str | Task = "classification",
                  kl_clip: Hyperparameter | None = 1e-2,
                  grad_scaler: torch.amp.GradScaler | None = None) -> None:
@@ -112,6 +119,11 @@ class Preconditioner:
             name = type(self).__name__
             raise TypeError(f"{name}(model, ...) takes the nn.Module itself (it hooks the "
                             f"model's layers), not {type(model).__name__}: use {name}(model)")
+        if current().distributed and not self.data_parallel:
+            raise UserError(f"{type(self).__name__} does not declare data-parallel support "
+                            f"(Preconditioner.data_parallel): its statistics would differ "
+                            f"between the {current().size} ranks; run it in one process, or "
+                            f"reduce them over the ranks and set data_parallel = True")
         self.model = model
         self.task = build_task(task)
         self.kl_clip = kl_clip

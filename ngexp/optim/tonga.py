@@ -151,6 +151,8 @@ class TONGA(Preconditioner):
     """TONGA preconditioner (module docstring): ``TONGA(model, rank=..., decay=...,
     damping=...)``."""
 
+    data_parallel = True  # from the DDP-averaged gradients alone
+
     def __init__(self, model: nn.Module, *, rank: int = 5, decay: float = 0.99,
                  damping: Hyperparameter = 3.0, refresh_interval: int = 5,
                  blocks: Literal["layer", "model"] = "layer",
