@@ -187,6 +187,7 @@ def test_csv_mlflow_and_wandb_get_the_same_metrics_and_hparams(
     assert [m.step for m in history] == [r["step"] for r in records if "train/loss" in r]
 
     [offline] = list((run / "wandb").glob("offline-run-*/*.wandb"))  # offline: W&B's log
+    assert offline.parent.name.endswith("-" + (run / "wandb_run_id").read_text().strip())
     kinds: dict[str, dict[str, str]] = {"run": {}, "history": {}, "summary": {}}
     losses = []
     for record in wandb_records(offline):

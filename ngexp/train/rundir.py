@@ -140,8 +140,8 @@ def is_finished(summary: Mapping[str, Any] | None) -> bool:
 
 #: What the sessions of a run write besides its config (the loggers' files and folders among
 #: them), set aside when it starts over; nothing else of a directory is touched.
-SESSION_OUTPUTS = ("metrics.jsonl", "tb", "csv", "mlflow_run_id", "wandb", "train.log",
-                   "summary.json", "checkpoints")
+SESSION_OUTPUTS = ("metrics.jsonl", "tb", "csv", "mlflow_run_id", "wandb", "wandb_run_id",
+                   "train.log", "summary.json", "checkpoints")
 
 
 def set_aside(path: Path, label: str, stamp: str | None = None) -> Path:

@@ -2,8 +2,9 @@
 
 ``mode`` is ``auto`` by default: ``online`` when an API key is known (``WANDB_API_KEY`` or a
 ``wandb login`` entry in ``~/.netrc``), else ``offline`` (files under ``<run dir>/wandb``, for
-``wandb sync`` later). The W&B run id is derived from the run directory, so a resumed run
-continues the same W&B run; the project defaults to the run family, the group to the
+``wandb sync`` later). The W&B run id is kept in ``<run dir>/wandb_run_id``, so a resumed run
+continues the same W&B run and a run that starts over (its outputs set aside,
+``docs/runs.md``) gets a new one; the project defaults to the run family, the group to the
 configuration (seeds side by side). Hyperparameters go to the run config when it starts, metrics
 with their step, and the end to the summary (``ngexp/status``) and the exit code.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import netrc
 import os
+import secrets
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -48,7 +50,14 @@ class WandbLogger(Logger):
 
     def start(self, run: RunInfo) -> None:
         mode = self.mode if self.mode != "auto" else ("online" if logged_in() else "offline")
-        identity = hashlib.sha256(str(run.run_dir.resolve()).encode()).hexdigest()[:16]
+        id_file = run.run_dir / "wandb_run_id"
+        if run.resumed_step is not None and id_file.is_file():
+            identity = id_file.read_text().strip()
+        elif run.resumed_step is not None:  # a run of an ngexp that derived it from the path
+            identity = hashlib.sha256(str(run.run_dir.resolve()).encode()).hexdigest()[:16]
+        else:
+            identity = secrets.token_hex(8)
+            id_file.write_text(identity + "\n")
         self.run = self._wandb.init(project=self.project or run.name, entity=self.entity,
                                     name=run.run_id, group=run.group, id=identity,
                                     dir=str(run.run_dir), mode=mode, resume="allow",
