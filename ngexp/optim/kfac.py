@@ -26,7 +26,7 @@ optimizer: :mod:`ngexp.optim.preconditioner`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -47,11 +47,15 @@ class KFAC(KroneckerPreconditioner):
     :class:`~ngexp.optim.kronecker_preconditioner.KroneckerPreconditioner` and
     :class:`~ngexp.optim.preconditioner.Preconditioner`."""
 
+    #: The terms of ``damping_mode="factored"``: a subclass with its own damping rule names its
+    #: :class:`~ngexp.optim.kronecker_terms.DampedInverses` here.
+    factored_terms: ClassVar[type[DampedInverses]] = DampedInverses
+
     def __init__(self, model: nn.Module, *,
                  damping_mode: Literal["factored", "eigen"] = "factored",
                  pi_correction: bool = True, **options: Any) -> None:
         self.damping_mode, self.pi_correction = damping_mode, pi_correction
-        self.terms = (DampedInverses(pi_correction) if damping_mode == "factored"
+        self.terms = (self.factored_terms(pi_correction) if damping_mode == "factored"
                       else KroneckerEigenbasis())
         super().__init__(model, **options)
         #: Whether a layer's factored preconditioning pays off at the batch last seen (saved in

@@ -155,18 +155,23 @@ class DampedInverses(KroneckerTerms):
         change)."""
         if not layers:
             return torch.zeros((), dtype=torch.long, device=damping.device)
-        root = damping.sqrt()
         factors, dampings, previous = [], [], []
         for state in states:
-            assert state.pi is not None
-            pi = state.pi[:, None]
             factors += state.factors()
-            dampings += [root * pi, root / pi]
+            dampings += self.factor_dampings(state, damping)
             previous += [state.a_inv, state.g_inv]
         inverses, kept = damped_inverses(factors, dampings, previous, factor_names(layers))
         for state, (a_inv, g_inv) in zip(states, paired(inverses), strict=True):
             state.a_inv, state.g_inv = a_inv, g_inv
         return kept
+
+    def factor_dampings(self, state: LayerCurvature, damping: Tensor) -> list[Tensor]:
+        """``[d_A, d_G]`` of one layer, each ``(groups, 1)``: ``pi sqrt(damping)`` and
+        ``sqrt(damping) / pi`` (Martens & Grosse 2015, Sec. 6.3); the one place a damping
+        rule of one's own replaces (``docs/extending.md``)."""
+        assert state.pi is not None
+        root, pi = damping.sqrt(), state.pi[:, None]
+        return [root * pi, root / pi]
 
     def direction(self, state: LayerCurvature, grad: LayerGradient, damping: Tensor) -> Tensor:
         assert state.a_inv is not None and state.g_inv is not None

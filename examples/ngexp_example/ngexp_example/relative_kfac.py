@@ -32,11 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ngexp import KFAC
-from ngexp.curvature.capture import LayerIO
-from ngexp.curvature.kronecker import paired
-from ngexp.curvature.linalg import damped_inverses
 from ngexp.optim.hyperparams import Hyperparameter
-from ngexp.optim.kronecker_terms import DampedInverses, factor_names
+from ngexp.optim.kronecker_terms import DampedInverses
 from ngexp.optim.layer_curvature import LayerCurvature
 from ngexp.optim.training import base_optimizer
 from ngexp.options import check, checked, configurable
@@ -48,33 +45,18 @@ def mean_eigenvalue(factors: Tensor) -> Tensor:
     return factors.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def relative_dampings(state: LayerCurvature, damping: Tensor) -> tuple[Tensor, Tensor]:
-    """``(d_A, d_G)``, each ``(groups, 1)``, of one layer (module docstring)."""
-    a, g = state.factors()
-    assert state.pi is not None
-    root = (damping * mean_eigenvalue(a) * mean_eigenvalue(g)).sqrt()[:, None]
-    pi = state.pi[:, None]
-    return root * pi, root / pi
-
-
 class RelativeDampedInverses(DampedInverses):
-    """:class:`~ngexp.optim.kronecker_terms.DampedInverses` with the per-layer dampings of
-    :func:`relative_dampings`: the same fields (``pi``, ``a_inv``, ``g_inv``), refreshes and
-    Cholesky fallbacks."""
+    """:class:`~ngexp.optim.kronecker_terms.DampedInverses` with per-layer dampings relative
+    to the factors (module docstring): the same fields (``pi``, ``a_inv``, ``g_inv``),
+    refreshes and Cholesky fallbacks."""
 
-    def invert(self, layers: list[LayerIO], states: list[LayerCurvature],
-               damping: Tensor) -> Tensor:
-        if not layers:
-            return torch.zeros((), dtype=torch.long, device=damping.device)
-        factors, dampings, previous = [], [], []
-        for state in states:
-            factors += state.factors()
-            dampings += relative_dampings(state, damping)
-            previous += [state.a_inv, state.g_inv]
-        inverses, kept = damped_inverses(factors, dampings, previous, factor_names(layers))
-        for state, (a_inv, g_inv) in zip(states, paired(inverses), strict=True):
-            state.a_inv, state.g_inv = a_inv, g_inv
-        return kept
+    def factor_dampings(self, state: LayerCurvature, damping: Tensor) -> list[Tensor]:
+        """``[d_A, d_G]``, each ``(groups, 1)``, of one layer."""
+        a, g = state.factors()
+        assert state.pi is not None
+        root = (damping * mean_eigenvalue(a) * mean_eigenvalue(g)).sqrt()[:, None]
+        pi = state.pi[:, None]
+        return [root * pi, root / pi]
 
 
 def check_relative(damping_mode: str, **_: Any) -> None:
@@ -90,8 +72,8 @@ class RelativeKFAC(KFAC):
     """``RelativeKFAC(model, damping=...)``: :class:`ngexp.KFAC` (all its options) with
     relative damping (module docstring)."""
 
+    factored_terms = RelativeDampedInverses
+
     def __init__(self, model: nn.Module, *, damping: Hyperparameter = 1.0,
                  **options: Any) -> None:
         super().__init__(model, damping=damping, **options)
-        # KFAC.__init__ sets its own terms; the base reads them only from the first step on
-        self.terms = RelativeDampedInverses(self.pi_correction)
