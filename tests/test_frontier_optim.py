@@ -1,6 +1,6 @@
-"""Shampoo, SOAP and Muon: each against its update written densely or torch's own optimizer on a
-tiny problem, resumed bit-identically through ngexp's checkpoint files with an lr schedule and
-gradient clipping, and built from the command line's config."""
+"""Shampoo, SOAP, Muon and NAdamW: each against its update written densely or torch's own
+optimizer on a tiny problem, resumed bit-identically through ngexp's checkpoint files with an lr
+schedule and gradient clipping, and built from the command line's config."""
 
 from __future__ import annotations
 
@@ -242,6 +242,40 @@ def test_muon_steps_equal_torch_muon_and_adamw() -> None:
         assert torch.equal(params[n].detach().reshape(p.shape), p.detach()), n
 
 
+# ---------------------------------------------------------------------------- NAdamW
+def dense_nadamw(w: Tensor, grads: list[Tensor], lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float, psi: float) -> Tensor:
+    """NAdam with torch's momentum schedule and decoupled weight decay, as in NAdamWConfig's
+    docstring: ``mu_t = beta1 (1 - 0.96^(t psi) / 2)``, the gradient term corrected by
+    ``1 - mu_1...mu_t``, the momentum term by ``1 - mu_1...mu_{t+1}``."""
+    beta1, beta2 = betas
+    w, m, v, product = w.clone(), torch.zeros_like(w), torch.zeros_like(w), 1.0
+    for t, g in enumerate(grads, start=1):
+        w = w * (1 - lr * weight_decay)
+        mu, mu_next = (beta1 * (1 - 0.5 * 0.96 ** (s * psi)) for s in (t, t + 1))
+        product *= mu
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+        direction = (1 - mu) / (1 - product) * g + mu_next / (1 - product * mu_next) * m
+        w = w - lr * direction / ((v / (1 - beta2 ** t)).sqrt() + eps)
+    return w
+
+
+def test_nadamw_equals_its_dense_update() -> None:
+    """Five steps of ``optimizer=nadamw`` (torch's NAdam, built from the config) on a 3 x 4
+    weight in float64, with weight decay 0.1 and a fast momentum schedule (psi 0.5)."""
+    cfg = compose("optimizer=nadamw", "optimizer.lr=0.01", "optimizer.weight_decay=0.1",
+                  "optimizer.momentum_decay=0.5")
+    layer = nn.Linear(4, 3, bias=False).double()
+    start = layer.weight.detach().clone()
+    optimizer = build_optimizer(cfg.optimizer, layer, None).optimizer
+    assert type(optimizer) is torch.optim.NAdam and optimizer.defaults["decoupled_weight_decay"]
+    grads = [g for (g,) in fixed_grads([start.shape], 5)]
+    run(optimizer, [layer.weight], [[g] for g in grads])
+    want = dense_nadamw(start, grads, 0.01, (0.9, 0.999), 1e-8, 0.1, 0.5)
+    # the displacement to 1e-6: torch keeps the step count and mu_1...mu_t in float32
+    torch.testing.assert_close(layer.weight.detach() - start, want - start, rtol=1e-6, atol=0)
+
+
 # ---------------------------------------------------------------------------- engine features
 def make(name: str, model: nn.Module) -> torch.optim.Optimizer:
     params = list(model.parameters())
@@ -299,10 +333,10 @@ def test_resume_from_a_checkpoint_is_bit_identical(name: str, tmp_path: Path) ->
         assert torch.equal(got, want), key
 
 
-@pytest.mark.parametrize("name", ["shampoo", "soap", "muon"])
+@pytest.mark.parametrize("name", ["shampoo", "soap", "muon", "nadamw"])
 def test_option_composes_and_builds(name: str) -> None:
     cfg = compose(f"optimizer={name}", "optimizer.lr=0.5")
     built = build_optimizer(cfg.optimizer, lenet_like(), None)
     assert type(built.optimizer).__name__ == {"shampoo": "Shampoo", "soap": "SOAP",
-                                              "muon": "Muon"}[name]
+                                              "muon": "Muon", "nadamw": "NAdam"}[name]
     assert built.preconditioner is None and built.param_groups[0]["lr"] == 0.5

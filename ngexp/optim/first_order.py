@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from ngexp.options import check, check_nonnegative, check_positive, check_range, is_number, schema
 
@@ -62,7 +66,50 @@ class AdamConfig:
 
     def __post_init__(self) -> None:
         check_common(self.lr, self.weight_decay)
-        check(len(self.betas) == 2 and all(is_number(beta) and 0 <= beta < 1
-                                           for beta in self.betas),
-              "optimizer.betas", list(self.betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
+        check_betas(self.betas)
         check_positive("optimizer.eps", self.eps)
+
+
+def check_betas(betas: tuple[float, float]) -> None:
+    check(len(betas) == 2 and all(is_number(beta) and 0 <= beta < 1 for beta in betas),
+          "optimizer.betas", list(betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
+
+
+@schema("optimizer", "nadamw")
+@dataclass
+class NAdamWConfig:
+    """NAdamW, the AlgoPerf baseline (Dahl et al. 2023): NAdam (Dozat 2016) with decoupled
+    weight decay (Loshchilov & Hutter 2019), ``torch.optim.NAdam(decoupled_weight_decay=True)``.
+    Step ``t`` on a parameter ``p`` with gradient ``g``, as torch defines it::
+
+        p <- p (1 - lr wd)
+        mu_t = beta1 (1 - 0.5 * 0.96^(t psi))          (the momentum schedule, psi = momentum_decay)
+        m <- beta1 m + (1 - beta1) g,   v <- beta2 v + (1 - beta2) g^2
+        p <- p - lr [(1 - mu_t) / (1 - prod_{i<=t} mu_i) g
+                     + mu_{t+1} / (1 - prod_{i<=t+1} mu_i) m] / (sqrt(v / (1 - beta2^t)) + eps)
+
+    Defaults: AlgoPerf's ``NAdamW`` class (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay
+    0.01) and torch's psi 0.004. AlgoPerf's own NAdamW has no momentum schedule (a constant
+    beta1, both terms corrected by ``1 - beta1^t``); ``decoupled_weight_decay=false`` is torch's
+    NAdam with L2 weight decay."""
+
+    _target_: str = "ngexp.optim.first_order.nadam"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    momentum_decay: float = 0.004
+    decoupled_weight_decay: bool = True
+
+    def __post_init__(self) -> None:
+        check_common(self.lr, self.weight_decay)
+        check_betas(self.betas)
+        check_positive("optimizer.eps", self.eps)
+        check_nonnegative("optimizer.momentum_decay", self.momentum_decay)
+
+
+def nadam(params: Iterable[Any], betas: Sequence[float], **options: Any) -> torch.optim.NAdam:
+    """``torch.optim.NAdam`` with ``betas`` as a tuple: NAdam keeps the sequence it is given
+    in its parameter groups (a config's list would not load from a ``weights_only``
+    checkpoint)."""
+    return torch.optim.NAdam(params, betas=(float(betas[0]), float(betas[1])), **options)

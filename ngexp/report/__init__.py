@@ -6,6 +6,10 @@ them; a single run shows its value alone. Failed, interrupted, running, stale an
 runs get one row each with their status and are never mixed into a mean; so do unreadable runs
 (a file that is not UTF-8, JSON or YAML, or a value of the wrong type), with what is wrong.
 
+With ``--target``/``--target-from``, each group's time to target and performance profiles
+(:mod:`ngexp.report.target`); with ``--score`` also the AlgoPerf benchmark score
+(:mod:`ngexp.report.score`).
+
 The ``dynamics/`` quantities of the instrument callbacks get a figure each against step and a
 table of their first and last values (:mod:`ngexp.report.dynamics`; ``--dynamics`` selects).
 
@@ -37,8 +41,9 @@ from ngexp.report.aggregate import (
     metric_names,
 )
 from ngexp.report.scan import Run, find_run_dirs, load_run
+from ngexp.report.score import algoperf_score
 from ngexp.report.tables import RUN_DIRS, console_table, markdown, write_csv
-from ngexp.report.target import TargetReport, time_to_target
+from ngexp.report.target import MEASURES, TargetReport, time_to_target
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,6 +83,12 @@ def parser() -> argparse.ArgumentParser:
                         help="time to target where the target is the value of --metric that "
                              "every run of group GROUP (e.g. adam) reaches (the worst of their "
                              "best values)")
+    p.add_argument("--score", action="store_true",
+                   help="with --target or --target-from: the AlgoPerf benchmark score of each "
+                        "group (a submission) over the workloads (data/model; a study per seed, "
+                        "its runs the trials): score.csv and a report.md section")
+    p.add_argument("--score-measure", choices=MEASURES, default="seconds",
+                   help="what --score's time to target is measured in (default: seconds)")
     p.add_argument("--dynamics", choices=dynamics.SELECTIONS, default="all",
                    help="dynamics/ quantities of the instrument callbacks to plot against step "
                         "and tabulate: all (default), model (whole-model ones, no per-layer "
@@ -86,7 +97,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    options = parser()
+    args = options.parse_args(argv)
+    if args.score and not (args.target or args.target_from):
+        options.error("--score needs a target: --target METRIC=VALUE or --target-from GROUP")
     try:
         report(args, argv)
     except (UserError, OSError) as error:
@@ -107,7 +121,7 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
         raise UserError(message)
     rows = aggregate(runs, keys, metric, args.best)
     summaries = dynamics.summarize(rows, dynamics.select(available, args.dynamics))
-    section: TargetReport | None = None
+    sections: list[TargetReport] = []
 
     states = Counter(run.state for run in runs)
     counts = ", ".join(f"{n} {state}" for state, n in
@@ -125,12 +139,15 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
     try:
         if args.target or args.target_from:
             out.mkdir(parents=True, exist_ok=True)
-            section = time_to_target(rows, keys, args.target, args.target_from, metric, out,
-                                     plots=not args.no_plots)
+            sections.append(time_to_target(rows, keys, args.target, args.target_from, metric,
+                                           out, plots=not args.no_plots))
+        if args.score:
+            sections.append(algoperf_score(rows, keys, args.target, args.target_from, metric,
+                                           args.score_measure, out))
         written = write_report(out, rows, keys, metric, args.best, intro, summaries,
                                plots=not args.no_plots,
-                               sections=[section.lines] if section else [])
-        written += section.paths if section else []
+                               sections=[section.lines for section in sections])
+        written += [path for section in sections for path in section.paths]
     except OSError as error:
         raise UserError(f"cannot write the report to {out}: {error.strerror or error}; "
                         "choose another folder with --out") from None
@@ -138,7 +155,7 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
     # on a terminal its width; written to a file or pipe, as wide as the table needs
     console = Console(width=None if sys.stdout.isatty() else 1000)
     console.print(console_table(rows, keys, metric, args.best, f"{len(runs)} runs: {counts}"))
-    if section:
+    for section in sections:
         console.print(section.table)
     console.print(f"wrote {', '.join(p.name for p in written)} to", highlight=False,
                   soft_wrap=True)

@@ -125,13 +125,15 @@ def cell(item: TargetRow, measure: str) -> str:
         return "never"
     if math.isnan(median):
         return "-"
-    def show(value: float) -> str:
-        return number(value) if measure == "seconds" else f"{value:.0f}"
-
-    text = show(median)
+    text = show_time(median, measure)
     if spread is not None and item.reached > 1:
-        text += f" ({show(spread[0])}-{show(spread[1])})"
+        text += f" ({show_time(spread[0], measure)}-{show_time(spread[1], measure)})"
     return text
+
+
+def show_time(value: float, measure: str) -> str:
+    """Seconds to 4 significant digits, steps and examples whole."""
+    return number(value) if measure == "seconds" else f"{value:.0f}"
 
 
 def markdown_section(items: Sequence[TargetRow], keys: Sequence[str], metric: str,
@@ -167,9 +169,14 @@ def write_csv(path: Path, items: Sequence[TargetRow], keys: Sequence[str]) -> No
                                  os.path.relpath(run.path, folder)])
 
 
+def workload(run: Run) -> tuple[Any, Any]:
+    """A run's workload: its ``data`` and ``model`` choices."""
+    return run.choices.get("data"), run.choices.get("model")
+
+
 def problem(run: Run) -> tuple[Any, ...]:
     """A performance-profile problem: the workload (data, model) and the seed."""
-    return run.choices.get("data"), run.choices.get("model"), run.seed
+    return (*workload(run), run.seed)
 
 
 def ratio(time: float, best: float) -> float:
@@ -179,17 +186,25 @@ def ratio(time: float, best: float) -> float:
     return time / best if best > 0 else (1.0 if time <= best else UNREACHED)
 
 
-def profiles(items: Sequence[TargetRow], keys: Sequence[str],
-             measure: str) -> dict[str, list[float]]:
-    """Group label -> its sorted ratios ``r = t / t_best`` on each problem (``inf``: missed or
-    not run; problems nobody solved count as missed by all). ``rho(tau)`` is the fraction of a
-    list's entries ``<= tau``."""
+def best_times(items: Sequence[TargetRow], keys: Sequence[str],
+               measure: str) -> dict[str, dict[tuple[Any, ...], float]]:
+    """Group label -> :func:`problem` -> the least time to target of the group's runs on it
+    (``inf`` when none reached it; a time not logged counts as never)."""
     times: dict[str, dict[tuple[Any, ...], float]] = {}
     for item in items:
         group = times.setdefault(label(keys, item.row.key), {})
         for run, hit in zip(item.row.runs, item.hits, strict=True):
             time = UNREACHED if math.isnan(hit[measure]) else hit[measure]
             group[problem(run)] = min(group.get(problem(run), UNREACHED), time)
+    return times
+
+
+def profiles(items: Sequence[TargetRow], keys: Sequence[str],
+             measure: str) -> dict[str, list[float]]:
+    """Group label -> its sorted ratios ``r = t / t_best`` on each problem (``inf``: missed or
+    not run; problems nobody solved count as missed by all). ``rho(tau)`` is the fraction of a
+    list's entries ``<= tau``."""
+    times = best_times(items, keys, measure)
     problems = sorted({p for group in times.values() for p in group}, key=repr)
     best = {p: min(group.get(p, UNREACHED) for group in times.values()) for p in problems}
     return {name: sorted(ratio(group.get(p, UNREACHED), best[p]) for p in problems)
@@ -197,6 +212,7 @@ def profiles(items: Sequence[TargetRow], keys: Sequence[str],
 
 
 def rho(ratios: Sequence[float], tau: float) -> float:
+    """The performance profile at ``tau``: the fraction of ``ratios`` that are ``<= tau``."""
     return sum(r <= tau for r in ratios) / len(ratios) if ratios else 0.0
 
 
