@@ -3,7 +3,7 @@
 For each optimizer, an Optuna sweep (``hydra/sweeper=optuna``, TPE, the same number of trials
 for every optimizer, seed 0) over the same kind of space, learning rate(s), damping or epsilon
 and batch size (:data:`SPACES`), each trial a run of the same training budget; then the best
-setting of each optimizer trained with every seed; then ``ngexp report --target-from adam``:
+setting of each optimizer trained with every seed; then ``ngexp report --target-from adam --score``:
 per optimizer the steps, examples and seconds to reach the value of the tuning metric that
 every seed of Adam reaches, and the performance profiles. Writes
 ``results/frontier_<workload>.md`` (command, device, versions, search spaces, best settings,
@@ -193,7 +193,7 @@ def main() -> None:
     out = Path(args.out)
     report_dir = out / f"frontier_{args.workload}"
     ngexp(["report", str(root / "final"), "--by", "optimizer", "--metric",
-           workload["objective"], "--target-from", "adam", "--out", str(report_dir)])
+           workload["objective"], "--target-from", "adam", "--score", "--out", str(report_dir)])
 
     command = "python scripts/frontier_study.py " + " ".join(map(shlex.quote, sys.argv[1:]))
     lines = [f"# Tuned alike, judged by time to target: {workload['title']}", "",
