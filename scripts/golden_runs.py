@@ -4,8 +4,9 @@ Issue 23 restructures the engine, the preconditioners' state and the schedules w
 behaviour exactly as it was. This script records, with the code of the day, a set of short
 deterministic CPU runs on Fashion-MNIST (``record``), and later checks (``check``) that the
 same commands still give bitwise-identical final weights (every tensor of the final
-checkpoint's model and optimizer state) and identical ``metrics.jsonl`` rows apart from the
-timing fields. One run is stopped by SIGTERM part-way and resumed, as a user's killed run is.
+checkpoint's model and optimizer state that the golden run has; state added since is listed)
+and identical ``metrics.jsonl`` rows apart from the timing fields. One run is stopped by
+SIGTERM part-way and resumed, as a user's killed run is.
 
     python scripts/golden_runs.py record     # writes results/golden_runs/<run>.json
     python scripts/golden_runs.py check      # prints a table; exit 1 on any difference
@@ -116,13 +117,19 @@ def observe(name: str, work: Path) -> dict[str, Any]:
             "metrics": rows}
 
 
+def new_state(got: dict[str, Any], golden: dict[str, Any]) -> list[str]:
+    """The checkpoint's tensors that the golden run did not have (state added since: they
+    cannot differ from it), by their top three path levels."""
+    added = set(got["tensors"]) - set(golden["tensors"])
+    return sorted({"/".join(path.split("/")[:4]) for path in added})
+
+
 def compare(name: str, got: dict[str, Any], golden: dict[str, Any]) -> str:
-    """``""`` when identical, else the first difference."""
+    """``""`` when every golden tensor and metrics row is the same, else the first
+    difference."""
     for path, value in golden["tensors"].items():
         if got["tensors"].get(path) != value:
             return f"tensor {path}"
-    if extra := sorted(set(got["tensors"]) - set(golden["tensors"])):
-        return f"new tensor {extra[0]}"
     for index, (row, expected) in enumerate(zip(got["metrics"], golden["metrics"], strict=False)):
         if row != expected:
             keys = sorted(k for k in row.keys() | expected.keys() if row.get(k) != expected.get(k))
@@ -152,9 +159,12 @@ def main() -> None:
                 path.write_text(json.dumps(got, indent=None, sort_keys=True) + "\n")
                 verdict = "yes"
             else:
-                difference = compare(name, got, json.loads(path.read_text()))
+                golden = json.loads(path.read_text())
+                difference = compare(name, got, golden)
                 failures += bool(difference)
-                verdict = f"NO: {difference}" if difference else "yes"
+                added = new_state(got, golden)
+                verdict = f"NO: {difference}" if difference else "yes" + (
+                    f" (state added since: {', '.join(added)})" if added else "")
             print(f"| {name} | {verdict} | {len(got['tensors'])} | {len(got['metrics'])} |",
                   flush=True)
     sys.exit(1 if failures else 0)
