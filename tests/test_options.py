@@ -44,3 +44,16 @@ def test_a_name_taken_by_another_target_is_refused() -> None:
             configurable("model", "test_options_net")(Child)
     finally:
         REGISTRY["model"].pop("test_options_net", None)
+
+
+def test_plugins_come_from_entry_points_unless_disabled_and_from_the_variable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ngexp.plugins import declared
+
+    monkeypatch.setenv("NGEXP_PLUGINS", "json, ngexp_example ,")
+    found = declared()
+    assert ("NGEXP_PLUGINS", "json") in found
+    modules = [module for _, module in found]
+    assert modules.count("ngexp_example") == 1  # an entry point's module is listed once
+    monkeypatch.setenv("NGEXP_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert declared() == [("NGEXP_PLUGINS", "json"), ("NGEXP_PLUGINS", "ngexp_example")]
