@@ -312,6 +312,7 @@ def validate_overrides(overrides: list[str], source: ConfigSource | None = None)
 
     from ngexp.config import check_world, register_all, validate
     from ngexp.distributed.world import World, launched_world
+    from ngexp.targets import check_hydra_targets
 
     register_all()
     launched = launched_world()
@@ -332,6 +333,7 @@ def validate_overrides(overrides: list[str], source: ConfigSource | None = None)
                         raise OptionError(f"{text}: {key} is an integer but interval(...) samples "
                                           f"real numbers; use int(interval(...))") from None
                 raise
+            check_hydra_targets(cfg.hydra)
             if not checked_sweeper:  # sweep parameters set by an experiment file
                 checked_sweeper = True
                 params = cfg.hydra.sweeper.get("params") or {}

@@ -95,6 +95,21 @@ def check_targets(node: Any, path: str = "") -> None:
             raise OptionError(problem)
 
 
+#: What Hydra's own config (``hydra.launcher``, ``hydra.sweeper``) may build: Hydra's classes,
+#: its installed plugins' and the samplers and pruners of Optuna's sweeper.
+HYDRA_TARGETS = ("hydra.", "hydra_plugins.", "optuna.samplers.", "optuna.pruners.")
+
+
+def check_hydra_targets(hydra: Any) -> None:
+    """Raise :class:`OptionError` for a ``_target_`` of Hydra's node (``hydra.launcher``,
+    ``hydra.sweeper``: Hydra builds them itself) outside :data:`HYDRA_TARGETS`."""
+    for key, _, target in target_nodes(hydra, "hydra"):
+        if not (isinstance(target, str) and target.startswith(HYDRA_TARGETS)):
+            raise OptionError(f"{key}={target!r} is not one of Hydra's launchers, sweepers or "
+                              f"their parts: choose them as groups (hydra/launcher=parallel, "
+                              f"hydra/sweeper=optuna)")
+
+
 def target_nodes(node: Any, path: str) -> list[tuple[str, Any, Any]]:
     """``(dotted key of _target_, its node, its value)`` of every node under ``node``."""
     found = []

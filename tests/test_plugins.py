@@ -258,6 +258,8 @@ def test_untrusted_targets_are_refused_before_anything_runs(
     error = one_line_error(capsys, "+experiment=evil", f"hydra.searchpath=[file://{tmp_path}/conf]",
                            root)
     assert "optimizer._target_='subprocess.call' is not a trusted target" in error
+    error = one_line_error(capsys, "hydra.launcher._target_=os.system", root)
+    assert "hydra.launcher._target_='os.system' is not one of Hydra's launchers" in error
     error = one_line_error(capsys, "--config-dir", str(tmp_path / "conf"), "+experiment=evil",
                            root)
     assert "optimizer._target_='subprocess.call' is not a trusted target" in error
