@@ -22,10 +22,11 @@ hooked is :mod:`ngexp.curvature.hooks`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,22 @@ def eager(fn: F_) -> F_:
     around its calls, so it gets real tensors (inputs and outputs of the compiled graphs)
     that it can keep and put gradient hooks on, exactly as in an eager forward. The capture's
     hooks call such functions only once their cheap (traced) checks say they record, so a
-    compiled forward that never records is one graph."""
-    return torch.compiler.disable(fn)  # type: ignore[return-value]
+    compiled forward that never records is one graph. Outside compilation ``fn`` runs as it
+    is: ``torch.compiler.disable`` imports dynamo, seconds that no eager run should pay."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return compile_disabled(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+@functools.cache
+def compile_disabled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)``, made once, on the first compiled call."""
+    return torch.compiler.disable(fn)
 
 
 @dataclass(eq=False)
