@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ngexp.config import option_names, option_node, register_all
+from ngexp.cli import schema_of
+from ngexp.config import option_names, register_all
 from ngexp.options import REGISTRY
 
 LR = "tag(log, interval({}, {}))"
@@ -129,9 +130,7 @@ def default_space(optimizer: str) -> list[str]:
     """``optimizer.lr`` on a log scale from 1/30 to 30 times its default: the space of an
     optimizer ngexp has no space for (a plugin's), when ``--space`` gives none."""
     register_all()
-    schema = next((str(item).split("/")[-1].split("@")[0]
-                   for item in option_node("optimizer", optimizer).get("defaults", [])
-                   if str(item).startswith("/schema/optimizer/")), optimizer)
+    schema = schema_of("optimizer", optimizer) or optimizer
     lr = next((o.default for o in REGISTRY["optimizer"][schema].options() if o.name == "lr"),
               None)
     if not isinstance(lr, (int, float)) or lr <= 0:
